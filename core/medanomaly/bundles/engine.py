@@ -1,0 +1,384 @@
+"""Shared inference plumbing of every bundle: volume -> axial slices -> batches -> method ->
+slices -> volume on the input grid -> heatmap, segmentation, pseudo-healthy image.
+
+A bundle's `inference.yaml` wires these pieces into a MONAI `SupervisedEvaluator`:
+`preprocessing` (medanomaly.data) feeds `ProgressSliceInferer`, which runs the bundle's
+`SliceAnomalyMethod` on batches of slices; `Invertd` brings the maps back to the input grid
+and `SaveAnomalyOutputsd` writes them. `evaluate.yaml` adds `CohortMetricsHandler`,
+`calibrate.yaml` adds `CalibrationHandler`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.inferers import SliceInferer
+from monai.transforms import MapTransform
+
+from medanomaly import io, scoring
+from medanomaly.bundles.outputs import SUMMARY_FILE, VOLUME_SUFFIXES, output_paths, volume_name
+from medanomaly.bundles.progress import VolumeProgress
+from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE
+from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, intensity_window, load_datalist
+from medanomaly.data.synth import PRESETS, ensure_cohort
+
+logger = logging.getLogger(__name__)
+PRED = "pred"
+
+
+class SliceAnomalyMethod(torch.nn.Module):
+    """A 2D anomaly detector as the shared inferer runs it.
+
+    Input `(B, 2, H, W)`: normalised image ++ brain mask. Output `(B, 2, H, W)`: anomaly map ++
+    pseudo-healthy image. Subclasses implement `anomaly_and_reconstruction`; smoothing and
+    background zeroing are shared, and slices without brain are not computed at all.
+    """
+
+    def __init__(self, smoothing: str | None = None, smoothing_size: int = 5, smoothing_sigma: float = 1.0):
+        super().__init__()
+        self.smoothing, self.smoothing_size, self.smoothing_sigma = smoothing, smoothing_size, smoothing_sigma
+
+    def anomaly_and_reconstruction(self, image: torch.Tensor, mask: torch.Tensor):
+        raise NotImplementedError
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        image, mask = inputs[:, :1], inputs[:, 1:2]
+        output = torch.zeros_like(inputs)
+        has_brain = mask.flatten(1).any(dim=1)
+        if has_brain.any():
+            anomaly, reconstruction = self.anomaly_and_reconstruction(image[has_brain], mask[has_brain])
+            if self.smoothing:
+                anomaly = scoring.smooth_map(anomaly, kind=self.smoothing, size=self.smoothing_size,
+                                             sigma=self.smoothing_sigma)
+            brain = mask[has_brain]
+            output[has_brain] = torch.cat([scoring.zero_background(anomaly, brain), reconstruction * brain], dim=1)
+        return output
+
+
+def prepare_image_and_mask(batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
+    """Stacks image and brain mask as channels so the slice inferer cuts both together."""
+    inputs = torch.cat([batchdata[IMAGE], batchdata[MASK]], dim=1)
+    return inputs.to(device=device, non_blocking=non_blocking), None
+
+
+class ProgressSliceInferer(SliceInferer):
+    """MONAI's SliceInferer over axial slices, reporting each finished batch of slices
+    to `reporter` (SlidingWindowInferer's own `progress` is its tqdm switch)."""
+
+    def __init__(self, reporter: VolumeProgress | None = None, **kwargs):
+        kwargs.setdefault("spatial_dim", 2)
+        kwargs.setdefault("overlap", 0.0)
+        super().__init__(**kwargs)
+        self.reporter = reporter
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        if self.reporter is None:
+            return super().__call__(inputs, network, *args, **kwargs)
+        total, done = inputs.shape[2 + self.spatial_dim], 0
+
+        def counted(x, *a, **k):
+            nonlocal done
+            out = network(x, *a, **k)
+            done = min(done + x.shape[0], total)
+            self.reporter.update(done, total)
+            return out
+
+        return super().__call__(inputs, counted, *args, **kwargs)
+
+
+def processed_items(engine: Engine) -> list[dict]:
+    """Each volume of the last iteration after postprocessing. MONAI splits postprocessed
+    keys between `state.batch` (the input's keys: label path, inverted mask) and
+    `state.output` (pred and new keys, plus `image`/`label` as the network saw them, which
+    the input's own values must win over)."""
+    return [{**output, **item} for item, output in zip(engine.state.batch, engine.state.output)]
+
+
+class ProgressHandler:
+    """Tells the progress reporter which volume the evaluator starts."""
+
+    def __init__(self, progress: VolumeProgress):
+        self.progress = progress
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._start_volume)
+
+    def _start_volume(self, engine: Engine) -> None:
+        self.progress.start_volume(engine.state.iteration - 1, _subject_name(engine.state.batch, index=0))
+
+
+def _subject_name(item: Mapping, index: int | None = None) -> str:
+    """The datalist's subject id, else the image file's name."""
+    subject = item.get("subject")
+    if subject is not None:
+        return str(subject[index] if index is not None and isinstance(subject, (list, tuple)) else subject)
+    image = item[IMAGE]
+    source = image.meta.get("filename_or_obj", "volume") if isinstance(image, MetaTensor) else "volume"
+    if index is not None and isinstance(source, (list, tuple)):
+        source = source[index]
+    return volume_name(source)
+
+
+def _source_file(item: Mapping) -> str:
+    source = item[IMAGE].meta["filename_or_obj"]
+    return source[0] if isinstance(source, (list, tuple)) else source
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+
+
+class SaveAnomalyOutputsd(MapTransform):
+    """Writes the heatmap, the thresholded segmentation and the pseudo-healthy image of one
+    inverted prediction on exactly the input file's grid, and records their paths."""
+
+    def __init__(self, output_dir: str | None, threshold: float | None, extension: str = ".nii.gz",
+                 pseudo_healthy: bool = True, enabled: bool = True):
+        super().__init__(keys=[PRED])
+        self.output_dir, self.threshold, self.extension = output_dir, threshold, extension
+        self.pseudo_healthy, self.enabled = pseudo_healthy, enabled and output_dir is not None
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        source, name = _source_file(d), _subject_name(d)
+        brain = _to_numpy(d[MASK][0]) > 0.5
+        heatmap = _to_numpy(d[PRED][0]).astype(np.float32) * brain
+        paths = output_paths(self.output_dir, name, self.extension)
+        io.write_heatmap(heatmap, source, paths["heatmap"])
+        written = {"heatmap": str(paths["heatmap"])}
+        if self.threshold is not None:
+            io.write_segmentation((heatmap > self.threshold).astype(np.uint8), source, paths["segmentation"])
+            written["segmentation"] = str(paths["segmentation"])
+        if self.pseudo_healthy:
+            io.write_volume(self._scanner_intensities(d) * brain, source, paths["pseudo_healthy"])
+            written["pseudo_healthy"] = str(paths["pseudo_healthy"])
+        d["outputs"] = {"subject": name, "input": str(source), "threshold": self.threshold,
+                        "volume_score": float(heatmap[brain].mean()) if brain.any() else 0.0, **written}
+        return d
+
+    @staticmethod
+    def _scanner_intensities(d: Mapping) -> np.ndarray:
+        reconstruction = _to_numpy(d[PRED][1]).astype(np.float32)
+        window = intensity_window(d[IMAGE])
+        return reconstruction if window is None else window[0] + reconstruction * (window[1] - window[0])
+
+
+class OutputSummaryHandler:
+    """Writes `detections.json`: one record per input with its output files and score."""
+
+    def __init__(self, output_dir: str | None):
+        self.output_dir, self.records = output_dir, []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        self.records += [item["outputs"] for item in engine.state.output if "outputs" in item]
+
+    def _write(self, engine: Engine) -> None:
+        if self.output_dir is None or not self.records:
+            return
+        path = Path(self.output_dir) / SUMMARY_FILE
+        path.write_text(json.dumps(self.records, indent=2))
+        logger.info("Wrote %d detection(s) to %s", len(self.records), self.output_dir)
+
+
+def _label_array(item: Mapping, shape: tuple) -> np.ndarray:
+    """Ground-truth lesion mask on the input grid; all zeros for a healthy subject."""
+    label = item.get(LABEL)
+    if label is None:
+        return np.zeros(shape, dtype=bool)
+    array = io.volume_array(io.read_volume(label, allow_constant=True)) > 0.5
+    if array.shape != shape:
+        raise io.VolumeError(f"Label {label} has shape {array.shape}, the image {shape}: they must share one grid.")
+    return array
+
+
+def collect_volume(evaluator, item: Mapping) -> None:
+    """Adds one inverted prediction to a `medanomaly.metrics.CohortEvaluator`."""
+    heatmap = _to_numpy(item[PRED][0])
+    evaluator.add_volume(
+        _subject_name(item), heatmap, _label_array(item, heatmap.shape), _to_numpy(item[MASK][0]) > 0.5,
+        axis=axial_axis(item[PRED].affine), family=item.get("family"),
+    )
+
+
+class CohortMetricsHandler:
+    """Evaluation: accumulates every volume into a CohortEvaluator and writes
+    `metrics.json`, `per_volume.csv` and ROC / PR / Dice-vs-threshold plots."""
+
+    def __init__(self, evaluator, output_dir: str, threshold: float | None = None, n_boot: int = 1000):
+        self.evaluator, self.output_dir, self.threshold, self.n_boot = evaluator, Path(output_dir), threshold, n_boot
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        for item in processed_items(engine):
+            collect_volume(self.evaluator, item)
+
+    def _write(self, engine: Engine) -> None:
+        from medanomaly.metrics import plot_curves
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        summary = self.evaluator.summary(threshold=self.threshold, n_boot=self.n_boot)
+        (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        rows = self.evaluator.per_volume()
+        if rows:
+            with open(self.output_dir / "per_volume.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        plot_curves(self.evaluator, self.output_dir, title=str(engine.state.metrics.get("bundle", "")))
+        engine.state.metrics["cohort"] = summary
+        logger.info("Metrics written to %s", self.output_dir / "metrics.json")
+
+
+class CalibrationHandler:
+    """Calibration: pools the anomaly scores of healthy volumes and stores the threshold
+    that flags at most `target_fpr` of their brain voxels in the model's `model_info.json`."""
+
+    def __init__(self, evaluator, model_dir: str, target_fpr: float = 0.01):
+        self.evaluator, self.model_dir, self.target_fpr = evaluator, model_dir, target_fpr
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _collect(self, engine: Engine) -> None:
+        for item in processed_items(engine):
+            collect_volume(self.evaluator, item)
+
+    def _write(self, engine: Engine) -> None:
+        healthy = self.evaluator.pooled_histogram(self.evaluator.records)  # all volumes, all negatives
+        threshold = float(healthy.threshold_at_fpr(self.target_fpr))
+        n_volumes = len(self.evaluator.per_volume())
+        update_model_info(self.model_dir, threshold=threshold, target_fpr=self.target_fpr,
+                          calibration_volumes=n_volumes)
+        logger.info("Threshold %.5f flags at most %.2f%% of healthy brain voxels (%d volumes).",
+                    threshold, 100 * self.target_fpr, n_volumes)
+
+
+class ModelInfoHandler:
+    """Training: records what the weights are (variant, data, iterations, seconds, final loss)
+    in `model_info.json`, so inference knows which config the weights belong to."""
+
+    def __init__(self, model_dir: str, fields: Mapping | None = None):
+        self.model_dir, self.fields = model_dir, dict(fields or {})
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _start(self, engine: Engine) -> None:
+        self.started = time.perf_counter()
+
+    def _write(self, engine: Engine) -> None:
+        output = engine.state.output
+        loss = output[0]["loss"] if isinstance(output, list) and output else None
+        update_model_info(self.model_dir, **self.fields,
+                          train_seconds=round(time.perf_counter() - self.started, 1),
+                          final_loss=None if loss is None else float(loss),
+                          iterations_done=engine.state.iteration)
+
+
+def update_model_info(model_dir: str | os.PathLike, **fields) -> dict:
+    """Merges fields into `model_dir/model_info.json` (what the weights are and how to use them)."""
+    path = Path(model_dir) / MODEL_INFO_FILE
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.update(fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2, sort_keys=True))
+    return info
+
+
+def load_threshold(model_dir: str | os.PathLike, default: float | None = None) -> float | None:
+    """The calibrated threshold stored with the weights, or `default` (with a warning)."""
+    info_path = Path(model_dir) / MODEL_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if "threshold" not in info:
+        logger.warning("No calibrated threshold in %s: segmentation uses %s. Run the calibrate workflow.",
+                       info_path, default)
+        return default
+    return float(info["threshold"])
+
+
+def load_weights(network: torch.nn.Module, model_dir: str | os.PathLike, device=None) -> torch.nn.Module:
+    """Loads `model_dir/model.pt` into the network, with errors that say what to do."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"No weights at {path}: train the bundle first (medanomaly train ...), "
+                                "or pass --model_dir pointing to a folder with model.pt.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise RuntimeError(f"The weights in {path} do not fit this network configuration. Weights trained "
+                           "with the demo overlay need configs/demo.yaml as well.\n{error}") from error
+    return network.to(device) if device is not None else network
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
+                  and not p.name.lower().endswith(".seg.nrrd"))
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir()) and not _volume_files(folder)
+
+
+def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | None = None,
+                   keys: str | Sequence[str] = "test_lesion", mask: str | None = None) -> list[dict]:
+    """Items `{"image", "mask"?, "label"?, "subject"?}` to run on.
+
+    `input`: a volume file, a DICOM series folder, a folder or glob of volumes, or a list of
+    them. Without `input`, the `keys` of `datalist` (a Decathlon-style JSON file, or the
+    name of a synthetic cohort preset, generated on first use).
+    """
+    if input:
+        items = [{IMAGE: str(p)} for p in _expand_inputs(input)]
+        if mask:
+            if len(items) != 1:
+                raise ValueError("A brain mask can only be given with a single input volume.")
+            items[0][MASK] = str(mask)
+        return items
+    if not datalist:
+        raise ValueError("Nothing to run on: give an input volume (--input) or a datalist (--datalist).")
+    path = ensure_cohort(datalist) if str(datalist) in PRESETS else Path(datalist)
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    return [item for key in keys for item in load_datalist(path, key)]
+
+
+def _expand_inputs(input: str | Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for entry in [input] if isinstance(input, (str, os.PathLike)) else input:
+        entry = Path(entry)
+        if entry.is_dir():
+            paths += [entry] if _is_dicom_folder(entry) else _volume_files(entry)
+        elif entry.exists():
+            paths.append(entry)
+        else:
+            matches = sorted(glob.glob(str(entry)))
+            if not matches:
+                raise FileNotFoundError(f"Input {entry} does not exist.")
+            paths += [Path(m) for m in matches]
+    if not paths:
+        raise FileNotFoundError(f"No volume files found in {input}.")
+    return paths

@@ -1,0 +1,112 @@
+"""Find and describe the MONAI bundles of MedAnomaly (no torch import: Slicer reads this at start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"
+REPOSITORY_BUNDLES = Path(__file__).resolve().parents[3] / "monai_bundles"
+MODEL_FILE, MODEL_INFO_FILE = "model.pt", "model_info.json"
+
+
+class BundleNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A bundle folder with its metadata and what its `models/` folder holds."""
+
+    name: str
+    root: Path
+
+    @property
+    def configs_dir(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def metadata(self) -> dict:
+        return json.loads((self.configs_dir / "metadata.json").read_text())
+
+    @property
+    def description(self) -> str:
+        return self.metadata.get("description", "")
+
+    @property
+    def version(self) -> str:
+        return self.metadata.get("version", "")
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def has_weights(self) -> bool:
+        return (self.model_dir / MODEL_FILE).is_file()
+
+    @property
+    def model_info(self) -> dict:
+        """What the shipped weights were trained with (configs, cohort, threshold), if recorded."""
+        path = self.model_dir / MODEL_INFO_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
+    def weights_need_demo_config(self) -> bool:
+        """True when the shipped weights come from the demo overlay (its smaller network)."""
+        return "demo.yaml" in self.model_info.get("configs", [])
+
+    def config_file(self, name: str) -> Path:
+        path = self.configs_dir / f"{name}.yaml"
+        if not path.is_file():
+            available = sorted(p.stem for p in self.configs_dir.glob("*.yaml"))
+            raise FileNotFoundError(f"Bundle '{self.name}' has no config '{name}' (has: {', '.join(available)}).")
+        return path
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "root": str(self.root),
+            "has_weights": self.has_weights,
+            "demo_weights": self.weights_need_demo_config,
+        }
+
+
+def bundle_search_path() -> list[Path]:
+    """Folders searched for bundles: $MEDANOMALY_BUNDLE_PATH entries first, then the repository's."""
+    extra = [Path(p) for p in os.environ.get(BUNDLE_PATH_ENV, "").split(os.pathsep) if p]
+    return [*extra, REPOSITORY_BUNDLES]
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / "configs" / "metadata.json").is_file()
+
+
+def list_bundles() -> list[BundleInfo]:
+    found: dict[str, BundleInfo] = {}
+    for folder in bundle_search_path():
+        if not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir()):
+            if _is_bundle(child) and child.name not in found:
+                found[child.name] = BundleInfo(child.name, child.resolve())
+    return list(found.values())
+
+
+def find_bundle(name_or_path: str | os.PathLike | BundleInfo) -> BundleInfo:
+    """A bundle by name (searched on the bundle path) or by its folder."""
+    if isinstance(name_or_path, BundleInfo):
+        return name_or_path
+    path = Path(name_or_path)
+    if _is_bundle(path):
+        return BundleInfo(path.resolve().name, path.resolve())
+    for bundle in list_bundles():
+        if bundle.name == str(name_or_path):
+            return bundle
+    names = ", ".join(b.name for b in list_bundles()) or "none"
+    raise BundleNotFound(f"No bundle named '{name_or_path}' (available: {names}; search path: "
+                         f"{os.pathsep.join(map(str, bundle_search_path()))}).")

@@ -1,0 +1,180 @@
+"""Run a bundle's workflow (`train`, `inference`, `evaluate`) in its own process.
+
+The CLI, the benchmark and the Slicer module all launch bundles through `bundle_command`
+and `BundleProcess`, so what a user runs from a shell is exactly what the tests run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from medanomaly.bundles.progress import parse_progress
+from medanomaly.bundles.registry import BundleInfo, find_bundle
+
+# Config files of each workflow, in the order MONAI merges them (later ones override).
+WORKFLOW_CONFIGS = {
+    "train": ["train"],
+    "inference": ["inference"],
+    "evaluate": ["inference", "evaluate"],
+    "calibrate": ["inference", "calibrate"],
+}
+
+
+class BundleRunError(RuntimeError):
+    def __init__(self, message: str, returncode: int, log_tail: str):
+        super().__init__(f"{message}\n--- last lines of the log ---\n{log_tail}")
+        self.returncode, self.log_tail = returncode, log_tail
+
+
+def _format_override(value) -> str:
+    """Values as MONAI's command line (python-fire) reads them back."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, str):
+        return value
+    return repr(value)
+
+
+def uses_demo_config(bundle: BundleInfo, workflow: str, overrides: Mapping | None, demo: bool | None) -> bool:
+    """Explicit choice wins; otherwise inference and evaluation with the shipped weights
+    use the overlay those weights were trained with."""
+    if demo is not None:
+        return demo
+    own_weights = overrides and any(k in overrides for k in ("model_dir", "model_path"))
+    return workflow != "train" and not own_weights and bundle.weights_need_demo_config
+
+
+def bundle_command(
+    bundle: str | os.PathLike | BundleInfo,
+    workflow: str = "inference",
+    overrides: Mapping | None = None,
+    demo: bool | None = None,
+    python: str | None = None,
+) -> list[str]:
+    """The `python -m monai.bundle run ...` command line of one workflow."""
+    bundle = find_bundle(bundle)
+    if workflow not in WORKFLOW_CONFIGS:
+        raise ValueError(f"Unknown workflow '{workflow}' (choose from {', '.join(WORKFLOW_CONFIGS)}).")
+    names = WORKFLOW_CONFIGS[workflow] + (["demo"] if uses_demo_config(bundle, workflow, overrides, demo) else [])
+    config_files = [str(bundle.config_file(name)) for name in names]
+    command = [
+        python or sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", repr(config_files) if len(config_files) > 1 else config_files[0],
+        "--meta_file", str(bundle.configs_dir / "metadata.json"),
+        "--logging_file", str(bundle.configs_dir / "logging.conf"),
+    ]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            command += [f"--{key}", _format_override(value)]
+    return command
+
+
+@dataclass
+class BundleProcess:
+    """A running bundle: lines and progress stream in from a reader thread; `cancel` ends
+    the whole process tree (the bundle may start data-loader workers)."""
+
+    command: list[str]
+    cwd: str | None = None
+    env: Mapping[str, str] | None = None
+    log_lines: int = 200
+    _lines: "queue.Queue[str | None]" = field(default_factory=queue.Queue, init=False)
+    _tail: deque = field(init=False)
+
+    def __post_init__(self):
+        self._tail = deque(maxlen=self.log_lines)
+        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            self.command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+        )
+        self.cancelled = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def lines(self, timeout: float | None = None):
+        """Yields output lines as they arrive, until the process closes its output."""
+        while True:
+            try:
+                line = self._lines.get(timeout=timeout)
+            except queue.Empty:
+                return
+            if line is None:
+                self._lines.put(None)  # keep the end marker for later callers
+                return
+            self._tail.append(line)
+            yield line
+
+    def poll_lines(self) -> list[str]:
+        """Lines that arrived since the last call, without waiting (for GUI timers)."""
+        return list(self.lines(timeout=0))
+
+    @property
+    def log_tail(self) -> str:
+        return "\n".join(self._tail)
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def cancel(self, grace_seconds: float = 5.0) -> None:
+        """Terminates the process group, then kills it if it does not stop in time."""
+        if self.process.poll() is not None:
+            return
+        self.cancelled = True
+        for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, None)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait(
+        self,
+        on_line: Callable[[str], None] | None = None,
+        on_progress: Callable[[float, str], None] | None = None,
+    ) -> int:
+        """Streams the output to the callbacks and returns the exit code; raises
+        `BundleRunError` (with the log's last lines) when the bundle failed."""
+        for line in self.lines():
+            progress = parse_progress(line)
+            if progress is not None and on_progress is not None:
+                on_progress(*progress)
+            elif on_line is not None:
+                on_line(line)
+        returncode = self.process.wait()
+        if returncode != 0 and not self.cancelled:
+            raise BundleRunError(f"The bundle failed (exit code {returncode}): {' '.join(self.command)}",
+                                 returncode, self.log_tail)
+        return returncode
+
+
+def start_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None):
+    return BundleProcess(bundle_command(bundle, workflow, overrides, demo, python), cwd=cwd, env=env)
+
+
+def run_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None,
+               on_line=None, on_progress=None) -> int:
+    """Runs a workflow to its end, streaming its log and progress; raises on failure."""
+    process = start_bundle(bundle, workflow, overrides, demo, python, cwd, env)
+    return process.wait(on_line=on_line, on_progress=on_progress)
+
+
+def default_output_dir(bundle: str, workflow: str) -> Path:
+    return Path.cwd() / "outputs" / bundle / workflow

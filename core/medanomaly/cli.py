@@ -1,0 +1,236 @@
+"""The `medanomaly` command: synth | list | train | detect | evaluate | demo | benchmark.
+
+Every bundle workflow runs through `medanomaly.bundles.run_bundle`, in its own process, exactly
+as `python -m monai.bundle run` would run it; this module only parses arguments and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medanomaly.bundles import BundleRunError, find_bundle, list_bundles, run_bundle
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs for the bundle config (values as MONAI's command line reads them)."""
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got '{pair}'")
+        overrides[key] = value
+    return overrides
+
+
+class _ProgressPrinter:
+    """Shows a bundle's progress lines as a tqdm bar and passes its log through."""
+
+    def __init__(self, description: str, quiet: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, desc=description, unit="‰", leave=True, dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+        self.quiet = quiet
+
+    def line(self, text: str) -> None:
+        if not self.quiet or "ERROR" in text or "Traceback" in text or "WARNING" in text:
+            self.bar.write(text)
+
+    def progress(self, fraction: float, message: str) -> None:
+        self.bar.n = int(round(1000 * fraction))
+        self.bar.set_postfix_str(message, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None, quiet: bool = False) -> None:
+    printer = _ProgressPrinter(f"{bundle} {workflow}", quiet=quiet)
+    try:
+        run_bundle(bundle, workflow, overrides=overrides, demo=demo, on_line=printer.line,
+                   on_progress=printer.progress)
+    except BundleRunError as error:
+        printer.close()
+        raise SystemExit(f"error: {error}") from None
+    printer.progress(1.0, "done")
+    printer.close()
+
+
+def cmd_synth(args) -> None:
+    from medanomaly.data import cohort_root, generate_cohort
+
+    root = Path(args.root) if args.root else cohort_root(args.preset)
+    datalist = generate_cohort(root, preset=args.preset, seed=args.seed, workers=args.workers,
+                               overwrite=args.overwrite)
+    print(f"Cohort '{args.preset}' (seed {args.seed}): {datalist}")
+    if (root / "montage.png").is_file():
+        print(f"Montage: {root / 'montage.png'}")
+
+
+def cmd_list(args) -> None:
+    bundles = list_bundles()
+    if args.json:
+        print(json.dumps([b.summary() for b in bundles], indent=2))
+        return
+    for bundle in bundles:
+        weights = "demo weights" if bundle.weights_need_demo_config else ("weights" if bundle.has_weights else "no weights")
+        print(f"{bundle.name:<10} {bundle.version:<8} {weights:<13} {bundle.metadata.get('task', '')}")
+
+
+def _common_overrides(args) -> dict:
+    overrides = _parse_overrides(args.set)
+    for key in ("device", "output_dir", "datalist", "model_dir", "threshold"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    return overrides
+
+
+def cmd_train(args) -> None:
+    overrides = _common_overrides(args)
+    output_dir = Path(overrides.setdefault("output_dir", str(Path("runs") / args.bundle))).resolve()
+    overrides["output_dir"] = str(output_dir)
+    run_workflow(args.bundle, "train", overrides, demo=args.demo)
+    model_dir = output_dir / "models"
+    if not args.no_calibrate:
+        calibration = {"model_dir": str(model_dir), "output_dir": str(output_dir / "calibration")}
+        for key in ("datalist", "device"):
+            if key in overrides:
+                calibration[key] = overrides[key]
+        run_workflow(args.bundle, "calibrate", calibration, demo=args.demo)
+    print(f"Weights and threshold: {model_dir}\n"
+          f"Detect with them: medanomaly detect {args.bundle} SCAN --model-dir {model_dir}"
+          + (" --demo" if args.demo else ""))
+
+
+def cmd_detect(args) -> None:
+    overrides = _common_overrides(args)
+    overrides["input"] = args.inputs if len(args.inputs) > 1 else args.inputs[0]
+    overrides["output_ext"] = "." + args.format.lstrip(".")
+    if args.mask:
+        overrides["mask"] = args.mask
+    overrides.setdefault("output_dir", str(Path("outputs") / args.bundle))
+    run_workflow(args.bundle, "inference", overrides, demo=args.demo)
+    summary = Path(overrides["output_dir"]) / "detections.json"
+    for record in json.loads(summary.read_text()) if summary.is_file() else []:
+        print(f"{record['subject']}: volume score {record['volume_score']:.4f} -> {record['heatmap']}")
+
+
+def cmd_evaluate(args) -> None:
+    overrides = _common_overrides(args)
+    overrides.setdefault("output_dir", str(Path("outputs") / args.bundle / "evaluate"))
+    if args.keys:
+        overrides["datalist_keys"] = args.keys
+    run_workflow(args.bundle, "evaluate", overrides, demo=args.demo, quiet=True)
+    metrics = json.loads((Path(overrides["output_dir"]) / "metrics.json").read_text())
+    print(format_metrics(args.bundle, metrics))
+
+
+def format_metrics(name: str, metrics: dict) -> str:
+    """A few headline numbers of a metrics.json, one line each."""
+    def number(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    pixel, volume = metrics["pixel"], metrics["volume"]
+    lines = [
+        f"{name}: {metrics['n_lesion_volumes']} lesion + {metrics['n_healthy_volumes']} healthy volumes",
+        f"  pooled [Dice]      {number(pixel['max_dice']['dice'])} (threshold {number(pixel['max_dice']['threshold'])})",
+        f"  per-volume [Dice]  {number(metrics['max_dice_per_volume']['mean'])} ± {number(metrics['max_dice_per_volume']['std'])}",
+        f"  pixel AP           {number(pixel['ap'])}   pixel AUROC {number(pixel['auroc'])}",
+        f"  volume AUROC       {number(volume.get('auroc'))}   volume AP {number(volume.get('ap'))}",
+    ]
+    at = metrics.get("at_threshold")
+    if at:
+        lines.append(f"  at calibrated threshold {number(at['threshold'])}: Dice {number(at['dice'])}, "
+                     f"precision {number(at['precision'])}, recall {number(at['recall'])}, "
+                     f"healthy FPR {number(at['fpr_healthy'])}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> None:
+    from medanomaly.demo import run_demo
+
+    run_demo(bundle=args.bundle, output_dir=Path(args.output_dir), device=args.device)
+
+
+def cmd_benchmark(args) -> None:
+    from medanomaly.benchmark import run_benchmark
+
+    run_benchmark(bundles=args.bundles, cohort=args.cohort, output_dir=Path(args.output_dir), device=args.device,
+                  demo=not args.paper_scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medanomaly", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="generate (or find cached) a synthetic brain-MRI cohort")
+    synth.add_argument("--preset", default="demo", choices=["tiny", "demo", "full"])
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--root", help="output folder (default: $MEDANOMALY_HOME/cohorts/<preset>)")
+    synth.add_argument("--workers", type=int)
+    synth.add_argument("--overwrite", action="store_true")
+    synth.set_defaults(func=cmd_synth)
+
+    listing = commands.add_parser("list", help="list the bundles found")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_list)
+
+    def bundle_command(name, help, func):
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("bundle", help="bundle name (see `medanomaly list`) or folder")
+        sub.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+        sub.add_argument("--output-dir", dest="output_dir")
+        sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="any bundle config override")
+        demo = sub.add_mutually_exclusive_group()
+        demo.add_argument("--demo", dest="demo", action="store_true", default=None,
+                          help="use the bundle's demo overlay (default for the shipped demo weights)")
+        demo.add_argument("--paper-scale", dest="demo", action="store_false", help="never add the demo overlay")
+        sub.set_defaults(func=func)
+        return sub
+
+    train = bundle_command("train", "train a bundle, then calibrate its threshold on healthy volumes", cmd_train)
+    train.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (tiny | demo | full)")
+    train.add_argument("--no-calibrate", action="store_true")
+
+    detect = bundle_command("detect", "heatmap + segmentation for volumes", cmd_detect)
+    detect.add_argument("inputs", nargs="+", help="volume files, DICOM folders, folders or globs")
+    detect.add_argument("--mask", help="brain mask of a single input (default: from the skull-stripped image)")
+    detect.add_argument("--model-dir", dest="model_dir", help="folder with model.pt and model_info.json")
+    detect.add_argument("--threshold", type=float, help="segmentation threshold (default: calibrated)")
+    detect.add_argument("--format", default="nii.gz", choices=["nii.gz", "nrrd", "mha"])
+
+    evaluate = bundle_command("evaluate", "metrics on a labelled cohort", cmd_evaluate)
+    evaluate.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (default: demo)")
+    evaluate.add_argument("--keys", nargs="+", help="datalist keys (default: test_lesion test_healthy)")
+    evaluate.add_argument("--model-dir", dest="model_dir")
+    evaluate.add_argument("--threshold", type=float)
+
+    demo = commands.add_parser("demo", help="detect lesions in a synthetic scan with the demo weights")
+    demo.add_argument("--bundle", default="dae")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--device")
+    demo.set_defaults(func=cmd_demo)
+
+    benchmark = commands.add_parser("benchmark", help="evaluate bundles on one cohort and compare them")
+    benchmark.add_argument("--bundles", nargs="+", help="default: every bundle with weights")
+    benchmark.add_argument("--cohort", default="demo", help="tiny | demo | full | a datalist JSON")
+    benchmark.add_argument("--output-dir", default="outputs/benchmark")
+    benchmark.add_argument("--device")
+    benchmark.add_argument("--paper-scale", action="store_true", help="paper-scale configs (GPU)")
+    benchmark.set_defaults(func=cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "bundle", None) and args.command not in ("demo",):
+        find_bundle(args.bundle)  # fail early with the list of bundles
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""MONAI transforms of the brain-MRI pipeline.
+
+One chain serves training, calibration, inference and evaluation:
+load -> brain mask -> RAS -> resample -> percentile normalisation -> crop to the brain ->
+pad/crop the axial plane to the model size. Every spatial step is one of MONAI's invertible
+transforms, so `monai.transforms.Invertd` brings slice-wise outputs back to the input grid.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    ResizeWithPadOrCropd,
+    Spacingd,
+    SqueezeDimd,
+)
+from scipy import ndimage
+
+from medanomaly import io
+
+IMAGE, MASK, LABEL = "image", "mask", "label"
+# Keys under which the normalisation stores its intensity window in the image's meta,
+# so a pseudo-healthy image can be mapped back to scanner intensities.
+INTENSITY_LOW, INTENSITY_HIGH = "medanomaly_intensity_low", "medanomaly_intensity_high"
+
+
+class CheckVolumed(MapTransform):
+    """Fails early, with a message a user can act on, on files that are not 3D volumes."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], (str, bytes)) or hasattr(d[key], "__fspath__"):
+                io.check_volume_file(d[key])
+        return d
+
+
+def brain_mask_from_image(volume: np.ndarray, threshold_fraction: float = 0.02) -> np.ndarray:
+    """Brain mask of a skull-stripped volume: voxels above a small fraction of the robust
+    maximum, the largest connected component, holes filled."""
+    robust_max = np.percentile(volume[volume > 0], 99) if np.any(volume > 0) else 0.0
+    foreground = volume > threshold_fraction * robust_max
+    labels, n_components = ndimage.label(foreground)
+    if n_components == 0:
+        raise io.VolumeError("The image has no foreground: cannot find the brain.")
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(labels == sizes.argmax())
+
+
+class BrainMaskd(MapTransform):
+    """Adds a brain mask where the data brings none (inputs are expected skull-stripped,
+    as in the public anomaly-detection cohorts); a given mask is only binarised."""
+
+    def __init__(self, image_key: str = IMAGE, mask_key: str = MASK, threshold_fraction: float = 0.02):
+        super().__init__(keys=[image_key])
+        self.image_key, self.mask_key, self.threshold_fraction = image_key, mask_key, threshold_fraction
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = d[self.image_key]
+        if isinstance(d.get(self.mask_key), torch.Tensor):
+            if d[self.mask_key].shape[1:] != image.shape[1:]:
+                raise io.VolumeError(
+                    f"The brain mask has shape {tuple(d[self.mask_key].shape[1:])} but the image "
+                    f"{tuple(image.shape[1:])}: they must share one grid."
+                )
+            d[self.mask_key] = (d[self.mask_key] > 0.5).to(torch.float32)
+            return d
+        mask = brain_mask_from_image(np.asarray(image[0]), self.threshold_fraction)
+        d[self.mask_key] = MetaTensor(
+            torch.from_numpy(mask[None].astype(np.float32)), affine=image.affine, meta=dict(image.meta)
+        )
+        return d
+
+
+class NormaliseBrainIntensityd(MapTransform):
+    """Maps the brain's [lower, upper] intensity percentiles to [0, 1], clips, zeroes the
+    background. Percentiles over brain voxels only: background zeros would shift them."""
+
+    def __init__(self, image_key: str = IMAGE, mask_key: str = MASK, lower: float = 0.5, upper: float = 99.5):
+        super().__init__(keys=[image_key])
+        self.image_key, self.mask_key, self.lower, self.upper = image_key, mask_key, lower, upper
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image, mask = d[self.image_key], d[self.mask_key] > 0.5
+        brain = image[mask]
+        if brain.numel() == 0:
+            raise io.VolumeError("The brain mask is empty after resampling: nothing to analyse.")
+        low, high = (float(v) for v in torch.quantile(brain.float()[:: max(1, brain.numel() // 2_000_000)],
+                                                       torch.tensor([self.lower, self.upper]) / 100))
+        scaled = ((image - low) / max(high - low, 1e-6)).clamp(0, 1) * mask
+        if isinstance(scaled, MetaTensor):
+            scaled.meta[INTENSITY_LOW], scaled.meta[INTENSITY_HIGH] = low, high
+        d[self.image_key] = scaled
+        return d
+
+
+def preprocessing(
+    pixdim: Sequence[float] = (1.5, 1.5, 1.5),
+    image_size: Sequence[int] = (128, 128),
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    reader: str = "ITKReader",
+) -> Compose:
+    """Deterministic chain from file paths `{"image", "mask"?}` to a brain-centred volume
+    `(1, H, W, Z)` in RAS at `pixdim`, intensities in [0, 1], with its brain mask.
+    ITK reads every format (NIfTI, NRRD, MHA, DICOM series); "NibabelReader" needs no ITK
+    but reads NIfTI only."""
+    keys = [IMAGE, MASK]
+    return Compose(
+        [
+            CheckVolumed(keys=keys, allow_missing_keys=True),
+            LoadImaged(keys=keys, reader=reader, ensure_channel_first=True, image_only=True,
+                       allow_missing_keys=True),
+            EnsureTyped(keys=keys, dtype=torch.float32, allow_missing_keys=True),
+            BrainMaskd(IMAGE, MASK),
+            Orientationd(keys=keys, axcodes="RAS"),
+            Spacingd(keys=keys, pixdim=pixdim, mode=("bilinear", "nearest")),
+            NormaliseBrainIntensityd(IMAGE, MASK, lower_percentile, upper_percentile),
+            CropForegroundd(keys=keys, source_key=MASK, allow_smaller=True),
+            ResizeWithPadOrCropd(keys=keys, spatial_size=(*image_size, -1)),
+        ]
+    )
+
+
+def random_axial_slices(num_samples: int) -> list:
+    """Random axial slices through the brain, `(1, H, W)` each; a slice is drawn with
+    probability proportional to its brain area (centres sampled from the mask)."""
+    keys = [IMAGE, MASK]
+    return [
+        RandCropByPosNegLabeld(keys=keys, label_key=MASK, spatial_size=(-1, -1, 1), pos=1, neg=0,
+                               num_samples=num_samples),
+        SqueezeDimd(keys=keys, dim=-1),
+    ]
+
+
+def intensity_window(image: MetaTensor) -> tuple[float, float] | None:
+    """The (low, high) scanner intensities that normalisation mapped to (0, 1), if recorded."""
+    meta = getattr(image, "meta", {})
+    if INTENSITY_LOW in meta:
+        return float(meta[INTENSITY_LOW]), float(meta[INTENSITY_HIGH])
+    return None
+
+
+def axial_axis(affine: np.ndarray | torch.Tensor) -> int:
+    """Index of the voxel axis closest to the scanner's inferior-superior direction."""
+    affine = np.asarray(affine, dtype=float)[:3, :3]
+    return int(np.argmax(np.abs(affine[2]) / np.linalg.norm(affine, axis=0)))
+

@@ -1,0 +1,33 @@
+"""Shared fixtures: one tiny synthetic cohort per test session, and the repository's bundles."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "monai_bundles"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """Cohorts and caches of the tests live in a temporary MEDANOMALY_HOME."""
+    home = tmp_path_factory.mktemp("medanomaly_home")
+    previous = os.environ.get("MEDANOMALY_HOME")
+    os.environ["MEDANOMALY_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("MEDANOMALY_HOME", None)
+    else:
+        os.environ["MEDANOMALY_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """The `tiny` preset (14 subjects), generated once per session; returns its datalist."""
+    from medanomaly.data import generate_cohort
+
+    root = tmp_path_factory.mktemp("synth") / "tiny"
+    return generate_cohort(root, "tiny", seed=0, workers=2, progress=False)

@@ -1,0 +1,157 @@
+"""Bundle discovery, metadata, the command line the runner builds, and the runner itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medanomaly.bundles import (
+    BundleNotFound,
+    BundleProcess,
+    BundleRunError,
+    VolumeProgress,
+    bundle_command,
+    find_bundle,
+    format_progress,
+    list_bundles,
+    parse_progress,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "monai_bundles" / "schema" / "meta_schema_20240725.json"
+STANDARD_FILES = ["configs/metadata.json", "configs/train.yaml", "configs/inference.yaml", "configs/evaluate.yaml",
+                  "configs/calibrate.yaml", "configs/demo.yaml", "configs/logging.conf", "docs/README.md", "LICENSE",
+                  "scripts/__init__.py"]
+
+
+def test_every_bundle_has_the_standard_layout():
+    bundles = list_bundles()
+    assert "dae" in [b.name for b in bundles]
+    for bundle in bundles:
+        missing = [f for f in STANDARD_FILES if not (bundle.root / f).is_file()]
+        assert not missing, f"{bundle.name} lacks {missing}"
+
+
+@pytest.mark.parametrize("bundle", [b.name for b in list_bundles()])
+def test_metadata_passes_monai_verify_metadata(bundle, tmp_path):
+    meta = find_bundle(bundle).configs_dir / "metadata.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta), "--filepath", str(SCHEMA)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_find_bundle_by_name_and_folder_and_unknown():
+    dae = find_bundle("dae")
+    assert find_bundle(dae.root) == dae
+    with pytest.raises(BundleNotFound, match="available: .*dae"):
+        find_bundle("no-such-method")
+
+
+def test_extra_bundle_folders_come_first(tmp_path, monkeypatch):
+    copy = tmp_path / "dae"
+    (copy / "configs").mkdir(parents=True)
+    (copy / "configs" / "metadata.json").write_text(json.dumps({"version": "9.9", "description": "local copy"}))
+    monkeypatch.setenv("MEDANOMALY_BUNDLE_PATH", str(tmp_path))
+    assert find_bundle("dae").root == copy.resolve()
+    assert find_bundle("dae").version == "9.9"
+
+
+def test_command_merges_configs_in_monai_order():
+    dae = find_bundle("dae")
+    command = bundle_command("dae", "evaluate", overrides={"input": "/data/a b.nii.gz", "threshold": 0.25,
+                                                          "device": None}, demo=True, python="python")
+    assert command[:4] == ["python", "-m", "monai.bundle", "run"]
+    files = eval(command[command.index("--config_file") + 1])
+    assert [Path(f).name for f in files] == ["inference.yaml", "evaluate.yaml", "demo.yaml"]
+    assert command[command.index("--input") + 1] == "/data/a b.nii.gz"  # one argument, spaces kept
+    assert command[command.index("--threshold") + 1] == "0.25"
+    assert "--device" not in command  # None means: leave the config's default
+    assert command[command.index("--meta_file") + 1] == str(dae.configs_dir / "metadata.json")
+    with pytest.raises(ValueError, match="Unknown workflow"):
+        bundle_command("dae", "deploy")
+
+
+def test_demo_overlay_follows_the_shipped_weights():
+    dae = find_bundle("dae")
+    inference = bundle_command("dae", "inference")
+    uses_demo = "demo.yaml" in " ".join(inference)
+    assert uses_demo == dae.weights_need_demo_config
+    own = bundle_command("dae", "inference", overrides={"model_dir": "/my/models"})
+    assert "demo.yaml" not in " ".join(own)
+    assert "demo.yaml" not in " ".join(bundle_command("dae", "train"))
+
+
+def test_progress_lines_round_trip():
+    assert parse_progress(format_progress(0.4213, "volume 1/2: slices 3/9")) == (0.421, "volume 1/2: slices 3/9")
+    assert parse_progress("2026 - INFO - Epoch 1") is None
+    assert parse_progress(format_progress(7)) == (1.0, "")
+    seen = []
+    progress = VolumeProgress(4, report=lambda f, m: seen.append((f, m)))
+    progress.start_volume(2, "sub-1")
+    progress.update(5, 10)
+    assert seen[-1] == (pytest.approx(0.625), "volume 3/4 sub-1: slices 5/10")
+
+
+def _python_process(code: str) -> BundleProcess:
+    return BundleProcess([sys.executable, "-c", code])
+
+
+def test_process_streams_lines_and_progress():
+    process = _python_process(
+        "import sys\n"
+        "from medanomaly.bundles import report_progress\n"
+        "print('hello')\nreport_progress(0.5, 'half')\nprint('bye')\n"
+    )
+    lines, progress = [], []
+    assert process.wait(on_line=lines.append, on_progress=lambda f, m: progress.append((f, m))) == 0
+    assert lines == ["hello", "bye"] and progress == [(0.5, "half")]
+
+
+def test_failure_raises_with_the_log_tail():
+    process = _python_process("print('loading'); raise SystemExit('weights missing')")
+    with pytest.raises(BundleRunError, match="weights missing") as error:
+        process.wait()
+    assert error.value.returncode == 1
+
+
+def test_cancel_kills_the_whole_process_tree(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    process = _python_process(
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\ntime.sleep(60)\n"
+    )
+    deadline = time.time() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline, "child did not start"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    process.cancel(grace_seconds=2)
+    assert process.poll() is not None and process.cancelled
+    assert process.wait() != 0  # no BundleRunError for a cancelled run
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the grandchild process survived cancel()")
+
+
+def test_poll_lines_does_not_block():
+    process = _python_process("import time; print('a', flush=True); time.sleep(3); print('b')")
+    start = time.time()
+    assert process.poll_lines() in ([], ["a"])
+    assert time.time() - start < 1.0
+    process.cancel(grace_seconds=1)

@@ -1,0 +1,441 @@
+"""Tests of medanomaly.metrics: histogram metrics against sklearn and brute force."""
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+from medanomaly.metrics import (
+    CohortEvaluator,
+    DiceResult,
+    ScoreHistogram,
+    bootstrap_ci,
+    bootstrap_histogram_metric,
+    detection_metrics,
+    plot_curves,
+    slice_scores_and_labels,
+    volume_score,
+)
+
+
+# ---------------------------------------------------------------------- helpers
+def noisy_scores(rng, n, pos_fraction=0.2, separation=1.0):
+    """Labels and scores in [0, 1] where lesions score higher on average."""
+    labels = rng.random(n) < pos_fraction
+    logits = rng.normal(size=n) + separation * labels
+    return 1.0 / (1.0 + np.exp(-logits)), labels
+
+
+def exact_dice(scores, labels, threshold):
+    predicted = scores >= threshold
+    return 2.0 * np.sum(predicted & labels) / (labels.sum() + predicted.sum())
+
+
+def exact_fpr(negative_scores, threshold):
+    return np.mean(negative_scores >= threshold)
+
+
+# ---------------------------------------------------------------------- binning
+def test_bin_index_agrees_with_edges_exactly():
+    hist = ScoreHistogram(n_bins=1000, value_range=(-0.5, 2.0))
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.uniform(-1, 3, 50_000), hist.edges, np.nextafter(hist.edges, -9)])
+    expected = np.clip(np.searchsorted(hist.edges, scores, side="right") - 1, 0, 999)
+    np.testing.assert_array_equal(hist.bin_index(scores), expected)
+
+
+def test_quantised_scores_match_sklearn_exactly():
+    rng = np.random.default_rng(1)
+    hist = ScoreHistogram(n_bins=40)
+    centres = (hist.edges[:-1] + hist.edges[1:]) / 2
+    raw, labels = noisy_scores(rng, 5000)
+    scores = centres[hist.bin_index(raw)]  # many ties inside each bin
+    mask = rng.random(5000) < 0.9
+    hist.update(scores, labels, mask)
+    s, y = scores[mask], labels[mask]
+
+    assert hist.auroc() == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    assert hist.average_precision() == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    fpr, tpr, _ = hist.roc_curve()
+    sk_fpr, sk_tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    precision, recall, thresholds = hist.precision_recall_curve()
+    sk_precision, sk_recall, sk_thresholds = precision_recall_curve(y, s)
+    np.testing.assert_allclose(precision, sk_precision, atol=1e-12)
+    np.testing.assert_allclose(recall, sk_recall, atol=1e-12)
+    # Our thresholds are the lower edges of the bins sklearn's tied scores sit in.
+    np.testing.assert_allclose(thresholds, sk_thresholds - hist.edges[1] / 2, atol=1e-12)
+
+
+def test_continuous_scores_with_fine_bins_are_close_to_sklearn():
+    rng = np.random.default_rng(2)
+    scores, labels = noisy_scores(rng, 20_000)
+    hist = ScoreHistogram(n_bins=100_000).update(scores, labels)
+    assert hist.auroc() == pytest.approx(roc_auc_score(labels, scores), abs=1e-4)
+    assert hist.average_precision() == pytest.approx(
+        average_precision_score(labels, scores), abs=1e-3
+    )
+
+
+def test_torch_and_numpy_inputs_give_the_same_counts():
+    rng = np.random.default_rng(3)
+    scores, labels = noisy_scores(rng, 1000)
+    mask = rng.random(1000) < 0.5
+    from_numpy = ScoreHistogram(100).update(scores, labels, mask)
+    from_torch = ScoreHistogram(100).update(
+        torch.from_numpy(scores).float().reshape(10, 100),
+        torch.from_numpy(labels).reshape(10, 100),
+        torch.from_numpy(mask).reshape(10, 100),
+    )
+    np.testing.assert_array_equal(from_numpy.pos_counts, from_torch.pos_counts)
+    np.testing.assert_array_equal(from_numpy.neg_counts, from_torch.neg_counts)
+
+
+# ---------------------------------------------------------------------- Dice
+def test_perfect_separation_gives_dice_one_at_the_first_clean_edge():
+    negatives = np.linspace(0.1, 0.25, 50)
+    positives = np.linspace(0.8, 0.85, 10)
+    scores = np.concatenate([negatives, positives])
+    labels = np.concatenate([np.zeros(50), np.ones(10)])
+    hist = ScoreHistogram(n_bins=10).update(scores, labels)
+    best = hist.max_dice()
+    assert best.dice == 1.0
+    assert best.threshold == pytest.approx(0.3)
+    assert exact_dice(scores, labels > 0, best.threshold) == 1.0
+    assert hist.dice_at(0.5)["dice"] == 1.0
+    assert hist.auroc() == 1.0 and hist.average_precision() == 1.0
+
+
+def test_hand_computed_example():
+    # Bins of width 0.25: 0.1 -> bin 0, 0.3 -> 1, 0.6 -> 2, 0.9 -> 3.
+    scores = np.array([0.1, 0.3, 0.6, 0.6, 0.9, 0.9])
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    hist = ScoreHistogram(n_bins=4).update(scores, labels)
+    np.testing.assert_array_equal(hist.pos_counts, [0, 1, 1, 1])
+    np.testing.assert_array_equal(hist.neg_counts, [1, 0, 1, 1])
+    # Dice per edge k (P = 3): 6/9, 6/8, 4/7, 2/5 -> best 3/4 at threshold 0.25.
+    _, dice = hist.dice_curve()
+    np.testing.assert_allclose(dice, [6 / 9, 6 / 8, 4 / 7, 2 / 5])
+    best = hist.max_dice()
+    assert best.dice == pytest.approx(3 / 4)
+    assert best.threshold == 0.25
+    # Bound 2 TP_k / (P + PP_{k+1}): 6/8, 6/7, 4/5, 2/3 -> 6/7.
+    assert best.upper_bound == pytest.approx(6 / 7)
+    at = hist.dice_at(0.5)
+    assert at == pytest.approx(
+        dict(dice=4 / 7, precision=1 / 2, recall=2 / 3, fpr=2 / 3, threshold_used=0.5)
+    )
+    # Pairs (pos, neg): 0.3 beats 1, 0.6 beats 1 and ties 1, 0.9 beats 2 and ties 1.
+    assert hist.auroc() == pytest.approx(5 / 9)
+    # Precision at each recall step from the top: 1/2, 2/4, 3/5.
+    assert hist.average_precision() == pytest.approx((0.5 + 0.5 + 0.6) / 3)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_upper_bound_bounds_the_exact_best_dice(seed):
+    rng = np.random.default_rng(seed)
+    n_bins = int(rng.choice([2, 5, 17, 100]))
+    scores, labels = noisy_scores(rng, 400, pos_fraction=rng.uniform(0.05, 0.5))
+    if seed % 3 == 0:  # some scores outside the range, clipped into edge bins
+        scores = scores * 1.4 - 0.2
+    hist = ScoreHistogram(n_bins=n_bins).update(scores, labels)
+    exact_best = max(exact_dice(scores, labels, t) for t in np.unique(scores))
+    best = hist.max_dice()
+    assert best.dice <= exact_best + 1e-12
+    assert exact_best <= best.upper_bound + 1e-12
+    if best.threshold > hist.edges[0]:  # edge 0 also holds scores clipped from below
+        assert exact_dice(scores, labels, best.threshold) == pytest.approx(best.dice, abs=1e-12)
+
+
+def test_bound_tightens_with_finer_bins():
+    scores, labels = noisy_scores(np.random.default_rng(5), 20_000)
+    coarse = ScoreHistogram(20).update(scores, labels).max_dice()
+    fine = ScoreHistogram(20_000).update(scores, labels).max_dice()
+    assert fine.binning_error < coarse.binning_error
+    assert fine.binning_error < 1e-3
+
+
+# ---------------------------------------------------------------------- merging / memory
+def test_merging_parts_equals_histogram_of_the_whole():
+    rng = np.random.default_rng(6)
+    scores, labels = noisy_scores(rng, 3000)
+    scores = scores * 1.2  # a few clipped scores
+    whole = ScoreHistogram(64).update(scores, labels)
+    parts = [
+        ScoreHistogram(64).update(part_scores, part_labels)
+        for part_scores, part_labels in zip(np.split(scores, 3), np.split(labels, 3))
+    ]
+    merged_in_place = parts[0].copy().merge(parts[1]).merge(parts[2])
+    for combined in (sum(parts), parts[0] + parts[1] + parts[2], merged_in_place):
+        np.testing.assert_array_equal(combined.pos_counts, whole.pos_counts)
+        np.testing.assert_array_equal(combined.neg_counts, whole.neg_counts)
+        assert combined.n_clipped == whole.n_clipped > 0
+    assert parts[0].n_pos + parts[0].n_neg == 1000  # the parts were not modified
+    with pytest.raises(ValueError, match="different bins"):
+        parts[0].merge(ScoreHistogram(65))
+
+
+def test_histogram_memory_does_not_grow_with_voxels():
+    rng = np.random.default_rng(7)
+    small = ScoreHistogram(500).update(rng.random(10), rng.random(10) < 0.5)
+    large = ScoreHistogram(500).update(rng.random(1_000_000), rng.random(1_000_000) < 0.5)
+    assert small.pos_counts.nbytes == large.pos_counts.nbytes == 500 * 8
+    assert small.neg_counts.shape == large.neg_counts.shape == (500,)
+
+
+def test_clipped_scores_are_counted_and_warned_once(caplog):
+    hist = ScoreHistogram(10)
+    with caplog.at_level(logging.WARNING, logger="medanomaly.metrics"):
+        hist.update(np.array([-1.0, 0.5, 1.0, 2.0]), np.zeros(4))
+        hist.update(np.array([3.0, 0.5]), np.zeros(2))
+    assert hist.n_clipped == 3  # 1.0 is the closed upper end, not clipped
+    assert hist.neg_counts[0] == 1 and hist.neg_counts[-1] == 3
+    assert sum("outside value_range" in r.message for r in caplog.records) == 1
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="same number of voxels"):
+        ScoreHistogram().update(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="NaN"):
+        ScoreHistogram().update(np.array([np.nan]), np.zeros(1))
+    with pytest.raises(ValueError, match="low < high"):
+        ScoreHistogram(value_range=(1.0, 1.0))
+
+
+# ---------------------------------------------------------------------- FPR threshold
+@pytest.mark.parametrize("target", [0.0, 0.001, 0.01, 0.05, 0.5, 1.0])
+def test_threshold_at_fpr_is_the_smallest_edge_meeting_the_target(target):
+    rng = np.random.default_rng(8)
+    healthy = rng.beta(2, 5, 50_000)
+    hist = ScoreHistogram(200).update(healthy, np.zeros_like(healthy))
+    threshold = hist.threshold_at_fpr(target)
+    assert exact_fpr(healthy, threshold) <= target
+    k = int(np.searchsorted(hist.edges, threshold))
+    assert hist.edges[k] == threshold
+    if k > 0:
+        assert exact_fpr(healthy, hist.edges[k - 1]) > target
+    assert hist.dice_at(threshold)["fpr"] == pytest.approx(exact_fpr(healthy, threshold))
+
+
+def test_threshold_at_fpr_out_of_range_returns_inf(caplog):
+    hist = ScoreHistogram(10).update(np.ones(100), np.zeros(100))
+    with caplog.at_level(logging.WARNING, logger="medanomaly.metrics"):
+        assert hist.threshold_at_fpr(0.0) == math.inf
+    assert "returning inf" in caplog.text
+    assert hist.dice_at(math.inf)["fpr"] == 0.0
+    with pytest.raises(ValueError, match="negative voxels"):
+        ScoreHistogram(10).update(np.ones(3), np.ones(3)).threshold_at_fpr(0.1)
+
+
+# ---------------------------------------------------------------------- conventions
+def test_conventions_without_lesions():
+    hist = ScoreHistogram(10).update(np.array([0.2, 0.7]), np.zeros(2))
+    assert math.isnan(hist.average_precision())
+    assert math.isnan(hist.auroc())
+    best = hist.max_dice()
+    assert isinstance(best, DiceResult) and math.isnan(best.dice) and math.isnan(best.upper_bound)
+    at = hist.dice_at(0.5)
+    assert at["dice"] == 0.0  # a false alarm without lesion scores 0
+    assert math.isnan(at["recall"]) and at["precision"] == 0.0 and at["fpr"] == 0.5
+    nothing = hist.dice_at(0.9)
+    assert math.isnan(nothing["dice"]) and math.isnan(nothing["precision"])  # 0 / 0
+
+
+def test_conventions_without_negatives():
+    hist = ScoreHistogram(10).update(np.array([0.2, 0.7]), np.ones(2))
+    assert math.isnan(hist.auroc())
+    assert hist.average_precision() == 1.0
+    assert hist.max_dice().dice == 1.0
+    assert math.isnan(hist.dice_at(0.5)["fpr"])
+
+
+def test_detection_metrics_with_and_without_both_classes():
+    result = detection_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    # Ranking 0.8+, 0.4-, 0.35+, 0.1-: precision 1 at recall 1/2, 2/3 at recall 1.
+    assert result == pytest.approx(dict(auroc=0.75, ap=(1 + 2 / 3) / 2, n_pos=2, n_neg=2))
+    missing = detection_metrics([0.1, 0.2], [0, 0])
+    assert math.isnan(missing["auroc"]) and math.isnan(missing["ap"])
+    assert "no positive" in missing["reason"]
+
+
+# ---------------------------------------------------------------------- slices / volumes
+def test_slice_scores_and_labels():
+    heatmap = np.zeros((4, 4, 3))
+    heatmap[..., 1] = np.arange(16).reshape(4, 4) / 16.0
+    heatmap[..., 2] = 0.5
+    mask = np.zeros((4, 4, 3), bool)
+    mask[1:3, 1:3, 1:] = True  # slice 0 has no brain and is skipped
+    label = np.zeros((4, 4, 3))
+    label[2, 2, 2] = 1
+    label[0, 0, 1] = 1  # outside the brain mask: ignored
+    in_brain = heatmap[1:3, 1:3, 1]
+    for reduction, expected in (
+        ("mean", in_brain.mean()),
+        ("max", in_brain.max()),
+        ("p99", np.percentile(in_brain, 99)),
+    ):
+        scores, labels = slice_scores_and_labels(
+            heatmap[None], label[None], mask[None], -1, reduction
+        )
+        np.testing.assert_allclose(scores, [expected, 0.5])
+        np.testing.assert_array_equal(labels, [0, 1])
+    scores, labels = slice_scores_and_labels(heatmap, label, mask, axis=0)
+    assert len(scores) == 2 and labels.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="reduction"):
+        slice_scores_and_labels(heatmap, label, mask, reduction="median")
+
+
+def test_volume_score():
+    heatmap = np.arange(1, 201, dtype=float).reshape(2, 10, 10)
+    mask = np.ones_like(heatmap, bool)
+    assert volume_score(heatmap, mask) == pytest.approx(100.5)
+    # Top 1 % of 200 voxels: the two largest values.
+    assert volume_score(heatmap, mask, "top_percentile", 99.0) == pytest.approx(199.5)
+    with pytest.raises(ValueError, match="empty"):
+        volume_score(heatmap, np.zeros_like(mask))
+
+
+# ---------------------------------------------------------------------- bootstrap
+def test_bootstrap_ci_contains_estimate_and_narrows_with_more_items():
+    rng = np.random.default_rng(9)
+    widths = []
+    for n_items in (20, 500):
+        values = rng.normal(size=n_items)
+        low, high = bootstrap_ci(lambda idx: values[idx].mean(), n_items, n_boot=500, seed=1)
+        assert low <= values.mean() <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+    assert bootstrap_ci(lambda idx: values[idx].mean(), 500, n_boot=50, seed=3) == bootstrap_ci(
+        lambda idx: values[idx].mean(), 500, n_boot=50, seed=3
+    )
+    assert all(math.isnan(v) for v in bootstrap_ci(lambda idx: math.nan, 5, n_boot=10))
+
+
+def test_bootstrap_histogram_metric_contains_pooled_value():
+    rng = np.random.default_rng(10)
+    histograms = [ScoreHistogram(100).update(*noisy_scores(rng, 500)) for _ in range(15)]
+    pooled = sum(histograms)
+    for name in ("average_precision", "auroc", "max_dice"):
+        low, high = bootstrap_histogram_metric(histograms, name, n_boot=200)
+        assert low <= pooled.metric(name) <= high
+        assert high - low < 0.3
+    low, high = bootstrap_histogram_metric(histograms, lambda h: h.n_pos, n_boot=50)
+    assert low <= pooled.n_pos <= high
+
+
+# ---------------------------------------------------------------------- cohort
+def synthetic_volume(rng, lesion=True, shape=(16, 16, 10)):
+    mask = np.zeros(shape, bool)
+    mask[2:-2, 2:-2, 1:-1] = True
+    label = np.zeros(shape, np.uint8)
+    if lesion:
+        x, y, z = rng.integers(3, 10), rng.integers(3, 10), rng.integers(2, 6)
+        label[x : x + 3, y : y + 3, z : z + 3] = 1
+    return label, mask
+
+
+def perfect_heatmap(label, mask):
+    heatmap = np.where(mask, 0.1, 0.0).astype(np.float32)
+    heatmap[label > 0] = 0.9
+    return heatmap[None]  # channel-first like the pipeline
+
+
+def build_cohort(heatmap_fn, seed=11, n_bins=1000):
+    rng = np.random.default_rng(seed)
+    evaluator = CohortEvaluator(n_bins=n_bins, volume_reduction="top_percentile")
+    for i in range(6):
+        label, mask = synthetic_volume(rng)
+        family = "tumour" if i < 3 else "stroke"
+        heatmap = heatmap_fn(rng, label, mask)
+        evaluator.add_volume(f"les{i}", heatmap, label[None], mask[None], family=family)
+    for i in range(4):
+        label, mask = synthetic_volume(rng, lesion=False)
+        evaluator.add_volume(f"hc{i}", heatmap_fn(rng, label, mask), None, mask, family="healthy")
+    return evaluator
+
+
+def test_cohort_with_perfect_heatmap():
+    evaluator = build_cohort(lambda rng, label, mask: perfect_heatmap(label, mask))
+    summary = evaluator.summary(n_boot=50, target_fpr=0.01, threshold=0.5)
+    json.dumps(summary, allow_nan=False)  # strict JSON
+    assert summary["n_lesion_volumes"] == 6 and summary["n_healthy_volumes"] == 4
+    pixel = summary["pixel"]
+    assert pixel["ap"] == 1.0 and pixel["auroc"] == 1.0
+    assert pixel["max_dice"]["dice"] == 1.0 and pixel["max_dice"]["ci"] == [1.0, 1.0]
+    per_volume_dice = summary["dice_per_volume"]
+    assert per_volume_dice["mean"] == 1.0 and per_volume_dice["std"] == 0.0
+    assert per_volume_dice["n"] == 6
+    assert per_volume_dice["threshold"] == pixel["max_dice"]["threshold"]
+    assert summary["volume"]["auroc"] == 1.0 and summary["volume"]["n_neg"] == 4
+    assert summary["slice"]["auroc"] == 1.0
+    at = summary["at_threshold"]
+    assert at["dice"] == 1.0 and at["precision"] == 1.0 and at["recall"] == 1.0
+    assert at["fpr_healthy"] == 0.0
+    at_fpr = summary["at_target_fpr"]
+    assert 0.1 < at_fpr["threshold"] <= 0.9 and at_fpr["fpr_healthy"] <= 0.01
+    assert at_fpr["dice"] == 1.0
+    families = summary["families"]
+    assert set(families) == {"tumour", "stroke", "healthy"}
+    assert families["tumour"]["pixel_ap"] == 1.0 and families["stroke"]["max_dice"] == 1.0
+    assert families["healthy"]["pixel_ap"] is None  # no lesion voxels -> nan -> None
+
+    rows = evaluator.per_volume(threshold=0.5)
+    assert [r["subject"] for r in rows][:2] == ["les0", "les1"]
+    assert rows[0]["dice"] == 1.0 and rows[0]["n_lesion_voxels"] == 27
+    assert rows[0]["family"] == "tumour"
+    assert rows[-1]["dice"] is None and rows[-1]["ap"] is None and rows[-1]["fpr"] == 0.0
+
+
+def test_cohort_with_random_heatmap_is_at_chance():
+    def random_heatmap(rng, label, mask):
+        return np.where(mask, rng.random(mask.shape), 0.0)
+
+    rng = np.random.default_rng(12)
+    evaluator = CohortEvaluator(n_bins=1000)
+    for i in range(8):
+        label, mask = synthetic_volume(rng, shape=(40, 40, 20))
+        evaluator.add_volume(f"s{i}", random_heatmap(rng, label, mask), label, mask)
+    summary = evaluator.summary(n_boot=0, target_fpr=0.01)
+    pixel = summary["pixel"]
+    assert pixel["auroc"] == pytest.approx(0.5, abs=0.05)
+    lesion_fraction = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
+    assert pixel["ap"] == pytest.approx(lesion_fraction, abs=0.02)
+    assert "ap_ci" not in pixel
+    # Only lesion volumes: no healthy class for volume detection or FPR calibration.
+    assert summary["volume"]["auroc"] is None and "no negative" in summary["volume"]["reason"]
+    assert "no healthy volumes" in summary["at_target_fpr"]["reason"]
+    rows = evaluator.per_volume()  # default: the pooled best-Dice threshold
+    assert all(r["threshold"] == pixel["max_dice"]["threshold"] for r in rows)
+
+
+def test_cohort_input_checks():
+    rng = np.random.default_rng(13)
+    label, mask = synthetic_volume(rng)
+    evaluator = CohortEvaluator(n_bins=100)
+    evaluator.add_volume("a", perfect_heatmap(label, mask), label, mask)
+    with pytest.raises(ValueError, match="already added"):
+        evaluator.add_volume("a", perfect_heatmap(label, mask), label, mask)
+    with pytest.raises(ValueError, match="does not match"):
+        evaluator.add_volume("b", perfect_heatmap(label, mask), label, mask[:-1])
+    with pytest.raises(ValueError, match="no volumes"):
+        CohortEvaluator().summary()
+
+
+def test_plot_curves_writes_pngs(tmp_path):
+    evaluator = build_cohort(lambda rng, label, mask: perfect_heatmap(label, mask), n_bins=100)
+    paths = plot_curves(evaluator, tmp_path / "cohort", "synthetic")
+    assert set(paths) == {"roc", "pr", "dice"}
+    for path in paths.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hist_paths = plot_curves(evaluator.pooled_histogram(), tmp_path / "hist", "pooled")
+    assert all(p.exists() for p in hist_paths.values())

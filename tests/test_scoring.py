@@ -1,0 +1,181 @@
+"""Tests for medanomaly.scoring (maps, post-processing, LPIPS without downloads)."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from medanomaly import scoring
+
+
+def smooth_texture(shape, seed=0):
+    """Images in [0, 1] with some structure (blurred noise)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(shape, generator=g)
+    return scoring.smooth_map(noise, kind="gaussian", size=7, sigma=2.0).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- simple maps
+def test_residual_map_is_exact_absolute_difference():
+    x = torch.tensor([[[[0.0, 0.25], [1.0, 0.5]]]])
+    y = torch.tensor([[[[0.5, 0.25], [0.0, 0.75]]]])
+    assert torch.equal(scoring.residual_map(x, y), torch.tensor([[[[0.5, 0.0], [1.0, 0.25]]]]))
+    with pytest.raises(ValueError, match="same shape"):
+        scoring.residual_map(x, y[..., :1])
+
+
+def test_zero_background_zeroes_exactly_the_outside():
+    m = torch.rand(2, 1, 8, 9) + 0.1
+    mask = torch.rand(2, 1, 8, 9) > 0.5
+    out = scoring.zero_background(m, mask)
+    assert torch.equal(out[mask], m[mask])
+    assert torch.all(out[~mask] == 0)
+
+
+def test_combine_maps_is_the_product():
+    a, b, c = torch.rand(3, 2, 1, 5, 6).unbind(0)
+    assert torch.equal(scoring.combine_maps(a, b, c), a * b * c)
+    assert torch.equal(scoring.combine_maps(a), a)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 16), (1, 1, 9, 9, 9)])
+def test_median_removes_single_voxel_spike(shape):
+    m = torch.zeros(shape)
+    m[(0, 0) + tuple(s // 2 for s in shape[2:])] = 5.0
+    out = scoring.smooth_map(m, kind="median", size=3)
+    assert out.shape == m.shape and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 12), (1, 1, 8, 9, 10)])
+def test_gaussian_preserves_a_constant_and_its_mean(shape):
+    m = torch.full(shape, 0.37)
+    out = scoring.smooth_map(m, kind="gaussian", size=5, sigma=1.0)
+    assert out.shape == m.shape
+    torch.testing.assert_close(out, m)  # everywhere, borders included
+    x = torch.rand(shape)
+    blurred = scoring.smooth_map(x, kind="gaussian", size=5, sigma=1.0)
+    assert blurred.std() < x.std()
+
+
+def test_normalise_by_percentile_and_volume_score_match_numpy():
+    m = torch.rand(3, 1, 20, 20, dtype=torch.float64)
+    mask = torch.zeros_like(m, dtype=torch.bool)
+    mask[:, :, 5:15, 3:18] = True
+    inside = m[mask].numpy()
+
+    out = scoring.normalise_by_percentile(m, mask, q=95)
+    torch.testing.assert_close(out[mask], m[mask] / np.percentile(inside, 95))
+    assert torch.all(out[~mask] == 0)
+    assert torch.all(scoring.normalise_by_percentile(torch.zeros_like(m), mask) == 0)
+
+    assert scoring.volume_score(m, mask).item() == pytest.approx(inside.mean())
+    top = inside[inside >= np.percentile(inside, 99)]
+    assert len(top) >= 3
+    assert scoring.volume_score(m, mask, "top_percentile", 99).item() == pytest.approx(top.mean())
+    with pytest.raises(ValueError, match="mask is empty"):
+        scoring.volume_score(m, torch.zeros_like(mask))
+    assert scoring.volume_score(m).item() == pytest.approx(m.mean().item())
+
+
+# --------------------------------------------------------------------------- SSIM
+def test_ssim_map_identical_is_zero():
+    x = smooth_texture((2, 1, 32, 32))
+    assert torch.all(scoring.ssim_map(x, x) == 0)
+    v = smooth_texture((1, 1, 16, 16, 16))
+    assert torch.all(scoring.ssim_map(v, v) == 0)
+
+
+def test_ssim_map_matches_skimage_in_the_interior():
+    x = smooth_texture((2, 1, 48, 40), seed=1)
+    y = (x + 0.15 * torch.rand(x.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    ours = scoring.ssim_map(x, y)
+    assert ours.shape == x.shape
+    for b in range(2):
+        _, full = structural_similarity(
+            x[b, 0].double().numpy(), y[b, 0].double().numpy(), gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, data_range=1, full=True)
+        np.testing.assert_allclose(ours[b, 0, 5:-5, 5:-5].numpy(), 1 - full[5:-5, 5:-5], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- LPIPS
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub cache, and no downloads possible."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # restored after the test
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    monkeypatch.delenv(scoring.RANDOM_BACKBONE_ENV, raising=False)
+
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"tried to download {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("net, file_name", [
+    ("vgg", "vgg16-397923af.pth"),
+    ("alex", "alexnet-owt-7be5be79.pth"),
+    ("squeeze", "squeezenet1_1-b8a52dc0.pth"),
+])
+def test_lpips_missing_weights_raise_a_clear_error(hub_dir, net, file_name):
+    expected = hub_dir / "checkpoints" / file_name
+    assert scoring.backbone_weights_path(net) == expected
+    with pytest.raises(scoring.PerceptualWeightsMissing) as err:
+        scoring.PerceptualDistance(net)
+    assert str(expected) in str(err.value) and scoring.RANDOM_BACKBONE_ENV in str(err.value)
+
+
+def test_lpips_random_backbone_warns_and_gives_a_local_map(hub_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.scoring"):
+        model = scoring.PerceptualDistance("alex", allow_random_backbone=True)
+        scoring.PerceptualDistance("alex", allow_random_backbone=True)
+    assert caplog.text.count("RANDOMLY INITIALISED") == 2  # every construction
+    assert model.random_backbone
+
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    model.train()
+    assert not model.training and not model.lpips.lin0.training
+
+    x = smooth_texture((2, 1, 64, 64), seed=3)
+    y = x.clone()
+    y[:, :, 8:24, 8:24] = 1 - y[:, :, 8:24, 8:24]
+    d = model(x, y)
+    assert d.shape == (2, 1, 64, 64) and torch.all(d >= 0)
+    assert torch.allclose(model(x, x), torch.zeros_like(d), atol=1e-7)
+    inside, far = d[:, :, 8:24, 8:24].mean(), d[:, :, 44:, 44:].mean()
+    assert inside > 3 * far
+
+    # Seeded: the same backbone every time, without touching the global random state.
+    state = torch.random.get_rng_state()
+    again = scoring.PerceptualDistance("alex", allow_random_backbone=True)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.testing.assert_close(again(x, y), d)
+
+
+def test_lpips_env_variable_allows_random_backbone_and_linear_weights_ship_with_lpips(hub_dir, monkeypatch):
+    import lpips
+    from pathlib import Path
+
+    monkeypatch.setenv(scoring.RANDOM_BACKBONE_ENV, "1")
+    model = scoring.PerceptualDistance("squeeze")
+    shipped = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "squeeze.pth", map_location="cpu",
+                         weights_only=True)
+    state = model.lpips.state_dict()
+    assert shipped and all(torch.equal(state[k], v) for k, v in shipped.items())
+    x = smooth_texture((1, 1, 48, 48))
+    assert model(x, 1 - x).shape == (1, 1, 48, 48)
+
+
+def test_lpips_uses_cached_backbone_weights_without_download(hub_dir, caplog):
+    import torchvision
+
+    reference = torchvision.models.squeezenet1_1()  # stands in for the ImageNet weights
+    path = scoring.backbone_weights_path("squeeze")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    with caplog.at_level(logging.WARNING, logger="medanomaly.scoring"):
+        model = scoring.PerceptualDistance("squeeze")
+    assert not model.random_backbone and "RANDOM" not in caplog.text
+    torch.testing.assert_close(model.lpips.net.slice1[0].weight, reference.features[0].weight)
