@@ -19,11 +19,7 @@ SEED = 7
 SIZE_U = {"tumour": 0.5, "stroke": 0.6, "wmh": 0.8}
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> Path:
-    """The `tiny` preset, generated once per session (two worker processes)."""
-    root = tmp_path_factory.mktemp("synth") / "tiny"
-    return generate_cohort(root, "tiny", seed=0, workers=2, progress=False)
+# `tiny` (conftest.py): the `tiny` preset, seed 0, generated once per session by two workers.
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +126,8 @@ def test_skull_stripped_and_lesions_inside_brain(tiny):
 
 def test_files_match_in_memory_subject(tiny):
     """A file written by a worker process equals the subject made here from its seed."""
-    plans = {p["subject"]: p for p in plan_cohort("tiny", seed=0)}
+    seed = json.loads(tiny.read_text())["medanomaly"]["seed"]
+    plans = {p["subject"]: p for p in plan_cohort("tiny", seed=seed)}
     entry = next(e for e in dl.load_datalist(tiny, "test_lesion") if e["family"] == "wmh")
     plan = plans[entry["subject"]]
     subject = synthesize_subject(plan["seed"], plan["family"], plan["size_u"])
@@ -246,7 +243,7 @@ def test_lesion_intensity_direction(pairs):
     w = pairs["wmh"]
     les = w.lesion > 0
     assert w.image[les].mean() > 1.08 * _surrounding_wm(w, les).mean()
-    assert np.all(healthy.tissue["wm"][les] > 0.4)  # foci lie in white matter
+    assert np.all(healthy.tissue["wm"][les] > 0.5)  # foci lie in white matter
 
 
 def test_lesion_sizes_follow_size_quantile():
@@ -288,3 +285,20 @@ def test_cohort_root_and_bad_inputs(monkeypatch, tmp_path):
         synthesize_subject(0, "glioma")
     with pytest.raises(TypeError, match="seed"):
         synthesize_subject(-1)
+
+
+def test_refuses_to_overwrite_a_foreign_datalist(tmp_path):
+    dl.write_datalist(tmp_path / "datalist.json", {"training": [{"image": "real/sub-01_T1w.nii.gz"}]})
+    with pytest.raises(FileExistsError, match="not written by the synthetic cohort generator"):
+        generate_cohort(tmp_path, "tiny", progress=False)
+
+
+def test_ensure_cohort_generates_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDANOMALY_HOME", str(tmp_path))
+    path = synth.ensure_cohort({"training": 1, "test_lesion": 1}, seed=5)
+    assert path == tmp_path / "cohorts" / "custom-seed5" / "datalist.json"
+    (entry,) = dl.load_datalist(path, "test_lesion")
+    assert entry["family"] in ("tumour", "stroke", "wmh") and entry["lesion_voxels"] > 0
+    mtime = path.stat().st_mtime_ns
+    assert synth.ensure_cohort({"training": 1, "test_lesion": 1}, seed=5) == path
+    assert path.stat().st_mtime_ns == mtime

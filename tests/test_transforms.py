@@ -63,12 +63,12 @@ def test_inverse_brings_maps_back_to_the_input_grid(tmp_path):
 def test_random_axial_slices_pass_through_the_brain(tmp_path):
     path, _, _ = _oblique_volume(tmp_path)
     data = preprocessing(image_size=(128, 128))({"image": str(path)})
-    sampler = random_axial_slices(num_samples=6)
-    sampler[0].set_random_state(0)
-    samples = sampler[0](data)
+    indices, crop, squeeze = random_axial_slices(num_samples=6)
+    crop.set_random_state(0)
+    samples = crop(indices(data))
     assert len(samples) == 6
     for sample in samples:
-        sliced = sampler[1](sample)
+        sliced = squeeze(sample)
         assert sliced["image"].shape == (1, 128, 128)
         assert sliced["mask"].sum() > 0
 

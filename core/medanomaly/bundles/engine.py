@@ -298,6 +298,15 @@ class ModelInfoHandler:
                           iterations_done=engine.state.iteration)
 
 
+def latest_checkpoint(model_dir: str | os.PathLike) -> str | None:
+    """The checkpoint to resume from: the final one, else the newest periodic one."""
+    model_dir = Path(model_dir)
+    if (model_dir / "checkpoint.pt").is_file():
+        return str(model_dir / "checkpoint.pt")
+    periodic = sorted(model_dir.glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
+    return str(periodic[-1]) if periodic else None
+
+
 def update_model_info(model_dir: str | os.PathLike, **fields) -> dict:
     """Merges fields into `model_dir/model_info.json` (what the weights are and how to use them)."""
     path = Path(model_dir) / MODEL_INFO_FILE
@@ -330,8 +339,8 @@ def load_weights(network: torch.nn.Module, model_dir: str | os.PathLike, device=
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
-        raise RuntimeError(f"The weights in {path} do not fit this network configuration. Weights trained "
-                           "with the demo overlay need configs/demo.yaml as well.\n{error}") from error
+        raise RuntimeError(f"The weights in {path} do not fit this network configuration (weights trained "
+                           f"with the demo overlay need configs/demo.yaml too): {error}") from error
     return network.to(device) if device is not None else network
 
 
@@ -354,6 +363,8 @@ def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | Non
     """
     if input:
         items = [{IMAGE: str(p)} for p in _expand_inputs(input)]
+        for item in items:
+            io.check_volume_file(item[IMAGE])  # fail before any model is loaded
         if mask:
             if len(items) != 1:
                 raise ValueError("A brain mask can only be given with a single input volume.")

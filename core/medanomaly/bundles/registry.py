@@ -56,7 +56,7 @@ class BundleInfo:
     @property
     def weights_need_demo_config(self) -> bool:
         """True when the shipped weights come from the demo overlay (its smaller network)."""
-        return "demo.yaml" in self.model_info.get("configs", [])
+        return self.model_info.get("variant") == "demo"
 
     def config_file(self, name: str) -> Path:
         path = self.configs_dir / f"{name}.yaml"

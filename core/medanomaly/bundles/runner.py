@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -29,10 +30,26 @@ WORKFLOW_CONFIGS = {
 }
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Missing|NotFound)): (.+)$")
+
+
+_WRAPPERS = ("Failed to evaluate", "applying transform")
+
+
+def root_cause(log: str) -> str | None:
+    """The exception a user must act on: the last one raised in the log's tracebacks, not
+    counting MONAI's wrappers ('Failed to evaluate ...', 'applying transform ...')."""
+    causes = [f"{m[1]}: {m[2]}" for m in map(_EXCEPTION_LINE.match, map(str.strip, log.splitlines()))
+              if m and not m[2].startswith(_WRAPPERS)]
+    return causes[-1] if causes else None
+
+
 class BundleRunError(RuntimeError):
     def __init__(self, message: str, returncode: int, log_tail: str):
-        super().__init__(f"{message}\n--- last lines of the log ---\n{log_tail}")
-        self.returncode, self.log_tail = returncode, log_tail
+        cause = root_cause(log_tail)
+        headline = f"{cause}\n({message})" if cause else message
+        super().__init__(f"{headline}\n--- last lines of the log ---\n{log_tail}")
+        self.returncode, self.log_tail, self.cause = returncode, log_tail, cause
 
 
 def _format_override(value) -> str:
@@ -152,13 +169,19 @@ class BundleProcess:
     ) -> int:
         """Streams the output to the callbacks and returns the exit code; raises
         `BundleRunError` (with the log's last lines) when the bundle failed."""
-        for line in self.lines():
-            progress = parse_progress(line)
-            if progress is not None and on_progress is not None:
-                on_progress(*progress)
-            elif on_line is not None:
-                on_line(line)
-        returncode = self.process.wait()
+        try:
+            for line in self.lines():
+                progress = parse_progress(line)
+                if progress is not None and on_progress is not None:
+                    on_progress(*progress)
+                elif on_line is not None:
+                    on_line(line)
+            returncode = self.process.wait()
+        except BaseException:
+            # Ctrl-C or a failing callback: the bundle runs in its own session, so it would
+            # otherwise outlive us and keep writing to the output folder.
+            self.cancel()
+            raise
         if returncode != 0 and not self.cancelled:
             raise BundleRunError(f"The bundle failed (exit code {returncode}): {' '.join(self.command)}",
                                  returncode, self.log_tail)

@@ -135,7 +135,9 @@ def write_datalist(
         doc.update(metadata)
     for split, items in splits.items():
         doc[split] = [
-            _relative(item) if isinstance(item, str) else {k: (_relative(v) if k in PATH_KEYS else v) for k, v in item.items()}
+            _relative(item)
+            if isinstance(item, str)
+            else {k: (_relative(v) if k in PATH_KEYS else v) for k, v in item.items()}
             for item in items
         ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ from medanomaly.data.synth_fields import (
     rotation_matrix,
     smooth_field,
 )
-from medanomaly.data.synth_lesions import FAMILIES, HEALTHY, Canvas, Probe, _bbox, plan_lesion, render_lesion
+from medanomaly.data.synth_lesions import FAMILIES, HEALTHY, Canvas, Probe, bbox, plan_lesion, render_lesion
 from medanomaly.data.synth_montage import save_montage
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _add_push(coords: np.ndarray, geo: _Geometry, tpl: TemplateMaps, centre_q, r
     """Adds a radial push about `centre_q` (voxel-frame mm): tissue at distance r comes from
     r * (1 - strength * exp(-r^2 / radius^2)), i.e. it is pushed outward (strength > 0) or
     pulled inward (strength < 0); monotone, so anatomy folds nowhere, for |strength| < 1."""
-    sl, (dx, dy, dz) = _bbox(np.asarray(centre_q), 3.0 * radius, geo.spacing, geo.shape)
+    sl, (dx, dy, dz) = bbox(np.asarray(centre_q), 3.0 * radius, geo.spacing, geo.shape)
     if any(s.stop <= s.start for s in sl):
         return
     f = (-strength * np.exp(-(dx * dx + dy * dy + dz * dz) / (radius * radius))).astype(np.float32)
@@ -231,7 +231,10 @@ def _add_push(coords: np.ndarray, geo: _Geometry, tpl: TemplateMaps, centre_q, r
 def _probe(coords: np.ndarray, geo: _Geometry, tpl: TemplateMaps) -> Probe:
     stride = np.maximum(1, np.round(_PROBE_MM / geo.spacing)).astype(int)
     sub = np.ascontiguousarray(coords[:, :: stride[0], :: stride[1], :: stride[2]])
-    sample = lambda a: ndimage.map_coordinates(a, sub, order=1, mode="constant", cval=0.0, prefilter=False)  # noqa: E731
+
+    def sample(a: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(a, sub, order=1, mode="constant", cval=0.0, prefilter=False)
+
     return Probe(
         stride=stride,
         spacing=geo.spacing,
@@ -508,7 +511,9 @@ def _resolve_preset(preset) -> tuple[str, dict[str, int]]:
     if isinstance(preset, Mapping):
         unknown = set(preset) - set(SPLITS)
         if unknown:
-            raise ValueError(f"Unknown split(s) {sorted(unknown)} in the cohort sizes; the splits are {', '.join(SPLITS)}.")
+            raise ValueError(
+                f"Unknown split(s) {sorted(unknown)} in the cohort sizes; the splits are {', '.join(SPLITS)}."
+            )
         sizes = {s: int(preset.get(s, 0)) for s in SPLITS}
         if any(n < 0 for n in sizes.values()):
             raise ValueError("Cohort sizes must be non-negative.")
@@ -588,6 +593,21 @@ def _is_current(datalist: Path, provenance: dict) -> bool:
     return True
 
 
+def _refuse_foreign_datalist(datalist: Path) -> None:
+    """Never overwrite a datalist that this generator did not write (e.g. a real cohort's)."""
+    if not datalist.exists():
+        return
+    try:
+        doc = read_datalist(datalist)
+    except (OSError, ValueError):
+        doc = {}
+    if (doc.get("medanomaly") or {}).get("generator") != "medanomaly.data.synth":
+        raise FileExistsError(
+            f"{datalist} exists and was not written by the synthetic cohort generator; choose an empty "
+            "folder for the synthetic cohort (or remove that file if it is yours to discard)."
+        )
+
+
 def _worker_init() -> None:
     try:  # two workers on two cores: keep BLAS to one thread each
         from threadpoolctl import threadpool_limits
@@ -655,6 +675,7 @@ def generate_cohort(
     if not overwrite and _is_current(datalist, provenance):
         logger.debug("Synthetic cohort at %s is up to date.", root)
         return datalist
+    _refuse_foreign_datalist(datalist)
 
     started = time.time()
     plans = plan_cohort(sizes, seed)
@@ -682,21 +703,23 @@ def generate_cohort(
                 bar.update(1)
         elif todo:
             methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") and "fork" in methods else "spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+            use_fork = sys.platform.startswith("linux") and "fork" in methods
+            context = multiprocessing.get_context("fork" if use_fork else "spawn")
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
+            try:
                 futures = {pool.submit(_generate_subject_files, plan, str(root)): plan for plan in todo}
                 for fut in as_completed(futures):
                     plan = futures[fut]
                     try:
                         entries[plan["subject"]] = fut.result()
                     except Exception as exc:
-                        for other in futures:
-                            other.cancel()
                         raise RuntimeError(
                             f"Generating synthetic subject {plan['subject']} ({plan['split']}, {plan['family']}) "
                             f"failed: {exc}"
                         ) from exc
                     bar.update(1)
+            finally:  # on error or Ctrl-C: drop queued subjects, let running ones finish their files
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()
 
@@ -748,8 +771,8 @@ def ensure_cohort(preset="demo", seed: int = 0, root=None) -> Path:
     if _is_current(datalist, _provenance(preset_name, sizes, seed)):
         return datalist
     n = sum(sizes.values())
-    logger.warning(
+    logger.info(
         "Synthetic cohort '%s' (seed %d, %d subjects) not found at %s; generating it now "
-        "(about a few seconds per subject).", preset_name, seed, n, root,
+        "(about a second per subject and worker).", preset_name, seed, n, root,
     )  # fmt: skip
     return generate_cohort(root, preset=preset, seed=seed)

@@ -128,7 +128,7 @@ def render_lesion(plan: dict, canvas: Canvas, rng: np.random.Generator) -> tuple
 # geometry helpers
 
 
-def _bbox(centre_q: np.ndarray, half_mm: float, spacing: np.ndarray, shape) -> tuple[tuple, list]:
+def bbox(centre_q: np.ndarray, half_mm: float, spacing: np.ndarray, shape) -> tuple[tuple, list]:
     """Slices of the box of half-size `half_mm` around `centre_q`, and its voxel offsets from
     the centre in mm as three broadcastable arrays."""
     centre_q = np.asarray(centre_q, dtype=np.float64)
@@ -177,9 +177,10 @@ def _blob_depth(offsets, spacing, radius: float, irregularity: float, rng: np.ra
     return (radius * (1.0 + min(irregularity, 0.45) * noise) - np.sqrt(rho2)).astype(np.float32)
 
 
-def _ramp(depth: np.ndarray) -> np.ndarray:
-    """Strength of the intensity change: 0 outside, from 35 % at the border to 1 inside."""
-    return np.where(depth > 0, np.clip(_EDGE_FLOOR + depth / _EDGE_MM, 0.0, 1.0), 0.0).astype(np.float32)
+def _ramp(depth: np.ndarray, floor: float = _EDGE_FLOOR, edge_mm: float = _EDGE_MM) -> np.ndarray:
+    """Strength of the intensity change: 0 outside, from `floor` at the border to 1 at
+    `edge_mm` inside."""
+    return np.where(depth > 0, np.clip(floor + depth / edge_mm, 0.0, 1.0), 0.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def _render_tumour(plan: dict, canvas: Canvas, rng: np.random.Generator):
         _blob_reach(r_core, plan["irregularity_core"]) + plan["oedema_margin_mm"],
         _blob_reach(r_total, plan["irregularity_oedema"]),
     )
-    sl, off = _bbox(np.asarray(plan["centre_q"]), reach + 2.0, sp, shape)
+    sl, off = bbox(np.asarray(plan["centre_q"]), reach + 2.0, sp, shape)
     depth_core = _blob_depth(off, sp, r_core, plan["irregularity_core"], rng)
     depth_oed = _blob_depth(off, sp, r_total, plan["irregularity_oedema"], rng)
     depth_oed = np.maximum(depth_oed, depth_core + plan["oedema_margin_mm"])  # oedema surrounds the core
@@ -317,7 +318,7 @@ def _render_stroke(plan: dict, canvas: Canvas, rng: np.random.Generator):
     if plan["mode"] == "cortical":
         length, theta = plan["length_mm"], np.deg2rad(plan["theta_deg"])
         axis = np.asarray(plan["axis"], dtype=np.float32)
-        sl, off = _bbox(np.asarray(plan["apex_q"]), length + 16.0, sp, shape)
+        sl, off = bbox(np.asarray(plan["apex_q"]), length + 16.0, sp, shape)
         dx, dy, dz = off
         r = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-6
         cos_angle = (dx * axis[0] + dy * axis[1] + dz * axis[2]) / r
@@ -330,7 +331,7 @@ def _render_stroke(plan: dict, canvas: Canvas, rng: np.random.Generator):
         side = canvas.right[sl] if plan["hemisphere"] == "right" else ~canvas.right[sl]
     else:
         radius = plan["radius_mm"]
-        sl, off = _bbox(np.asarray(plan["centre_q"]), _blob_reach(radius, plan["irregularity"]) + 2.0, sp, shape)
+        sl, off = bbox(np.asarray(plan["centre_q"]), _blob_reach(radius, plan["irregularity"]) + 2.0, sp, shape)
         depth = _blob_depth(off, sp, radius, plan["irregularity"], rng)
         hetero_ctrl = radius / 2.0
         side = True
@@ -381,8 +382,8 @@ def _plan_wmh(probe: Probe, size_u: float, rng: np.random.Generator) -> dict:
         "family": "wmh",
         "size_u": float(size_u),
         "focus_radius_mm": round(r_scale, 3),
-        "intensity": round(rng.uniform(1.2, 1.45), 3),
-        "strength": round(rng.uniform(0.8, 1.0), 3),
+        "intensity": round(rng.uniform(1.3, 1.6), 3),
+        "strength": round(rng.uniform(0.85, 1.0), 3),
         "foci": foci,
     }
 
@@ -392,11 +393,11 @@ def _render_wmh(plan: dict, canvas: Canvas, rng: np.random.Generator):
     lesion = np.zeros(shape, dtype=bool)
     for focus in plan["foci"]:
         radius = focus["radius_mm"]
-        sl, off = _bbox(np.asarray(focus["centre_q"]), _blob_reach(radius, focus["irregularity"], 0.35) + 2.0, sp, shape)
+        sl, off = bbox(np.asarray(focus["centre_q"]), _blob_reach(radius, focus["irregularity"], 0.35) + 2.0, sp, shape)
         depth = _blob_depth(off, sp, radius, focus["irregularity"], rng, elongation=0.35)
-        tissue = canvas.wm[sl] > 0.4
+        tissue = canvas.wm[sl] > 0.5
         img = canvas.image[sl]
         target = plan["intensity"] * focus["intensity_jitter"]
-        img += _ramp(depth) * tissue * plan["strength"] * (target - img)
+        img += _ramp(depth, floor=0.6, edge_mm=1.0) * tissue * plan["strength"] * (target - img)
         lesion[sl] |= (depth > 0) & tissue
     return lesion, {"foci": lesion.copy()}

@@ -17,6 +17,7 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureTyped,
+    FgBgToIndicesd,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -141,8 +142,12 @@ def random_axial_slices(num_samples: int) -> list:
     probability proportional to its brain area (centres sampled from the mask)."""
     keys = [IMAGE, MASK]
     return [
+        # deterministic, so a CacheDataset keeps the brain voxel indices instead of
+        # recomputing them for every sample
+        FgBgToIndicesd(keys=MASK, fg_postfix="_brain_indices", bg_postfix="_background_indices"),
         RandCropByPosNegLabeld(keys=keys, label_key=MASK, spatial_size=(-1, -1, 1), pos=1, neg=0,
-                               num_samples=num_samples),
+                               num_samples=num_samples, fg_indices_key=f"{MASK}_brain_indices",
+                               bg_indices_key=f"{MASK}_background_indices"),
         SqueezeDimd(keys=keys, dim=-1),
     ]
 

@@ -1,0 +1,315 @@
+"""Synthetic training anomalies: the five restoration tasks, SyntheticAnomaly, folds, FPI, MONAI wrappers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from scipy import ndimage
+
+from medanomaly.anomalies import (
+    TASK_NAMES,
+    TASKS,
+    AnomalyRegion,
+    RandFPId,
+    RandSyntheticAnomalyd,
+    SyntheticAnomaly,
+    foreign_patch_interpolation,
+    inside_fraction,
+    poisson_blend,
+    sample_region,
+    sink_deformation,
+    source_deformation,
+    task_folds,
+    warp_source,
+)
+from medanomaly.anomalies.sources import SourcePool
+
+SIZE = 128
+
+
+def synthetic_brain(seed: int = 0, invert: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """An elliptic 'brain' with smooth texture and a stripe pattern, 0 outside."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:SIZE, :SIZE] / SIZE
+    brain = ((rows - 0.5) / 0.4) ** 2 + ((cols - 0.5) / 0.32) ** 2 < 1
+    texture = ndimage.gaussian_filter(rng.random((SIZE, SIZE)), 3)
+    texture = (texture - texture.min()) / np.ptp(texture)
+    image = 0.35 + 0.35 * texture + 0.15 * np.sin(10 * np.pi * cols) * np.cos(8 * np.pi * rows)
+    image = 1.0 - image if invert else image
+    return (image * brain).astype(np.float32), brain
+
+
+@pytest.fixture(scope="module")
+def brain_slice():
+    return synthetic_brain(0)
+
+
+@pytest.fixture(scope="module")
+def other_cohort():
+    """Slices of a 'differently contrasted cohort' (inverted contrast)."""
+    return [synthetic_brain(seed, invert=True)[0] for seed in (1, 2)]
+
+
+def laplacian(image: np.ndarray) -> np.ndarray:
+    return ndimage.convolve(image, np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=float), mode="nearest")
+
+
+# --- the five tasks ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_task_stays_in_brain_and_mask_matches_change(task, brain_slice, other_cohort):
+    image, brain = brain_slice
+    anomaly = SyntheticAnomaly(tasks=[task], clean_fraction=0.0, seed=1, other_source=other_cohort)
+    mean_change_inside = []
+    for _ in range(8):
+        result = anomaly.sample(image, brain)
+        corrupted, mask = result.image, result.mask > 0
+        assert corrupted.dtype == np.float32 and corrupted.shape == image.shape
+        assert np.all(corrupted[~brain] == 0), "the corrupted slice must stay 0 outside the brain"
+        assert corrupted.min() >= 0 and corrupted.max() <= 1
+        assert np.all(mask <= brain), "the anomaly mask is restricted to the brain"
+        assert 1 <= len(result.anomalies) <= 4 and mask.any()
+        changed = np.abs(corrupted - image) > 1e-5
+        allowed = ndimage.binary_dilation(mask, iterations=1) if task in ("sink", "source") else mask
+        assert not np.any(changed & ~allowed), "pixels changed outside the anomaly mask"
+        for _, region in result.anomalies:
+            assert inside_fraction(region, brain) >= 0.5
+        mean_change_inside.append(np.abs(corrupted - image)[mask].mean())
+    assert np.mean(mean_change_inside) > 2e-3, "the masked pixels should differ from the input"
+
+
+def test_regions_sizes_and_placement(brain_slice):
+    _, brain = brain_slice
+    rng = np.random.default_rng(0)
+    brain_box = np.array([np.ptp(axis) + 1 for axis in np.nonzero(brain)], dtype=float)
+    for _ in range(200):
+        region = sample_region(brain, rng)
+        assert inside_fraction(region, brain) >= 0.5
+        assert np.all(region.footprint() <= 0.8 * brain_box + 1e-6)
+        assert region.mask(brain.shape).any()
+
+
+def test_poisson_blend_matches_boundary_and_carries_source_gradients(brain_slice):
+    target, brain = brain_slice[0].astype(float), brain_slice[1]
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    pattern = 0.85 + 0.1 * np.sin(0.7 * cols) * np.cos(0.5 * rows)  # finer and brighter than the target
+    source = warp_source(pattern, np.array([60.0, 70.0]), np.array([64.0, 60.0]), target.shape, rotation=0.3)
+    region = AnomalyRegion(centre=(64.0, 60.0), semi_axes=(18.0, 12.0), angle=0.5).mask(target.shape)
+    blended = poisson_blend(target, source, region, brain, mixed_gradients=False)
+
+    assert np.array_equal(blended[~region], target[~region])
+    # Continuity: the jump across the region's border is far smaller than a plain paste's.
+    blend_jumps, paste_jumps = [], []
+    for shift in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        outside = np.roll(~region & brain, shift, axis=(0, 1))  # pixels whose neighbour is outside
+        border = region & outside
+        neighbour = np.roll(target, shift, axis=(0, 1))
+        blend_jumps.append(np.abs(blended - neighbour)[border])
+        paste_jumps.append(np.abs(source - neighbour)[border])
+    assert np.concatenate(blend_jumps).mean() < 0.3 * np.concatenate(paste_jumps).mean()
+    # Interior: the discrete Laplacian is the source's.
+    interior = ndimage.binary_erosion(region)
+    assert np.allclose(laplacian(blended)[interior], laplacian(source)[interior], atol=1e-3)
+    assert np.abs(laplacian(target) - laplacian(source))[interior].mean() > 0.02  # the test has teeth
+
+
+def test_mixed_gradients_keep_stronger_target_detail(brain_slice):
+    target, brain = brain_slice
+    region = AnomalyRegion(centre=(64.0, 64.0), semi_axes=(15.0, 15.0)).mask(target.shape)
+    flat_source = np.full(target.shape, 0.5)  # no gradient: the target's always wins
+    blended = poisson_blend(target, flat_source, region, brain, mixed_gradients=True)
+    assert np.allclose(blended, target, atol=1e-3)
+
+
+def ring_slice(radius: float = 12.0):
+    rows, cols = np.mgrid[:SIZE, :SIZE]
+    distance = np.hypot(rows - 64.0, cols - 64.0)
+    brain = distance < 50
+    image = (0.3 + 0.5 * np.exp(-(((distance - radius) / 2.0) ** 2))) * brain
+    return image, brain, distance
+
+
+def ring_radius(image: np.ndarray, distance: np.ndarray) -> float:
+    weight = np.clip(image - 0.3, 0, None) * (distance < 30)
+    return float((weight * distance).sum() / weight.sum())
+
+
+@pytest.mark.parametrize("deform, shrinks", [(sink_deformation, True), (source_deformation, False)])
+def test_sink_contracts_and_source_expands(deform, shrinks):
+    image, brain, distance = ring_slice()
+    region = AnomalyRegion(centre=(64.0, 64.0), semi_axes=(25.0, 25.0))
+    deformed = deform(image, brain, region, np.random.default_rng(0), push=4.0)
+    before, after = ring_radius(image, distance), ring_radius(deformed, distance)
+    assert (after < before - 1.5) if shrinks else (after > before + 1.5)
+    assert np.array_equal(deformed[distance > 25], image[distance > 25])
+
+
+def test_source_undoes_sink():
+    image, brain, distance = ring_slice()
+    region = AnomalyRegion(centre=(64.0, 64.0), semi_axes=(25.0, 25.0))
+    rng = np.random.default_rng(0)
+    there_and_back = source_deformation(sink_deformation(image, brain, region, rng, push=2.0), brain, region, rng,
+                                        push=2.0)
+    assert np.abs(there_and_back - image).mean() < 0.1 * np.abs(sink_deformation(image, brain, region, rng,
+                                                                                 push=2.0) - image).mean()
+
+
+def test_intensity_change_is_smooth_and_noisy(brain_slice):
+    image, brain = brain_slice
+    rng = np.random.default_rng(3)
+    step_ratios = []
+    while len(step_ratios) < 12:
+        region = sample_region(brain, rng)
+        difference = TASKS["intensity"](image, brain, region, rng) - image
+        inside = region.mask(image.shape) & brain
+        if np.abs(difference).max() < 1e-3 or not ndimage.binary_erosion(inside, iterations=4).any():
+            continue  # clipped away, or too thin to fade in over more than a pixel or two
+        pairs = brain[:, 1:] & brain[:, :-1], brain[1:] & brain[:-1]
+        steps = np.concatenate([np.abs(np.diff(difference, axis=1))[pairs[0]],
+                                np.abs(np.diff(difference, axis=0))[pairs[1]]])
+        step_ratios.append(steps.max() / np.abs(difference).max())
+        # Modulated by noise: not one constant plateau.
+        core = ndimage.binary_erosion(inside, iterations=3)
+        if core.sum() > 20:
+            assert np.std(difference[core]) > 0.05 * np.abs(difference[core]).mean()
+    # Smooth: no neighbour step, the rim included, comes near the change itself (a hard-edged
+    # change would average ~0.95 here; the faded, noise-modulated one ~0.25).
+    assert max(step_ratios) < 0.8 and np.mean(step_ratios) < 0.35
+
+
+# --- SyntheticAnomaly ----------------------------------------------------------------------------
+
+def test_clean_fraction_and_anomaly_count(brain_slice):
+    image, brain = brain_slice
+    anomaly = SyntheticAnomaly(tasks=["sink", "intensity"], seed=0)
+    counts = [len(anomaly.sample(image, brain).anomalies) for _ in range(500)]
+    counts = np.array(counts)
+    assert 0.15 < np.mean(counts == 0) < 0.25
+    assert set(counts[counts > 0]) == {1, 2, 3, 4}
+    assert 0.4 < np.mean(counts[counts > 0] == 1) < 0.6  # 1 more with probability 1/2 each time
+
+
+def test_clean_sample_is_unchanged_with_empty_mask(brain_slice):
+    image, brain = brain_slice
+    corrupted, mask = SyntheticAnomaly(tasks=["sink"], clean_fraction=1.0, seed=0)(image[None], brain[None])
+    assert corrupted.shape == mask.shape == (1, SIZE, SIZE)
+    assert np.array_equal(corrupted[0], image) and not mask.any()
+
+
+def test_same_seed_same_output(brain_slice, other_cohort):
+    image, brain = brain_slice
+
+    def run(seed):
+        anomaly = SyntheticAnomaly(seed=seed, other_source=other_cohort, clean_fraction=0.0)
+        return [anomaly(synthetic_brain(k)[0], synthetic_brain(k)[1]) for k in range(6)]
+
+    first, second, other = run(7), run(7), run(8)
+    for (a_image, a_mask), (b_image, b_mask) in zip(first, second):
+        assert np.array_equal(a_image, b_image) and np.array_equal(a_mask, b_mask)
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+def test_bad_configuration_is_reported():
+    with pytest.raises(ValueError, match="other_source"):
+        SyntheticAnomaly(tasks=["poisson_other"])
+    with pytest.raises(ValueError, match="choose from"):
+        SyntheticAnomaly(tasks=["cutpaste"])
+    with pytest.raises(ValueError, match="2D"):
+        SyntheticAnomaly(tasks=["sink"])(np.zeros((2, 8, 8)))
+
+
+def test_task_folds():
+    folds = task_folds()
+    assert len(folds) == 10 and len({train for train, _ in folds}) == 10
+    for train, validation in folds:
+        assert len(train) == 3 and len(validation) == 2
+        assert sorted(train + validation) == sorted(TASK_NAMES)
+    for task in TASK_NAMES:
+        assert sum(task in validation for _, validation in folds) == 4
+    assert task_folds() == folds
+    with pytest.raises(ValueError):
+        task_folds(n_folds=11)
+
+
+# --- FPI -------------------------------------------------------------------------------------
+
+def test_fpi_square_and_blend(brain_slice, other_cohort):
+    image, brain = brain_slice
+    other = other_cohort[0]
+    for seed in range(30):
+        blended, mask, alpha = foreign_patch_interpolation(image, other, rng=seed)
+        assert 0.0 <= alpha <= 1.0
+        rows, cols = np.nonzero(mask)
+        height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+        assert height == width and mask.sum() == height * width, "the mask is one full square"
+        assert 0.05 * SIZE - 1 <= height / 2 <= 0.2 * SIZE + 1
+        centre = (rows.min() + rows.max() + 1) / 2, (cols.min() + cols.max() + 1) / 2
+        assert all(0.2 * SIZE - 1 <= c <= 0.8 * SIZE + 1 for c in centre)
+        square = mask > 0
+        expected = (1 - alpha) * image + alpha * other
+        assert np.allclose(blended[square], expected[square], atol=1e-6)
+        assert np.array_equal(blended[~square], image[~square])
+
+
+def test_fpi_with_brain_mask_stays_in_brain(brain_slice, other_cohort):
+    image, brain = brain_slice
+    other = np.roll(other_cohort[0], 20, axis=1)  # its brain reaches beyond this one's
+    blended, mask, _ = foreign_patch_interpolation(image[None], other[None], brain[None], rng=4)
+    assert blended.shape == mask.shape == (1, SIZE, SIZE)
+    assert np.all(blended[0][~brain] == 0) and np.all(mask[0][~brain] == 0)
+
+
+# --- MONAI wrappers ----------------------------------------------------------------------------
+
+def pipeline_item(seed: int) -> dict:
+    image, brain = synthetic_brain(seed)
+    return {"image": MetaTensor(torch.from_numpy(image[None])), "mask": MetaTensor(torch.from_numpy(brain[None] * 1.0))}
+
+
+def test_rand_synthetic_anomalyd_is_seeded_and_typed(other_cohort):
+    def run(seed):
+        transform = RandSyntheticAnomalyd(other_source=other_cohort, clean_fraction=0.0)
+        transform.set_random_state(seed)
+        return [transform(pipeline_item(k)) for k in range(4)]
+
+    first, second = run(3), run(3)
+    for a, b in zip(first, second):
+        assert isinstance(a["corrupted"], torch.Tensor) and a["corrupted"].shape == (1, SIZE, SIZE)
+        assert a["anomaly_mask"].shape == (1, SIZE, SIZE) and a["anomaly_mask"].any()
+        assert torch.equal(a["corrupted"], b["corrupted"]) and torch.equal(a["anomaly_mask"], b["anomaly_mask"])
+        assert torch.all(a["corrupted"][a["mask"] == 0] == 0)
+        assert torch.equal(a["image"], b["image"])  # the input is kept
+    assert not torch.equal(run(4)[0]["corrupted"], first[0]["corrupted"])
+
+
+def test_rand_fpid_uses_previous_slices():
+    transform = RandFPId()
+    transform.set_random_state(0)
+    items = [transform(pipeline_item(k)) for k in range(3)]
+    for item in items:
+        assert item["corrupted"].shape == item["anomaly_mask"].shape == (1, SIZE, SIZE)
+        assert 0.0 <= item["alpha"] <= 1.0
+        outside = item["anomaly_mask"] == 0
+        assert torch.equal(item["corrupted"][outside], item["image"][outside])
+
+
+def test_rand_fpid_blends_with_the_provided_partner(other_cohort):
+    partner = other_cohort[0] * synthetic_brain(0)[1]
+    transform = RandFPId(source=[partner])
+    transform.set_random_state(1)
+    item = transform(pipeline_item(0))
+    image, square, alpha = item["image"][0].numpy(), item["anomaly_mask"][0].numpy() > 0, item["alpha"]
+    expected = (1 - alpha) * image + alpha * partner
+    assert np.allclose(item["corrupted"][0].numpy()[square], expected[square], atol=1e-6)
+
+
+def test_ring_buffer_remembers_recent_slices():
+    pool, rng = SourcePool(memory=2), np.random.default_rng(0)
+    assert pool.draw(rng) is None
+    slices = [synthetic_brain(k) for k in range(3)]
+    for image, brain in slices:
+        pool.remember(image.astype(float), brain)
+    drawn = {pool.draw(rng)[0].tobytes() for _ in range(20)}
+    assert drawn == {image.astype(float).tobytes() for image, _ in slices[1:]}  # the oldest is forgotten

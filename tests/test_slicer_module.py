@@ -1,0 +1,883 @@
+"""The 3D Slicer module MedAnomalyExtension, without Slicer.
+
+- static checks: the module file parses, defines the Module / Widget / Logic / Test classes and
+  a parameter node, imports nothing heavy when Slicer loads it (also checked by importing it
+  against stub Slicer modules in a clean interpreter), uses only widgets its .ui defines, and
+  the CMakeLists list every script and resource (also checked by configuring the extension
+  with a stub Slicer when CMake is available);
+- the Slicer-free logic in MedAnomalyLib: requirements, command line, progress, cancel,
+  failure messages, threshold -> labelmap, result files and their geometry, the sample data;
+- end to end: exactly the command the module launches (the repository's Python in place of
+  PythonSlicer) on the module's synthetic lesion volume saved as .nrrd.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXTENSION = REPO / "MedAnomalyExtension"
+MODULE_FILE = EXTENSION / "MedAnomaly.py"
+UI_FILE = EXTENSION / "Resources" / "UI" / "MedAnomaly.ui"
+if str(EXTENSION) not in sys.path:
+    sys.path.insert(0, str(EXTENSION))
+
+from MedAnomalyLib import environment, inputs, results, sampledata  # noqa: E402
+
+HEAVY_MODULES = {"torch", "monai", "numpy", "scipy", "SimpleITK", "itk", "nibabel", "medanomaly", "ignite", "skimage",
+                 "sklearn", "matplotlib", "nilearn", "lpips", "slicerio", "nrrd"}
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
+
+
+def top_level_classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def base_names(node: ast.ClassDef) -> list[str]:
+    return [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
+
+
+# =============================================================================================
+# the module file
+
+
+def test_module_file_defines_the_four_classes_and_a_parameter_node():
+    classes = top_level_classes(module_tree())
+    expected = {"MedAnomaly": "ScriptedLoadableModule", "MedAnomalyWidget": "ScriptedLoadableModuleWidget",
+                "MedAnomalyLogic": "ScriptedLoadableModuleLogic", "MedAnomalyTest": "ScriptedLoadableModuleTest"}
+    for name, base in expected.items():
+        assert name in classes, f"MedAnomaly.py lacks class {name}"
+        assert base in base_names(classes[name]), f"{name} must derive from {base}"
+    parameters = classes["MedAnomalyParameterNode"]
+    assert [ast.unparse(d) for d in parameters.decorator_list] == ["parameterNodeWrapper"]
+    fields = {n.target.id: ast.unparse(n.annotation) for n in parameters.body if isinstance(n, ast.AnnAssign)}
+    assert fields["inputVolume"] == "vtkMRMLScalarVolumeNode"
+    assert fields["anomalySegmentation"] == "vtkMRMLSegmentationNode"
+    for name in ("method", "device", "threshold", "heatmapVolume", "keepPreviousResults", "loadPseudoHealthy"):
+        assert name in fields
+    test_methods = [n.name for n in classes["MedAnomalyTest"].body if isinstance(n, ast.FunctionDef)]
+    assert {"setUp", "runTest", "test_MedAnomalyDetection"} <= set(test_methods)
+
+
+ALLOWED_TOP_LEVEL_IMPORTS = {"logging", "os", "ctk", "qt", "vtk", "slicer", "slicer.i18n", "slicer.ScriptedLoadableModule",
+                             "slicer.util", "slicer.parameterNodeWrapper"}
+
+
+def test_module_file_imports_nothing_heavy_at_module_level():
+    imported = set()
+    for node in module_tree().body:
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert imported <= ALLOWED_TOP_LEVEL_IMPORTS, f"heavy or unexpected imports at module level: {imported - ALLOWED_TOP_LEVEL_IMPORTS}"
+
+
+def test_module_category_and_sample_registration_are_deferred():
+    source = MODULE_FILE.read_text()
+    assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in source
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
+    # torch only ever through PyTorchUtils or pip, inside a method; never `import torch` anywhere
+    assert not re.search(r"^\s*(import torch|from torch)", source, re.M)
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    names = set(dir(builtins)) | {"__file__", "__name__"}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        elif isinstance(node, ast.Global):
+            names |= set(node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", [MODULE_FILE, *sorted((EXTENSION / "MedAnomalyLib").glob("*.py"))],
+                         ids=lambda p: p.name)
+def test_no_undefined_names(path):
+    """A scope-blind check for typos: every name read is bound somewhere in the file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    bound = _bound_names(tree) | {"ScriptedLoadableModule", "ScriptedLoadableModuleWidget",
+                                  "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"}
+    unknown = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound)
+    assert not unknown, f"{path.name} reads undefined names: {unknown}"
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def test_ui_file_is_a_qmrmlwidget_with_every_widget_the_code_uses():
+    root = ET.parse(UI_FILE).getroot()
+    top = root.find("widget")
+    assert (root.findtext("class"), top.get("class"), top.get("name")) == ("MedAnomaly", "qMRMLWidget", "MedAnomaly")
+    widgets = ui_widgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used and not used - set(widgets), f"used in MedAnomaly.py but not in the .ui: {used - set(widgets)}"
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    custom = {w.get("class") for w in widgets.values() if not w.get("class").startswith("Q")}
+    assert custom <= declared, f"custom widgets without a <customwidget> entry: {custom - declared}"
+    # every MRML widget gets the scene from the top-level qMRMLWidget
+    receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    mrml = {name for name, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox"}
+    assert mrml <= receivers
+
+
+def test_ui_parameter_names_match_the_parameter_node():
+    classes = top_level_classes(module_tree())
+    fields = {n.target.id: ast.unparse(n.annotation) for n in classes["MedAnomalyParameterNode"].body
+              if isinstance(n, ast.AnnAssign)}
+    connected = {}
+    for name, widget in ui_widgets().items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                connected[prop.findtext("string")] = widget
+    assert connected, "no widget is connected to the parameter node"
+    for parameter, widget in connected.items():
+        assert parameter in fields, f"{widget.get('name')} is connected to unknown parameter {parameter}"
+        if widget.get("class") == "qMRMLNodeComboBox":
+            node_types = [s.text for p in widget.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+            assert node_types == [fields[parameter]], (parameter, node_types)
+        elif widget.get("class") == "QCheckBox":
+            assert fields[parameter] == "bool"
+    # the input selector shows scalar volumes only (no labelmaps, no vector / 4D volumes)
+    input_selector = ui_widgets()["inputSelector"]
+    assert {p.get("name"): p.findtext("bool") for p in input_selector.findall("property")}["showChildNodeTypes"] == "false"
+
+
+STUB_SLICER = textwrap.dedent('''
+    import json, sys, types, unittest
+
+    class Anything:
+        """Absorbs attribute access and calls, like a Qt / VTK object nobody looks at."""
+        def __init__(self, *args, **kwargs): pass
+        def __getattr__(self, name): return Anything()
+        def __call__(self, *args, **kwargs): return Anything()
+        def __or__(self, other): return self
+
+    def module(name, **attributes):
+        m = types.ModuleType(name)
+        m.__dict__.update(attributes)
+        sys.modules[name] = m
+        return m
+
+    class Settings:
+        store = {}
+        def value(self, key, default=None): return self.store.get(key, default)
+        def setValue(self, key, value): self.store[key] = value
+
+    def base(name):
+        def __init__(self, parent=None, *args, **kwargs):
+            self.parent = parent  # as Slicer's base classes do
+        return type(name, (), {"__init__": __init__})
+
+    class App(Anything):
+        connected = []
+        temporaryPath = "/tmp"
+        def connect(self, signal, slot): self.connected.append((signal, slot))
+
+    def translate(context, text): return text
+    app = App()
+    slicer = module("slicer", app=app, modules=types.SimpleNamespace(),
+                    vtkMRMLScalarVolumeNode=type("vtkMRMLScalarVolumeNode", (), {}),
+                    vtkMRMLLabelMapVolumeNode=type("vtkMRMLLabelMapVolumeNode", (), {}),
+                    vtkMRMLSegmentationNode=type("vtkMRMLSegmentationNode", (), {}))
+    slicer.i18n = module("slicer.i18n", tr=lambda text: text, translate=translate)
+    slicer.ScriptedLoadableModule = module(
+        "slicer.ScriptedLoadableModule", ScriptedLoadableModule=base("ScriptedLoadableModule"),
+        ScriptedLoadableModuleWidget=base("ScriptedLoadableModuleWidget"),
+        ScriptedLoadableModuleLogic=base("ScriptedLoadableModuleLogic"), ScriptedLoadableModuleTest=unittest.TestCase)
+    slicer.util = module("slicer.util", VTKObservationMixin=base("VTKObservationMixin"))
+    slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls)
+    module("qt", QSettings=Settings, QTimer=Anything, Qt=Anything())
+    module("ctk", ctkPathLineEdit=Anything())
+    module("vtk", vtkCommand=Anything(), vtkMatrix4x4=Anything, vtkStringArray=Anything, vtkImageData=Anything)
+
+    registered = []
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(**kwargs): registered.append(kwargs)
+        @staticmethod
+        def registerCustomSampleDataCategory(category, title): pass
+    module("SampleData", SampleDataLogic=SampleDataLogic)
+
+    sys.path.insert(0, sys.argv[1])
+    before = set(sys.modules)
+    import MedAnomaly
+    parent = types.SimpleNamespace()
+    MedAnomaly.MedAnomaly(parent)
+    loaded_by_module = sorted(set(sys.modules) - before)
+    (signal, slot), = App.connected
+    slot()  # what Slicer calls when start-up has completed
+    loaded_by_registration = sorted(set(sys.modules) - before)
+
+    logic = MedAnomaly.MedAnomalyLogic()
+    methods = [m.name for m in logic.methods()]
+    plan = logic.dependencyPlan()
+    print(json.dumps({"title": parent.title, "categories": parent.categories, "signal": signal,
+                      "loaded_by_module": loaded_by_module, "loaded_by_registration": loaded_by_registration,
+                      "registered": registered, "methods": methods, "source": logic.sourceFolder(),
+                      "plan_empty": plan.empty, "loaded_by_logic": sorted(set(sys.modules) - before)}))
+''')
+
+
+@pytest.fixture(scope="module")
+def stub_import(tmp_path_factory) -> dict:
+    """Imports the module file in a fresh interpreter against stub Slicer modules."""
+    script = tmp_path_factory.mktemp("stub") / "stub_slicer.py"
+    script.write_text(STUB_SLICER)
+    env = {k: v for k, v in os.environ.items() if k != "MEDANOMALY_BUNDLE_PATH"}
+    run = subprocess.run([sys.executable, str(script), str(EXTENSION)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_loading_the_module_imports_nothing_heavy(stub_import):
+    assert stub_import["title"] == "MedAnomaly" and stub_import["categories"] == ["Segmentation"]
+    heavy = {m.split(".")[0] for m in stub_import["loaded_by_module"] + stub_import["loaded_by_registration"]} & HEAVY_MODULES
+    assert not heavy, f"loading the module (and registering sample data) imported {heavy}"
+    assert "MedAnomaly" in stub_import["loaded_by_module"]
+
+
+def test_sample_data_is_registered_with_checksum_and_file_uri(stub_import):
+    assert stub_import["signal"] == "startupCompleted()"
+    (source,) = stub_import["registered"]
+    assert source["sampleName"] == sampledata.SAMPLE_NAME and source["nodeNames"] == sampledata.SAMPLE_NAME
+    assert source["checksums"] == f"SHA256:{sampledata.SAMPLE_SHA256}"
+    assert source["uris"].startswith("file://") and source["uris"] == sampledata.sample_path().resolve().as_uri()
+    assert source["fileNames"] == sampledata.SAMPLE_FILE
+    assert Path(source["thumbnailFileName"]).is_file()
+
+
+def test_logic_finds_the_checkout_and_its_bundles(stub_import):
+    assert stub_import["source"] == str(REPO)
+    # listing methods and checking packages (what opening the module panel does) loads no torch / MONAI
+    loaded = {m.split(".")[0] for m in stub_import["loaded_by_logic"]}
+    assert not loaded & {"torch", "monai", "SimpleITK", "itk", "ignite"}
+    assert "dae" in stub_import["methods"]
+    assert stub_import["plan_empty"]  # this venv has everything (medanomaly installed editable)
+
+
+# ---------------------------------------------------------------------------------------------
+# CMake
+
+
+def cmake_list(path: Path, variable: str) -> list[str]:
+    text = path.read_text()
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{path} does not set {variable}"
+    return [item.replace("${MODULE_NAME}", "MedAnomaly") for item in match.group(1).split()]
+
+
+def test_cmakelists_lists_every_script_and_resource():
+    cmake = EXTENSION / "CMakeLists.txt"
+    scripts = cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")
+    resources = cmake_list(cmake, "MODULE_PYTHON_RESOURCES")
+    on_disk_scripts = sorted(str(p.relative_to(EXTENSION)) for p in EXTENSION.rglob("*.py")
+                             if "Testing" not in p.parts and "__pycache__" not in p.parts)
+    on_disk_resources = sorted(str(p.relative_to(EXTENSION)) for p in (EXTENSION / "Resources").rglob("*") if p.is_file())
+    assert sorted(scripts) == on_disk_scripts
+    assert sorted(resources) == on_disk_resources
+    text = cmake.read_text()
+    for needed in ("slicerMacroBuildScriptedModule(", "WITH_GENERIC_TESTS", "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)",
+                   "set(MODULE_NAME MedAnomaly)"):
+        assert needed in text
+    # Slicer loads every .py at the top of a module folder as a module: only the module file is there
+    assert [p.name for p in EXTENSION.glob("*.py")] == ["MedAnomaly.py"]
+
+
+def test_top_level_cmakelists_has_the_extension_metadata():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf"^set\({variable} \"[^\"]+\"\)", text, re.M), variable
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    order = ["project(MedAnomaly)", "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+             "add_subdirectory(MedAnomalyExtension)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+             "include(${Slicer_EXTENSION_CPACK})"]
+    positions = [text.index(line) for line in order]
+    assert positions == sorted(positions)
+    icon = re.search(r"set\(EXTENSION_ICONURL \"\S*/(MedAnomalyExtension/Resources/Icons/[^\"]+\.png)\"\)", text)
+    assert icon and (REPO / icon.group(1)).is_file()
+
+
+STUB_SLICER_CONFIG = textwrap.dedent('''
+    # A stand-in for Slicer's CMake package: records what the extension declares and checks files exist.
+    set(Slicer_USE_FILE "${CMAKE_CURRENT_LIST_DIR}/UseSlicer.cmake")
+    set(Slicer_EXTENSION_GENERATE_CONFIG "${CMAKE_CURRENT_LIST_DIR}/GenerateConfig.cmake")
+    set(Slicer_EXTENSION_CPACK "${CMAKE_CURRENT_LIST_DIR}/CPack.cmake")
+    set(BUILD_TESTING ON)
+    set(RECORD "${CMAKE_BINARY_DIR}/record.txt")
+    file(WRITE "${RECORD}" "")
+    macro(slicerMacroBuildScriptedModule)
+      cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+      if(MY_UNPARSED_ARGUMENTS)
+        message(FATAL_ERROR "unknown arguments: ${MY_UNPARSED_ARGUMENTS}")
+      endif()
+      foreach(f ${MY_SCRIPTS} ${MY_RESOURCES})
+        if(NOT EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/${f}")
+          message(FATAL_ERROR "missing file ${f}")
+        endif()
+      endforeach()
+      file(APPEND "${RECORD}" "module ${MY_NAME} generic_tests=${MY_WITH_GENERIC_TESTS}\\n")
+      foreach(f ${MY_SCRIPTS})
+        file(APPEND "${RECORD}" "script ${f}\\n")
+      endforeach()
+      foreach(f ${MY_RESOURCES})
+        file(APPEND "${RECORD}" "resource ${f}\\n")
+      endforeach()
+    endmacro()
+    function(slicer_add_python_unittest)
+      cmake_parse_arguments(MY "" "SCRIPT" "" ${ARGN})
+      file(APPEND "${RECORD}" "unittest ${MY_SCRIPT}\\n")
+    endfunction()
+''')
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None, reason="needs cmake and a C++ compiler")
+def test_extension_configures_with_a_stub_slicer(tmp_path):
+    stub = tmp_path / "slicer"
+    stub.mkdir()
+    (stub / "SlicerConfig.cmake").write_text(STUB_SLICER_CONFIG)
+    (stub / "UseSlicer.cmake").write_text("")
+    (stub / "GenerateConfig.cmake").write_text(textwrap.dedent('''
+        foreach(v EXTENSION_HOMEPAGE EXTENSION_CATEGORY EXTENSION_CONTRIBUTORS EXTENSION_DESCRIPTION
+                  EXTENSION_ICONURL EXTENSION_SCREENSHOTURLS EXTENSION_DEPENDS)
+          if(NOT DEFINED ${v})
+            message(FATAL_ERROR "${v} is not set")
+          endif()
+          file(APPEND "${RECORD}" "meta ${v}=${${v}}\\n")
+        endforeach()
+    '''))
+    (stub / "CPack.cmake").write_text('file(APPEND "${RECORD}" "cpack\\n")\n')
+    build = tmp_path / "build"
+    run = subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={stub}"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    record = (build / "record.txt").read_text().splitlines()
+    assert "module MedAnomaly generic_tests=TRUE" in record
+    assert "unittest MedAnomaly.py" in record
+    assert "meta EXTENSION_DEPENDS=PyTorch" in record and record[-1] == "cpack"
+    scripts = {line.split(" ", 1)[1] for line in record if line.startswith("script ")}
+    assert "MedAnomaly.py" in scripts and "MedAnomalyLib/inference.py" in scripts
+
+
+# =============================================================================================
+# MedAnomalyLib.environment
+
+
+def test_source_folder_is_the_checkout_around_the_module(tmp_path, monkeypatch):
+    monkeypatch.delenv(environment.SOURCE_FOLDER_ENV, raising=False)
+    assert environment.find_source_folder() == REPO
+    assert environment.find_source_folder(start=tmp_path) is None
+    assert environment.find_source_folder(start=tmp_path, configured=REPO) == REPO
+    monkeypatch.setenv(environment.SOURCE_FOLDER_ENV, str(REPO))
+    assert environment.find_source_folder(start=tmp_path) == REPO
+    assert environment.make_importable(REPO)
+
+
+def test_requirements_relax_pins_and_leave_slicers_packages_alone():
+    assert environment.relax("nibabel==5.4.2") == "nibabel>=5.4.2"
+    assert environment.relax("scipy==1.17.1") == "scipy"
+    assert environment.relax("monai[fire,itk]==1.6.1") == "monai[fire,itk]>=1.6.1"
+    assert environment.relax("numpy==2.4.6") == "numpy"
+    assert environment.relax("SimpleITK==2.5.7") == "SimpleITK"
+    assert environment.relax("tqdm>=4.0,<5") == "tqdm<5,>=4.0"
+    requirements = environment.requirements_from_pyproject(REPO / "pyproject.toml")
+    names = {environment.canonical(r.split("[")[0].split(">")[0].split("<")[0].split("=")[0]) for r in requirements}
+    assert "torch" not in names and "torchvision" not in names  # PyTorch comes through the PyTorch extension
+    assert {"monai", "slicerio", "pytorch-ignite", "simpleitk"} <= names
+
+
+def test_requirements_file_is_in_sync_with_pyproject():
+    expected = environment.requirements_from_pyproject(REPO / "pyproject.toml")
+    assert environment.read_requirements(environment.REQUIREMENTS_FILE) == expected, (
+        "Resources/requirements.txt is out of date: run `python -m MedAnomalyLib.environment --write-requirements` "
+        "in MedAnomalyExtension/")
+
+
+def test_unsatisfied_requirements_say_why():
+    assert environment.unsatisfied("numpy") is None
+    assert environment.unsatisfied("monai[fire,pyyaml]>=1.0") is None
+    assert "not installed" in environment.unsatisfied("no-such-package-medanomaly-test")
+    assert "is needed" in environment.unsatisfied("numpy>=999")
+    assert environment.unsatisfied("no-such-package; python_version < '3'") is None  # marker excludes it
+
+
+def test_install_plan_orders_torch_packages_and_medanomaly(tmp_path, monkeypatch):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nnumpy\nno-such-package-medanomaly-test>=1.0\n")
+    plan = environment.install_plan(None, requirements)
+    assert plan.torch == [] and plan.packages == ["no-such-package-medanomaly-test>=1.0"] and plan.medanomaly == []
+    assert not plan.empty and "no-such-package" in plan.summary()
+
+    real = environment.installed_version
+    missing = {"torch", "medanomaly"}
+    monkeypatch.setattr(environment, "installed_version", lambda name: None if name in missing else real(name))
+    plan = environment.install_plan(REPO)
+    assert plan.torch == ["torch" + environment.TORCH_REQUIREMENT]
+    assert plan.medanomaly == ["--no-deps", "-e", str(REPO)]
+    plan = environment.install_plan(None, requirements)
+    assert plan.medanomaly == ["medanomaly"]
+
+
+def test_devices_offer_the_gpu_first_when_present():
+    assert environment.device_choices([]) == [("CPU", "cpu")]
+    choices = environment.device_choices(["NVIDIA H100, 81559 MiB"])
+    assert [d for _, d in choices] == ["cuda", "cpu"] and "H100" in choices[0][0]
+    assert environment.bundle_path_environment([]) == {}
+    assert environment.bundle_path_environment(["/a", "/b"]) == {"MEDANOMALY_BUNDLE_PATH": os.pathsep.join(["/a", "/b"])}
+
+
+# =============================================================================================
+# MedAnomalyLib.inputs
+
+
+def test_input_checks_refuse_2d_4d_and_empty_volumes():
+    inputs.check_input((82, 89, 84), 1)
+    with pytest.raises(inputs.InputError, match="2D image"):
+        inputs.check_input((256, 256, 1), 1)
+    with pytest.raises(inputs.InputError, match="4 values per voxel"):
+        inputs.check_input((64, 64, 64), 4)
+    with pytest.raises(inputs.InputError, match="no image data"):
+        inputs.check_input(None)
+    eye = np.eye(4).tolist()
+    inputs.check_same_grid((2, 3, 4), eye, (2, 3, 4), eye)
+    shifted = np.eye(4)
+    shifted[0, 3] = 1.0
+    with pytest.raises(inputs.InputError, match="not on the input volume's grid"):
+        inputs.check_same_grid((2, 3, 4), eye, (2, 3, 4), shifted.tolist())
+    with pytest.raises(inputs.InputError):
+        inputs.check_same_grid((2, 3, 4), eye, (2, 3, 5), eye)
+
+
+# =============================================================================================
+# MedAnomalyLib.inference
+
+
+@pytest.fixture()
+def inference():
+    from MedAnomalyLib import inference
+
+    return inference
+
+
+def test_methods_come_from_the_bundles(inference):
+    from medanomaly.bundles import find_bundle
+
+    methods = {m.name: m for m in inference.available_methods()}
+    dae = methods["dae"]
+    bundle = find_bundle("dae")
+    assert dae.has_weights == bundle.has_weights and dae.description == bundle.description
+    assert dae.label == f"dae ({dae.weights_label})"
+    assert bundle.description in dae.tooltip
+    assert dae.threshold == bundle.model_info.get("threshold")
+
+
+def test_command_is_the_bundles_inference_with_the_modules_overrides(inference, tmp_path):
+    from medanomaly.bundles import bundle_command
+
+    request = inference.DetectionRequest("dae", tmp_path / "input.nrrd", tmp_path / "output", device="cpu",
+                                         threshold=0.25, python="/opt/Slicer/bin/PythonSlicer")
+    command = request.command()
+    assert command[:4] == ["/opt/Slicer/bin/PythonSlicer", "-m", "monai.bundle", "run"]
+    assert command == bundle_command("dae", "inference", overrides=request.overrides(), python="/opt/Slicer/bin/PythonSlicer")
+
+    def value(flag):
+        return command[command.index(flag) + 1]
+
+    assert value("--input") == str(tmp_path / "input.nrrd")
+    assert value("--output_dir") == str(tmp_path / "output")
+    assert value("--output_ext") == ".nrrd" and value("--device") == "cpu" and value("--amp") == "False"
+    assert value("--threshold") == "0.25"
+    assert "--mask" not in command and "--model_dir" not in command
+    assert "inference.yaml" in value("--config_file")
+
+    gpu = inference.DetectionRequest("dae", tmp_path / "input.nrrd", tmp_path / "o", device="cuda",
+                                     mask_file=tmp_path / "mask.nrrd").command()
+    assert "--threshold" not in gpu and "--amp" not in gpu  # calibrated threshold, the config's own amp
+    # options left unset are not even keys: a model_dir key would drop the shipped weights' demo overlay
+    assert set(inference.DetectionRequest("dae", tmp_path / "i.nrrd", tmp_path / "o").overrides()) == {
+        "input", "output_dir", "output_ext", "device", "amp"}
+    assert gpu[gpu.index("--mask") + 1] == str(tmp_path / "mask.nrrd")
+    assert gpu[0] == sys.executable  # outside Slicer: this Python
+    with pytest.raises(ValueError, match="Unknown device"):
+        inference.DetectionRequest("dae", tmp_path / "i.nrrd", tmp_path, device="mps")
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="threshold"):
+            inference.DetectionRequest("dae", tmp_path / "i.nrrd", tmp_path, threshold=bad)
+
+
+def test_missing_weights_are_reported_before_launching(inference, tmp_path):
+    folder = inference.WorkFolder.create(tmp_path)
+    folder.input_file.write_bytes(b"")
+    request = inference.DetectionRequest("dae", folder.input_file, folder.output_dir, model_dir=tmp_path / "empty")
+    with pytest.raises(inference.DetectionError, match="no trained weights"):
+        inference.check_ready(request)
+    assert folder.output_dir.is_dir() and folder.root.name.startswith("MedAnomaly-")
+    folder.remove()
+    assert not folder.root.exists()
+
+
+def test_job_streams_log_and_progress_from_a_child_process(inference):
+    code = ("from medanomaly.bundles import report_progress\n"
+            "print('loading', flush=True)\n"
+            "report_progress(0.25, 'volume 1/1 input: slices 24/96')\n"
+            "print('working', flush=True)\n"
+            "report_progress(1.0, 'volume 1/1 input: slices 96/96')\n")
+    job = inference.DetectionJob([sys.executable, "-c", code])
+    updates = []
+    assert job.wait(on_update=updates.append, interval=0.02, timeout=60) == 0
+    lines = [line for u in updates for line in u.lines]
+    assert lines == ["loading", "working"]  # progress lines go to the progress bar, not the log
+    fractions = [u.fraction for u in updates if u.fraction is not None]
+    assert fractions[-1] == 1.0 and job.message == "volume 1/1 input: slices 96/96"
+    assert updates[-1].finished and updates[-1].returncode == 0
+    assert job.poll().finished  # stays finished
+
+
+def test_poll_never_blocks(inference):
+    job = inference.DetectionJob([sys.executable, "-c", "import time; print('a', flush=True); time.sleep(30)"])
+    start = time.monotonic()
+    for _ in range(5):
+        job.poll()
+    assert time.monotonic() - start < 1.0
+    job.cancel(grace_seconds=1)
+
+
+def test_failure_gives_a_sentence_and_the_log(inference):
+    job = inference.DetectionJob([sys.executable, "-c",
+                                  "print('step 1'); raise RuntimeError('CUDA out of memory. Tried to allocate 2 GiB')"])
+    job.wait(timeout=60)
+    with pytest.raises(inference.DetectionError) as error:
+        job.result()
+    assert "GPU ran out of memory" in error.value.message and "choose CPU" in error.value.message
+    assert "step 1" in error.value.log and error.value.returncode == 1
+
+
+@pytest.mark.parametrize("returncode, log, expected", [
+    (1, "RuntimeError: No weights at /x/models/model.pt: train the bundle first", "no trained weights (/x/models/model.pt"),
+    (1, "medanomaly.io.VolumeError: 'in.nrrd' is constant (every voxel is 0.0): there is no image content.",
+     "The input cannot be used: 'in.nrrd' is constant"),
+    (1, "AssertionError: Torch not compiled with CUDA enabled", "PyTorch cannot use the GPU"),
+    (1, "ModuleNotFoundError: No module named 'monai'", "missing in Slicer's Python (monai)"),
+    (1, "MemoryError", "ran out of memory"),
+    (-9, "", "stopped by the operating system"),
+    (2, "something else", "failed (exit code 2). The log below says why"),
+])
+def test_failure_explanations(inference, returncode, log, expected):
+    assert expected in inference.explain_failure(returncode, log)
+
+
+def test_failure_messages_name_the_input_volume_not_the_work_file(inference, tmp_path):
+    request = inference.DetectionRequest("dae", tmp_path / "input.nrrd", tmp_path / "output")
+    code = f"print('medanomaly.io.VolumeError: ' + repr({str(request.input_file)!r}) + ' has size (64, 64, 1): it is a single slice'); raise SystemExit(1)"
+    job = inference.DetectionJob([sys.executable, "-c", code], request=request)
+    job.wait(timeout=60)
+    with pytest.raises(inference.DetectionError) as error:
+        job.result()
+    assert error.value.message == "The input cannot be used: the input volume has size (64, 64, 1): it is a single slice"
+
+
+def test_other_failures_name_the_root_cause(inference):
+    if inference.root_cause is None:
+        pytest.skip("this medanomaly has no bundles.runner.root_cause")
+    log = "Traceback (most recent call last):\n  File x\nKeyError: 'image'\nRuntimeError: Failed to evaluate"
+    assert inference.explain_failure(1, log) == "The method failed (exit code 1): KeyError: 'image'"
+
+
+def test_cancel_ends_the_whole_process_tree(inference, tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "print('started', flush=True)\n"
+            "time.sleep(120)\n")
+    job = inference.DetectionJob([sys.executable, "-c", code])
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline, "the child process did not start"
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    job.cancel(grace_seconds=2)
+    update = job.poll()
+    assert update.finished and job.cancelled
+    with pytest.raises(inference.DetectionCancelled):
+        job.result()
+    for _ in range(100):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the grandchild process survived cancel()")
+
+
+def test_read_result_uses_detections_json(inference, tmp_path):
+    request = inference.DetectionRequest("dae", tmp_path / "input.nrrd", tmp_path / "out")
+    expected = request.expected_outputs()
+    assert {k: p.name for k, p in expected.items()} == {
+        "heatmap": "input_heatmap.nrrd", "segmentation": "input_anomaly.seg.nrrd", "pseudo_healthy": "input_pseudo_healthy.nrrd"}
+    request.output_dir.mkdir()
+    with pytest.raises(inference.DetectionError, match="no heatmap"):
+        inference.read_result(request)
+    expected["heatmap"].write_bytes(b"x")
+    expected["segmentation"].write_bytes(b"x")
+    (request.output_dir / "detections.json").write_text(json.dumps([{
+        "subject": "input", "threshold": 0.3, "volume_score": 0.01,
+        "heatmap": str(expected["heatmap"]), "segmentation": str(expected["segmentation"])}]))
+    result = inference.read_result(request)
+    assert (result.heatmap, result.segmentation, result.pseudo_healthy) == (expected["heatmap"], expected["segmentation"], None)
+    assert result.threshold == 0.3 and result.volume_score == 0.01
+
+
+# =============================================================================================
+# MedAnomalyLib.results
+
+
+def test_threshold_to_labelmap():
+    heatmap = np.array([[[0.0, 0.1], [0.2, 0.3]], [[0.4, 0.5], [0.6, 0.7]]], dtype=np.float32)
+    labelmap = results.threshold_to_labelmap(heatmap, 0.3)
+    assert labelmap.dtype == np.uint8 and labelmap.shape == heatmap.shape
+    assert labelmap.ravel().tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # strictly above, like the bundles
+    assert results.threshold_to_labelmap(heatmap, 0).sum() == 7  # never the zero background
+    brain = np.zeros_like(heatmap)
+    brain[1, 1] = 1
+    assert results.threshold_to_labelmap(heatmap, 0.3, brain).ravel().tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+    for bad in (-1, float("nan"), float("inf"), "high", None):
+        with pytest.raises(ValueError, match="threshold"):
+            results.threshold_to_labelmap(heatmap, bad)
+    with pytest.raises(ValueError, match="shape"):
+        results.threshold_to_labelmap(heatmap, 0.1, brain[0])
+
+
+def test_threshold_helpers():
+    rng = np.random.default_rng(0)
+    heatmap = np.zeros((20, 20, 20), dtype=np.float32)
+    heatmap[5:15, 5:15, 5:15] = rng.uniform(0.01, 1.0, (10, 10, 10))
+    suggested = results.suggest_threshold(heatmap)
+    assert results.voxel_count(results.threshold_to_labelmap(heatmap, suggested)) == pytest.approx(10, abs=2)
+    assert results.suggest_threshold(np.zeros((3, 3, 3))) == 0.0
+    assert results.slider_range(None) == (0.0, 1.0, 0.001, 3)
+    assert results.slider_range(0.12) == (0.0, 0.24, 0.0001, 4)
+    low, high, step, decimals = results.slider_range(0.8, heatmap_max=3.7)
+    assert low == 0.0 and high >= 3.7 and step == pytest.approx(0.001) and decimals == 3
+    assert results.slider_range(0.12, heatmap_max=0.9)[1:] == (0.9, 0.0001, 4)
+    assert results.slider_range(40.0)[1:] == (80.0, 0.01, 2)
+    assert results.slider_range(0.00042)[1:] == (0.00084, 1e-7, 7)  # small scores stay reachable
+    window = results.display_window(heatmap, threshold=0.9)
+    assert window[0] == 0.0 and window[1] >= 1.8
+    assert results.display_window(np.zeros((2, 2, 2))) == (0.0, 1.0)
+
+
+def test_segment_terminology_and_terminology_file_agree():
+    entry = results.terminology_entry()
+    parts = entry.split("~")
+    assert len(parts) == 7 and parts[0] == results.TERMINOLOGY_CONTEXT
+    assert parts[1] == "SCT^49755003^Morphologically Altered Structure" and parts[2] == "SCT^52988006^Lesion"
+    assert parts[4] == "Anatomic codes - DICOM master list" and parts[5] == "SCT^12738006^Brain"
+    term = json.loads((EXTENSION / "Resources" / "SegmentationCategoryTypeModifier-MedAnomaly.term.json").read_text())
+    assert term["SegmentationCategoryTypeContextName"] == results.TERMINOLOGY_CONTEXT
+    (category,) = term["SegmentationCodes"]["Category"]
+    (kind,) = category["Type"]
+    assert (category["CodingSchemeDesignator"], category["CodeValue"], category["CodeMeaning"]) == results.CATEGORY
+    assert (kind["CodingSchemeDesignator"], kind["CodeValue"], kind["CodeMeaning"]) == results.TYPE
+    assert kind["recommendedDisplayRGBValue"] == [round(255 * c) for c in results.SEGMENT_COLOR]
+
+
+def test_segment_name_and_colour_match_what_the_bundles_write():
+    import inspect
+
+    from medanomaly import io
+
+    defaults = inspect.signature(io.write_segmentation).parameters
+    assert defaults["name"].default == results.SEGMENT_NAME
+    assert tuple(defaults["color"].default) == results.SEGMENT_COLOR
+
+
+# =============================================================================================
+# result files on the input grid, and the sample data
+
+
+def test_result_files_read_back_on_the_input_grid(tmp_path):
+    """What the bundle writes for a .nrrd input (heatmap and .seg.nrrd through medanomaly.io)
+    reads back, with SimpleITK and slicerio as Slicer reads it, on exactly the input's grid."""
+    import SimpleITK as sitk
+    import slicerio
+
+    from medanomaly import io
+    from medanomaly.bundles.outputs import output_paths
+
+    source = sitk.ReadImage(str(sampledata.sample_path()))
+    image = io.volume_array(io.read_volume(sampledata.sample_path()))
+    heatmap = (image / image.max()).astype(np.float32)
+    paths = output_paths(tmp_path, "input", ".nrrd")
+    io.write_heatmap(heatmap, sampledata.sample_path(), paths["heatmap"])
+    io.write_segmentation(results.threshold_to_labelmap(heatmap, 0.5), sampledata.sample_path(), paths["segmentation"])
+
+    written = sitk.ReadImage(str(paths["heatmap"]))
+    for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert np.allclose(getattr(written, attribute)(), getattr(source, attribute)(), atol=1e-5), attribute
+    segmentation = slicerio.read_segmentation(str(paths["segmentation"]))
+    (segment,) = segmentation["segments"]
+    assert segment["name"] == results.SEGMENT_NAME
+    assert np.allclose(segment["color"], results.SEGMENT_COLOR)
+    _, ijk_to_ras = sampledata.read_nrrd(sampledata.sample_path())
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras
+    assert np.allclose(segmentation["ijkToLPS"], lps, atol=1e-5)
+    voxels = np.asarray(segmentation["voxels"])
+    assert voxels.shape == image.shape
+    assert np.array_equal(voxels > 0, heatmap > 0.5)
+
+
+def test_sample_volume_is_small_checksummed_and_readable():
+    import SimpleITK as sitk
+
+    path = sampledata.sample_path()
+    assert path.is_file() and path.stat().st_size < 1_000_000
+    assert sampledata.sha256(path) == sampledata.SAMPLE_SHA256, (
+        "the sample volume changed: update SAMPLE_SHA256 in MedAnomalyLib/sampledata.py")
+    assert sampledata.checksum() == f"SHA256:{sampledata.SAMPLE_SHA256}"
+    assert sampledata.file_uri(path).startswith("file://") and sampledata.file_uri(path).endswith(sampledata.SAMPLE_FILE)
+    array, ijk_to_ras = sampledata.read_nrrd(path)
+    image = sitk.ReadImage(str(path))
+    assert image.GetSize() == array.shape and image.GetPixelIDTypeAsString() == "16-bit signed integer"
+    assert np.array_equal(sitk.GetArrayFromImage(image).transpose(2, 1, 0), array)
+    assert np.allclose(image.GetSpacing(), sampledata.SPACING_MM, atol=1e-4)
+    assert not np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.diag([-1, -1, 1]), atol=1e-3)  # oblique
+    lesion, lesion_grid = sampledata.read_nrrd(sampledata.lesion_path())
+    assert np.allclose(lesion_grid, ijk_to_ras) and lesion.shape == array.shape
+    assert lesion.sum() > 1000 and np.all(array[lesion > 0] > 0)  # a tumour, inside the brain
+    assert (array == 0).mean() > 0.2  # skull-stripped: zero outside the brain
+
+
+def test_sample_volume_is_regenerated_identically(tmp_path):
+    fresh = sampledata.write_sample(tmp_path, tmp_path)
+    for key, committed in (("image", sampledata.sample_path()), ("lesion", sampledata.lesion_path())):
+        new_array, new_grid = sampledata.read_nrrd(fresh[key])
+        old_array, old_grid = sampledata.read_nrrd(committed)
+        assert np.array_equal(new_array, old_array), f"{key}: regenerate with `python -m MedAnomalyLib.sampledata`"
+        assert np.allclose(new_grid, old_grid, atol=1e-5)
+
+
+# =============================================================================================
+# end to end: the module's command on the sample volume
+
+
+def run_detection(tmp_path, **request_options):
+    """What MedAnomalyLogic.startDetection / finishDetection do, minus Slicer: the input saved as
+    input.nrrd in a work folder, the request, the background job, its result."""
+    from MedAnomalyLib import inference
+
+    folder = inference.WorkFolder.create(tmp_path)
+    shutil.copyfile(sampledata.sample_path(), folder.input_file)
+    request = inference.DetectionRequest("dae", folder.input_file, folder.output_dir, device="cpu",
+                                         python=sys.executable, **request_options)
+    inference.check_ready(request)
+    job = inference.DetectionJob.start(request)
+    fractions = []
+    job.wait(on_update=lambda u: fractions.append(u.fraction) if u.fraction is not None else None, timeout=600)
+    result = job.result()
+    return request, job, result, fractions
+
+
+def check_outputs_on_input_grid(result):
+    import SimpleITK as sitk
+    import slicerio
+
+    source = sitk.ReadImage(str(sampledata.sample_path()))
+    heatmap_image = sitk.ReadImage(str(result.heatmap))
+    for attribute in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert np.allclose(getattr(heatmap_image, attribute)(), getattr(source, attribute)(), atol=1e-4), attribute
+    heatmap = sitk.GetArrayFromImage(heatmap_image).transpose(2, 1, 0)
+    assert heatmap.dtype == np.float32 and heatmap.min() >= 0 and heatmap.max() > 0
+    assert result.segmentation is not None
+    segmentation = slicerio.read_segmentation(str(result.segmentation))
+    (segment,) = segmentation["segments"]
+    assert segment["name"] == "Anomaly" and np.allclose(segment["color"], results.SEGMENT_COLOR)
+    voxels = np.asarray(segmentation["voxels"])
+    _, ijk_to_ras = sampledata.read_nrrd(sampledata.sample_path())
+    assert voxels.shape == heatmap.shape
+    assert np.allclose(segmentation["ijkToLPS"], np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras, atol=1e-4)
+    # the module's own threshold -> labelmap gives exactly the bundle's segmentation
+    assert np.array_equal(voxels > 0, results.threshold_to_labelmap(heatmap, result.threshold) > 0)
+    return heatmap, voxels
+
+
+@pytest.mark.skipif(__import__("medanomaly.bundles", fromlist=["find_bundle"]).find_bundle("dae").has_weights,
+                    reason="the shipped dae weights exist: test_end_to_end_with_the_shipped_weights covers the run")
+def test_end_to_end_plumbing_with_untrained_weights(tmp_path, monkeypatch):
+    """Until the dae weights are trained: a copy of the dae bundle with freshly initialised weights
+    of its demo network and a made-up calibrated threshold, found first on the bundle path. The
+    command is then the one the module builds for shipped demo weights (demo overlay, calibrated
+    threshold): files, names, geometry and segment metadata of a real run."""
+    import torch
+    import yaml
+    from monai.networks.nets import UNet
+
+    from medanomaly.bundles import find_bundle
+
+    shipped = find_bundle("dae")
+    copy = tmp_path / "bundles" / "dae"
+    shutil.copytree(shipped.root, copy, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    network = yaml.safe_load(shipped.config_file("inference").read_text())["network_def"]
+    network["channels"] = yaml.safe_load(shipped.config_file("demo").read_text())["network_def#channels"]
+    torch.manual_seed(0)
+    (copy / "models").mkdir()
+    torch.save(UNet(**{k: v for k, v in network.items() if k != "_target_"}).state_dict(), copy / "models" / "model.pt")
+    (copy / "models" / "model_info.json").write_text(json.dumps({"configs": ["train.yaml", "demo.yaml"], "threshold": 0.05}))
+    monkeypatch.setenv("MEDANOMALY_BUNDLE_PATH", str(copy.parent))
+    assert find_bundle("dae").root == copy.resolve()
+
+    request, job, result, fractions = run_detection(tmp_path)
+    command = request.command()
+    assert "demo.yaml" in command[command.index("--config_file") + 1] and "--threshold" not in command
+    assert fractions and fractions[-1] == pytest.approx(1.0)
+    assert result.threshold == 0.05  # the calibrated one, from models/model_info.json
+    check_outputs_on_input_grid(result)
+
+
+@pytest.mark.skipif(not __import__("medanomaly.bundles", fromlist=["find_bundle"]).find_bundle("dae").has_weights,
+                    reason="the dae bundle has no weights yet (monai_bundles/dae/models/model.pt): train it with "
+                           "`medanomaly train dae --demo`; test_end_to_end_plumbing_with_untrained_weights runs instead")
+def test_end_to_end_with_the_shipped_weights(tmp_path):
+    """Exactly what the module runs (calibrated threshold, shipped weights, CPU) on the sample."""
+    from medanomaly.bundles import find_bundle
+
+    request, job, result, fractions = run_detection(tmp_path)
+    assert "--threshold" not in request.command()  # the calibrated one
+    assert result.threshold == pytest.approx(find_bundle("dae").model_info["threshold"])
+    assert fractions and fractions[-1] == pytest.approx(1.0)
+    heatmap, voxels = check_outputs_on_input_grid(result)
+    assert voxels.sum() > 0, "the Anomaly segment is empty"
+    lesion, _ = sampledata.read_nrrd(sampledata.lesion_path())
+    brain = heatmap > 0
+    assert heatmap[lesion > 0].mean() > heatmap[brain & (lesion == 0)].mean(), "the lesion does not stand out"
