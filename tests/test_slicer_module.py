@@ -784,7 +784,11 @@ def test_sample_volume_is_regenerated_identically(tmp_path):
     for key, committed in (("image", sampledata.sample_path()), ("lesion", sampledata.lesion_path())):
         new_array, new_grid = sampledata.read_nrrd(fresh[key])
         old_array, old_grid = sampledata.read_nrrd(committed)
-        assert np.array_equal(new_array, old_array), f"{key}: regenerate with `python -m MedAnomalyLib.sampledata`"
+        # floating-point rounding may differ on another CPU: one intensity unit, a few mask voxels
+        hint = f"{key}: regenerate with `python -m MedAnomalyLib.sampledata`"
+        assert new_array.shape == old_array.shape, hint
+        assert np.abs(new_array.astype(float) - old_array.astype(float)).max() <= 1, hint
+        assert np.mean(new_array != old_array) < 1e-3, hint
         assert np.allclose(new_grid, old_grid, atol=1e-5)
 
 
