@@ -153,14 +153,14 @@ def format_metrics(name: str, metrics: dict) -> str:
 def cmd_demo(args) -> None:
     from medanomaly.demo import run_demo
 
-    run_demo(bundle=args.bundle, output_dir=Path(args.output_dir), device=args.device)
+    run_demo(bundle=args.bundle, output_dir=Path(args.output_dir), device=args.device, cohort=args.cohort)
 
 
 def cmd_benchmark(args) -> None:
     from medanomaly.benchmark import run_benchmark
 
     run_benchmark(bundles=args.bundles, cohort=args.cohort, output_dir=Path(args.output_dir), device=args.device,
-                  demo=not args.paper_scale)
+                  demo=not args.paper_scale, n_bootstrap=args.n_bootstrap)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bundle", default="dae")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--device")
+    demo.add_argument("--cohort", default="demo", help="synthetic preset to draw the scan from (tiny | demo | full)")
     demo.set_defaults(func=cmd_demo)
 
     benchmark = commands.add_parser("benchmark", help="evaluate bundles on one cohort and compare them")
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--output-dir", default="outputs/benchmark")
     benchmark.add_argument("--device")
     benchmark.add_argument("--paper-scale", action="store_true", help="paper-scale configs (GPU)")
+    benchmark.add_argument("--n-bootstrap", dest="n_bootstrap", type=int, default=200)
     benchmark.set_defaults(func=cmd_benchmark)
     return parser
 

@@ -33,14 +33,15 @@ def volume_metrics(heatmap: np.ndarray, label: np.ndarray, brain: np.ndarray, th
     return metrics
 
 
-def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), device: str | None = None) -> dict:
+def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), device: str | None = None,
+             cohort: str = "demo") -> dict:
     from medanomaly.cli import format_metrics, run_workflow
 
     bundle_info = find_bundle(bundle)
     if not bundle_info.has_weights:
         raise SystemExit(f"Bundle '{bundle}' has no weights in {bundle_info.model_dir}: train it first.")
     output_dir = Path(output_dir).resolve()
-    datalist = ensure_cohort("demo")
+    datalist = ensure_cohort(cohort)
     subject = pick_demo_subject(datalist)
     print(f"Demo subject {subject['subject']} ({subject.get('family')}, "
           f"{subject.get('lesion_ml', 0):.1f} ml lesion): {subject['image']}")
@@ -67,9 +68,9 @@ def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), devic
     evaluation_dir = output_dir / "evaluation"
     run_workflow(bundle, "evaluate", {"datalist": str(datalist), "output_dir": str(evaluation_dir), "device": device,
                                       "n_bootstrap": 200}, demo=None, quiet=True)
-    cohort = json.loads((evaluation_dir / "metrics.json").read_text())
-    print("\nDemo cohort test split:\n" + format_metrics(bundle, cohort))
+    cohort_metrics = json.loads((evaluation_dir / "metrics.json").read_text())
+    print(f"\nThe '{cohort}' cohort's test split:\n" + format_metrics(bundle, cohort_metrics))
     print(f"Metrics and plots: {evaluation_dir}")
-    summary = {"subject": subject["subject"], "volume": metrics, "cohort": cohort}
+    summary = {"subject": subject["subject"], "volume": metrics, "cohort": cohort_metrics}
     (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

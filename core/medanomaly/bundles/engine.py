@@ -226,8 +226,12 @@ class CohortMetricsHandler:
         self.evaluator, self.output_dir, self.threshold, self.n_boot = evaluator, Path(output_dir), threshold, n_boot
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _start(self, engine: Engine) -> None:
+        self.started = time.perf_counter()
 
     def _collect(self, engine: Engine) -> None:
         for item in processed_items(engine):
@@ -236,8 +240,11 @@ class CohortMetricsHandler:
     def _write(self, engine: Engine) -> None:
         from medanomaly.metrics import plot_curves
 
+        seconds = time.perf_counter() - self.started  # loading, inference, inversion, writing
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = self.evaluator.summary(threshold=self.threshold, n_boot=self.n_boot)
+        summary["timing"] = {"seconds": round(seconds, 2), "device": str(engine.state.device),
+                             "seconds_per_volume": round(seconds / max(len(self.evaluator.records), 1), 3)}
         (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         rows = self.evaluator.per_volume()
         if rows:
