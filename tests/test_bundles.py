@@ -155,3 +155,16 @@ def test_poll_lines_does_not_block():
     assert process.poll_lines() in ([], ["a"])
     assert time.time() - start < 1.0
     process.cancel(grace_seconds=1)
+
+
+def test_root_cause_skips_monai_wrappers():
+    from medanomaly.bundles.runner import root_cause
+
+    log = """Traceback (most recent call last):
+medanomaly.io.VolumeError: /data/flat.nrrd is 2D: a 3D volume is needed.
+The above exception was the direct cause of the following exception:
+RuntimeError: applying transform <medanomaly.data.transforms.CheckVolumed object>
+RuntimeError: Failed to evaluate ConfigExpression: "$@evaluator.run()"
+"""
+    assert root_cause(log) == "VolumeError: /data/flat.nrrd is 2D: a 3D volume is needed."
+    assert root_cause("all fine\n") is None

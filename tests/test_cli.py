@@ -1,0 +1,78 @@
+"""The `medanomaly` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medanomaly import io
+from medanomaly.bundles import find_bundle
+from medanomaly.cli import _parse_overrides, format_metrics
+from medanomaly.data import load_datalist
+
+HAS_WEIGHTS = find_bundle("dae").has_weights
+
+
+def medanomaly(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medanomaly.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_list_shows_the_dae_bundle_and_its_demo_weights():
+    result = medanomaly("list", "--json")
+    assert result.returncode == 0, result.stderr
+    dae = next(b for b in json.loads(result.stdout) if b["name"] == "dae")
+    assert dae["has_weights"] == HAS_WEIGHTS and dae["demo_weights"] == HAS_WEIGHTS
+
+
+def test_unknown_bundle_names_the_available_ones():
+    result = medanomaly("detect", "nope", "scan.nii.gz")
+    assert result.returncode != 0 and "available: " in result.stderr and "dae" in result.stderr
+
+
+def test_overrides_need_key_value_pairs():
+    assert _parse_overrides(["threshold=0.2", "input=a=b.nii"]) == {"threshold": "0.2", "input": "a=b.nii"}
+    with pytest.raises(SystemExit, match="key=value"):
+        _parse_overrides(["threshold"])
+
+
+def test_synth_reuses_a_cached_cohort(tiny):
+    result = medanomaly("synth", "--preset", "tiny", "--root", str(tiny.parent))
+    assert result.returncode == 0, result.stderr
+    assert str(tiny) in result.stdout
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="the dae demo weights are not committed")
+def test_detect_writes_outputs_on_the_input_grid(tiny, tmp_path):
+    subject = load_datalist(tiny, "test_lesion")[0]
+    result = medanomaly("detect", "dae", subject["image"], "--device", "cpu", "--format", "nrrd",
+                        "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = Path(subject["image"]).name.replace(".nii.gz", "")
+    heatmap = io.read_volume(tmp_path / "out" / f"{name}_heatmap.nrrd", allow_constant=True)
+    assert heatmap.GetSize() == io.read_volume(subject["image"]).GetSize()
+    assert (tmp_path / "out" / f"{name}_anomaly.seg.nrrd").is_file()
+    assert f"{name}: volume score" in result.stdout
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="the dae demo weights are not committed")
+def test_demo_runs_end_to_end_on_a_small_cohort(tmp_path, capsys):
+    from medanomaly.demo import run_demo
+
+    summary = run_demo("dae", output_dir=tmp_path, device="cpu", cohort="tiny")
+    assert (tmp_path / "demo_overlay.png").stat().st_size > 10_000
+    assert summary["volume"]["pixel_ap"] > 3 * summary["volume"]["lesion_fraction"]
+    assert summary["cohort"]["n_lesion_volumes"] == 3
+    printed = capsys.readouterr().out
+    assert "pooled [Dice]" in printed and "demo_overlay.png" in printed
+
+
+def test_metrics_summary_prints_missing_values_as_na():
+    metrics = {"n_lesion_volumes": 0, "n_healthy_volumes": 2,
+               "pixel": {"max_dice": {"dice": None, "threshold": None}, "ap": None, "auroc": None},
+               "max_dice_per_volume": {"mean": None, "std": None}, "volume": {"auroc": None, "ap": None}}
+    text = format_metrics("dae", metrics)
+    assert "n/a" in text and "0 lesion + 2 healthy" in text
