@@ -144,17 +144,3 @@ def test_inference_rejects_a_2d_image_with_a_clear_message(tmp_path):
                    demo=True)
     assert error.value.cause.startswith("VolumeError") and "flat.nrrd" in error.value.cause
     assert "3D" in error.value.cause
-
-
-@pytest.mark.skipif(not DAE.has_weights, reason="the dae bundle's demo weights are not committed yet")
-def test_demo_weights_find_lesions_far_better_than_chance(tiny, tmp_path):
-    """The committed demo model on the tiny cohort's test split (3 lesion + 2 healthy scans)."""
-    run_bundle("dae", "evaluate", {"datalist": str(tiny), "device": "cpu", "output_dir": str(tmp_path),
-                                   "n_bootstrap": 0, "save_outputs": False})
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    pixel = metrics["pixel"]
-    prevalence = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
-    # measured: AUROC 0.82, AP 0.21 = 11 x the lesion prevalence, [Dice] 0.29 (chance: 0.5, 1 x, ~0.04)
-    assert pixel["auroc"] > 0.75
-    assert pixel["ap"] > 5 * prevalence
-    assert pixel["max_dice"]["dice"] > 0.2

@@ -218,12 +218,12 @@ def collect_volume(evaluator, item: Mapping) -> None:
     )
 
 
-class CohortMetricsHandler:
-    """Evaluation: accumulates every volume into a CohortEvaluator and writes
-    `metrics.json`, `per_volume.csv` and ROC / PR / Dice-vs-threshold plots."""
+class CohortHandler:
+    """Accumulates every inverted prediction into a `medanomaly.metrics.CohortEvaluator`;
+    subclasses decide what to write when the run completes."""
 
-    def __init__(self, evaluator, output_dir: str, threshold: float | None = None, n_boot: int = 1000):
-        self.evaluator, self.output_dir, self.threshold, self.n_boot = evaluator, Path(output_dir), threshold, n_boot
+    def __init__(self, evaluator):
+        self.evaluator = evaluator
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
@@ -238,6 +238,19 @@ class CohortMetricsHandler:
             collect_volume(self.evaluator, item)
 
     def _write(self, engine: Engine) -> None:
+        raise NotImplementedError
+
+
+class CohortMetricsHandler(CohortHandler):
+    """Evaluation: writes `metrics.json` (with timing), `per_volume.csv` and ROC / PR /
+    Dice-vs-threshold plots."""
+
+    def __init__(self, evaluator, output_dir: str, threshold: float | None = None, n_boot: int = 1000,
+                 title: str = ""):
+        super().__init__(evaluator)
+        self.output_dir, self.threshold, self.n_boot, self.title = Path(output_dir), threshold, n_boot, title
+
+    def _write(self, engine: Engine) -> None:
         from medanomaly.metrics import plot_curves
 
         seconds = time.perf_counter() - self.started  # loading, inference, inversion, writing
@@ -247,35 +260,26 @@ class CohortMetricsHandler:
                              "seconds_per_volume": round(seconds / max(len(self.evaluator.records), 1), 3)}
         (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         rows = self.evaluator.per_volume()
-        if rows:
-            with open(self.output_dir / "per_volume.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        plot_curves(self.evaluator, self.output_dir, title=str(engine.state.metrics.get("bundle", "")))
-        engine.state.metrics["cohort"] = summary
+        with open(self.output_dir / "per_volume.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_curves(self.evaluator, self.output_dir, title=self.title)
         logger.info("Metrics written to %s", self.output_dir / "metrics.json")
 
 
-class CalibrationHandler:
-    """Calibration: pools the anomaly scores of healthy volumes and stores the threshold
-    that flags at most `target_fpr` of their brain voxels in the model's `model_info.json`."""
+class CalibrationHandler(CohortHandler):
+    """Calibration: stores in the model's `model_info.json` the threshold that flags at most
+    `target_fpr` of the healthy brain voxels seen."""
 
     def __init__(self, evaluator, model_dir: str, target_fpr: float = 0.01):
-        self.evaluator, self.model_dir, self.target_fpr = evaluator, model_dir, target_fpr
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _collect(self, engine: Engine) -> None:
-        for item in processed_items(engine):
-            collect_volume(self.evaluator, item)
+        super().__init__(evaluator)
+        self.model_dir, self.target_fpr = model_dir, target_fpr
 
     def _write(self, engine: Engine) -> None:
-        healthy = self.evaluator.pooled_histogram(self.evaluator.records)  # all volumes, all negatives
-        threshold = float(healthy.threshold_at_fpr(self.target_fpr))
-        n_volumes = len(self.evaluator.per_volume())
+        negatives = self.evaluator.pooled_histogram(self.evaluator.records)  # lesion voxels excluded inside
+        threshold = float(negatives.threshold_at_fpr(self.target_fpr))
+        n_volumes = len(self.evaluator.records)
         update_model_info(self.model_dir, threshold=threshold, target_fpr=self.target_fpr,
                           calibration_volumes=n_volumes)
         logger.info("Threshold %.5f flags at most %.2f%% of healthy brain voxels (%d volumes).",
