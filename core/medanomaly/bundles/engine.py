@@ -355,9 +355,14 @@ def load_weights(network: torch.nn.Module, model_dir: str | os.PathLike, device=
     return network.to(device) if device is not None else network
 
 
+def _is_input_volume(path: Path) -> bool:
+    """A volume file, and not a segmentation (e.g. an earlier run's output beside the scans)."""
+    name = path.name.lower()
+    return path.is_file() and name.endswith(VOLUME_SUFFIXES) and not name.endswith(".seg.nrrd")
+
+
 def _volume_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
-                  and not p.name.lower().endswith(".seg.nrrd"))
+    return sorted(p for p in folder.iterdir() if _is_input_volume(p))
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -397,10 +402,10 @@ def _expand_inputs(input: str | Sequence[str]) -> list[Path]:
         elif entry.exists():
             paths.append(entry)
         else:
-            matches = sorted(glob.glob(str(entry)))
+            matches = [Path(m) for m in sorted(glob.glob(str(entry))) if _is_input_volume(Path(m))]
             if not matches:
                 raise FileNotFoundError(f"Input {entry} does not exist.")
-            paths += [Path(m) for m in matches]
+            paths += matches
     if not paths:
         raise FileNotFoundError(f"No volume files found in {input}.")
     return paths
