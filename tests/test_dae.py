@@ -4,7 +4,6 @@ through `python -m monai.bundle run`, exactly as a user runs them."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,13 @@ import torch
 from monai.bundle import ConfigParser
 
 from medanomaly import io
-from medanomaly.bundles import BundleRunError, find_bundle, run_bundle
+from medanomaly.bundles import BundleRunError, bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist
 
 DAE = find_bundle("dae")
-sys.path.insert(0, str(DAE.root))
-from scripts.dae import CoarseNoised, DenoisingAutoencoderMethod  # noqa: E402
+_SCRIPTS = import_bundle_scripts("dae", "dae")
+CoarseNoised = _SCRIPTS["scripts.dae"].CoarseNoised
+DenoisingAutoencoderMethod = _SCRIPTS["scripts.dae"].DenoisingAutoencoderMethod
 
 
 def _demo_config(*names: str, **overrides) -> ConfigParser:
@@ -62,9 +62,10 @@ def test_method_maps_are_residuals_and_zero_outside_the_brain():
 def test_one_training_run_lowers_the_loss_on_a_fixed_batch(tiny):
     parser = _demo_config("train", datalist=str(tiny), device="cpu", amp=False)
     torch.manual_seed(0)
-    network = parser.get_parsed_content("network_def")
+    with bundle_scripts("dae"):  # the config's `import scripts`
+        network = parser.get_parsed_content("network_def")
+        transforms = parser.get_parsed_content("train#transforms")
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-    transforms = parser.get_parsed_content("train#transforms")
     transforms.set_random_state(0)
     item = load_datalist(tiny, "training")[0]
     samples = transforms(item)

@@ -113,14 +113,40 @@ _BACKBONES = {  # our name -> torchvision weights enum used by lpips for that tr
 }
 
 
-def backbone_weights_path(net: str) -> Path:
-    """Where torchvision looks for the ImageNet weights of the LPIPS backbone ``net``."""
+def torchvision_weights_path(weights: str) -> Path:
+    """Where torchvision caches the ImageNet weights ``weights`` (e.g. "VGG16_Weights")."""
     import torchvision
 
+    url = getattr(torchvision.models, weights).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def backbone_weights_path(net: str) -> Path:
+    """Where torchvision looks for the ImageNet weights of the LPIPS backbone ``net``."""
     if net not in _BACKBONES:
         raise ValueError(f"net must be one of {sorted(_BACKBONES)}, got {net!r}.")
-    url = getattr(torchvision.models, _BACKBONES[net]).IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+    return torchvision_weights_path(_BACKBONES[net])
+
+
+def use_random_backbone(weights_file: Path, weights: str, user: str, allow_random_backbone: bool = False,
+                        seed: int = 0) -> bool:
+    """The offline rule for ImageNet backbones: False when ``weights_file`` is in the torch hub
+    cache; otherwise True with a loud WARNING if a random backbone is allowed (argument or
+    MEDANOMALY_ALLOW_RANDOM_BACKBONE=1), else :class:`PerceptualWeightsMissing` naming the file."""
+    if weights_file.is_file():
+        return False
+    allowed = allow_random_backbone or os.environ.get(RANDOM_BACKBONE_ENV, "").strip().lower() in ("1", "true", "yes")
+    if not allowed:
+        raise PerceptualWeightsMissing(
+            f"{user} needs torchvision's ImageNet weights file '{weights_file.name}', which is not at "
+            f"'{weights_file}'. Nothing is downloaded at run time: on a machine with internet access get it "
+            f"(torchvision.models.{weights}.IMAGENET1K_V1.url) and copy it to exactly that path "
+            f"(torch.hub.get_dir()/checkpoints; TORCH_HOME moves it). For tests only, "
+            f"allow_random_backbone=True or {RANDOM_BACKBONE_ENV}=1 uses a random backbone instead."
+        )
+    logger.warning("%s: '%s' not found; using a RANDOMLY INITIALISED backbone (seed %d). Its outputs are NOT "
+                   "perceptual; do not use them for real results.", user, weights_file, seed)
+    return True
 
 
 class PerceptualDistance(nn.Module):
@@ -138,25 +164,9 @@ class PerceptualDistance(nn.Module):
         super().__init__()
         import lpips
 
-        weights_file = backbone_weights_path(net)
-        allow_random = allow_random_backbone or os.environ.get(RANDOM_BACKBONE_ENV, "").strip().lower() in (
-            "1", "true", "yes")
         self.net = net
-        self.random_backbone = not weights_file.is_file()
-        if self.random_backbone and not allow_random:
-            raise PerceptualWeightsMissing(
-                f"The LPIPS '{net}' backbone needs torchvision's ImageNet weights file '{weights_file.name}', "
-                f"which is not at '{weights_file}'. Nothing is downloaded at run time: on a machine with internet "
-                f"access get it (torchvision.models.{_BACKBONES[net]}.IMAGENET1K_V1.url) and copy it to exactly "
-                f"that path (torch.hub.get_dir()/checkpoints; TORCH_HOME moves it). For tests only, "
-                f"allow_random_backbone=True or {RANDOM_BACKBONE_ENV}=1 uses a random backbone instead."
-            )
-        if self.random_backbone:
-            logger.warning(
-                "PerceptualDistance: '%s' not found; using a RANDOMLY INITIALISED '%s' backbone (seed %d). "
-                "The LPIPS maps are NOT perceptual distances; do not use them for real results.",
-                weights_file, net, seed,
-            )
+        self.random_backbone = use_random_backbone(backbone_weights_path(net), _BACKBONES[net],
+                                                   f"The LPIPS '{net}' backbone", allow_random_backbone, seed)
         linear_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
         if not linear_file.is_file():
             raise PerceptualWeightsMissing(

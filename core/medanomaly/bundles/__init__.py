@@ -5,7 +5,15 @@ shared inference plumbing is `medanomaly.bundles.engine`, imported by the bundle
 """
 
 from medanomaly.bundles.progress import VolumeProgress, format_progress, parse_progress, report_progress
-from medanomaly.bundles.registry import BundleInfo, BundleNotFound, bundle_search_path, find_bundle, list_bundles
+from medanomaly.bundles.registry import (
+    BundleInfo,
+    BundleNotFound,
+    bundle_scripts,
+    bundle_search_path,
+    find_bundle,
+    import_bundle_scripts,
+    list_bundles,
+)
 from medanomaly.bundles.runner import (
     WORKFLOW_CONFIGS,
     BundleProcess,
@@ -17,7 +25,7 @@ from medanomaly.bundles.runner import (
 
 __all__ = [
     "BundleInfo", "BundleNotFound", "BundleProcess", "BundleRunError", "VolumeProgress", "WORKFLOW_CONFIGS",
-    "bundle_command", "bundle_search_path", "find_bundle", "format_progress", "list_bundles", "parse_progress",
+    "bundle_command", "bundle_scripts", "bundle_search_path", "import_bundle_scripts", "find_bundle", "format_progress", "list_bundles", "parse_progress",
     "report_progress", "run_bundle", "start_bundle",
 ]
 

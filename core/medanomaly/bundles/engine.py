@@ -339,9 +339,10 @@ def load_threshold(model_dir: str | os.PathLike, default: float | None = None) -
     return float(info["threshold"])
 
 
-def load_weights(network: torch.nn.Module, model_dir: str | os.PathLike, device=None) -> torch.nn.Module:
-    """Loads `model_dir/model.pt` into the network, with errors that say what to do."""
-    path = Path(model_dir) / MODEL_FILE
+def load_weights(network: torch.nn.Module, model_dir: str | os.PathLike, device=None,
+                 filename: str = MODEL_FILE) -> torch.nn.Module:
+    """Loads `model_dir/filename` (default `model.pt`) into the network, with errors that say what to do."""
+    path = Path(model_dir) / filename
     if not path.is_file():
         raise FileNotFoundError(f"No weights at {path}: train the bundle first (medanomaly train ...), "
                                 "or pass --model_dir pointing to a folder with model.pt.")

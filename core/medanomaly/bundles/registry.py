@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +113,34 @@ def find_bundle(name_or_path: str | os.PathLike | BundleInfo) -> BundleInfo:
     names = ", ".join(b.name for b in list_bundles()) or "none"
     raise BundleNotFound(f"No bundle named '{name_or_path}' (available: {names}; search path: "
                          f"{os.pathsep.join(map(str, bundle_search_path()))}).")
+
+
+def _is_scripts_module(name: str) -> bool:
+    return name == "scripts" or name.startswith("scripts.")
+
+
+@contextmanager
+def bundle_scripts(bundle: str | os.PathLike | BundleInfo, *submodules: str):
+    """`import scripts` means this bundle's code package inside the block, as under
+    `python -m monai.bundle run`. Every bundle names its package `scripts`, so several bundles
+    in one process (tests, notebooks) need this swap; another bundle's modules come back after.
+    Yields the package, with `submodules` (e.g. "losses") imported too."""
+    root = str(find_bundle(bundle).root)
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_scripts_module(name)}
+    sys.path.insert(0, root)
+    try:
+        package = importlib.import_module("scripts")
+        for name in submodules:
+            importlib.import_module(f"scripts.{name}")
+        yield package
+    finally:
+        sys.path.remove(root)
+        for name in [n for n in sys.modules if _is_scripts_module(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def import_bundle_scripts(bundle: str | os.PathLike | BundleInfo, *submodules: str) -> dict:
+    """A bundle's `scripts` package and submodules, keyed by module name, usable after the swap."""
+    with bundle_scripts(bundle, *submodules):
+        return {name: module for name, module in sys.modules.items() if _is_scripts_module(name)}

@@ -1,0 +1,363 @@
+"""PHANES training: a small two-stage engine.
+
+Stage 1 trains the RA soft-introspective VAE with its own encoder and decoder steps
+(`VAEStep`); between the stages the mask thresholds are calibrated on healthy validation slices
+(`calibrate_mask_thresholds`); stage 2 trains the AOT-GAN inpainter on healthy slices with
+masks = (stage-1 anomaly mask  OR  ~10 random ellipses) inside the brain (`InpainterStep`).
+Each stage checkpoints every `checkpoint_interval` iterations into
+`model_dir/checkpoint_stage{1,2}.pt` and resumes from there; `model_dir/model.pt` holds both
+state dicts (`model`) and the calibrated `mask_thresholds`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from medanomaly import masking
+from medanomaly.bundles.engine import update_model_info
+from medanomaly.data import IMAGE, MASK
+
+from scripts.losses import (VGG19Features, discriminator_loss, embedding_loss, generator_adversarial_loss,
+                            kl_divergence, perceptual_loss, reconstruction_error, style_loss)
+from scripts.networks import PHANES, PatchDiscriminator
+
+logger = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"
+
+
+def _autocast(device, amp: bool):
+    device = torch.device(device)
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- stage 1
+class VAEStep:
+    """One soft-intro VAE iteration (Daniel & Tamar 2021, with RA's reversed-embedding term):
+    an encoder step (ELBO of real data minus the exponentiated ELBO of generated and reconstructed
+    data, + `embedding_weight` * embedding loss of (x, rec)), then a decoder step."""
+
+    def __init__(self, vae, lr=5e-5, beta_kl=1.0, beta_rec=0.5, beta_neg=128.0, gamma_r=1e-8,
+                 embedding_weight=0.005, scale=None, amp=False, device="cpu"):
+        self.vae = vae
+        self.opt_e = torch.optim.Adam(vae.encoder.parameters(), lr=lr)
+        self.opt_d = torch.optim.Adam(vae.decoder.parameters(), lr=lr)
+        self.beta_kl, self.beta_rec, self.beta_neg, self.gamma_r = beta_kl, beta_rec, beta_neg, gamma_r
+        self.embedding_weight, self.scale, self.amp, self.device = embedding_weight, scale, amp, device
+
+    def state_dict(self):
+        return {"opt_e": self.opt_e.state_dict(), "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt_e.load_state_dict(state["opt_e"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        vae = self.vae
+        vae.train()
+        scale = self.scale if self.scale is not None else 1.0 / (x.shape[-1] * x.shape[-2])
+        noise = torch.randn(x.shape[0], vae.zdim, device=x.device)
+        # ---- encoder step
+        with _autocast(self.device, self.amp):
+            mu, logvar, feats = vae.encode(x, return_features=True)
+            z = vae.reparameterize(mu, logvar)
+            rec = vae.decode(z)
+            fake = vae.decode(noise)
+            loss_rec = reconstruction_error(x, rec.float()).mean()
+            loss_kl = kl_divergence(mu.float(), logvar.float()).mean()
+            fake_mu, fake_logvar = vae.encode(fake.detach())
+            rec_mu, rec_logvar, rec_feats = vae.encode(rec.detach(), return_features=True)
+            rec_fake = vae.decode(vae.reparameterize(fake_mu, fake_logvar)).detach()
+            rec_rec = vae.decode(vae.reparameterize(rec_mu, rec_logvar)).detach()
+            fake_kl = kl_divergence(fake_mu.float(), fake_logvar.float())
+            rec_kl = kl_divergence(rec_mu.float(), rec_logvar.float())
+            fake_rec_err = reconstruction_error(fake.detach().float(), rec_fake.float())
+            rec_rec_err = reconstruction_error(rec.detach().float(), rec_rec.float())
+            exp_fake = (-2 * scale * (self.beta_rec * fake_rec_err + self.beta_neg * fake_kl)).exp().mean()
+            exp_rec = (-2 * scale * (self.beta_rec * rec_rec_err + self.beta_neg * rec_kl)).exp().mean()
+            loss_embed = embedding_loss([f.float() for f in feats], [f.float() for f in rec_feats])
+            loss_e = (scale * (self.beta_rec * loss_rec + self.beta_kl * loss_kl)
+                      + 0.5 * (exp_fake + exp_rec) + self.embedding_weight * loss_embed)
+        self.opt_e.zero_grad(set_to_none=True)
+        loss_e.backward()
+        self.opt_e.step()
+        # ---- decoder step
+        with _autocast(self.device, self.amp):
+            z = z.detach()
+            fake = vae.decode(noise)
+            rec = vae.decode(z)
+            loss_rec_d = reconstruction_error(x, rec.float()).mean()
+            rec_mu, rec_logvar = vae.encode(rec)
+            fake_mu, fake_logvar = vae.encode(fake)
+            rec_rec = vae.decode(vae.reparameterize(rec_mu, rec_logvar).detach())
+            rec_fake = vae.decode(vae.reparameterize(fake_mu, fake_logvar).detach())
+            loss_rr = reconstruction_error(rec.detach().float(), rec_rec.float()).mean()
+            loss_fr = reconstruction_error(fake.detach().float(), rec_fake.float()).mean()
+            kl_d = 0.5 * (kl_divergence(rec_mu.float(), rec_logvar.float()).mean()
+                          + kl_divergence(fake_mu.float(), fake_logvar.float()).mean())
+            loss_d = scale * (self.beta_rec * loss_rec_d + self.beta_kl * kl_d
+                              + self.gamma_r * 0.5 * self.beta_rec * (loss_rr + loss_fr))
+        self.opt_d.zero_grad(set_to_none=True)
+        self.opt_e.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+        self.opt_e.zero_grad(set_to_none=True)  # the decoder step's encoder gradients are not used
+        losses = {"loss_e": loss_e, "loss_d": loss_d, "rec_mse": loss_rec_d / x[0].numel(), "kl": loss_kl,
+                  "embed": loss_embed}
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+
+# --------------------------------------------------------------------------- stage 2
+class InpainterStep:
+    """One AOT-GAN iteration on healthy slices: discriminator step (SM-PatchGAN), then generator
+    step with l1 * L1 + style * style + perceptual * perceptual (+ adversarial * adversarial when
+    `adversarial_backprop`; the reference computes but never back-propagates that term)."""
+
+    def __init__(self, inpainter, discriminator, lr=1e-4, betas=(0.5, 0.999), l1_weight=1.0, style_weight=250.0,
+                 perceptual_weight=0.1, adversarial_weight=0.01, adversarial_backprop=True, features=None,
+                 amp=False, device="cpu"):
+        self.inpainter, self.discriminator, self.features = inpainter, discriminator, features
+        self.opt_g = torch.optim.Adam(inpainter.parameters(), lr=lr, betas=tuple(betas))
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=tuple(betas))
+        self.l1_weight, self.style_weight, self.perceptual_weight = l1_weight, style_weight, perceptual_weight
+        self.adversarial_weight, self.adversarial_backprop = adversarial_weight, adversarial_backprop
+        self.amp, self.device = amp, device
+        if (style_weight or perceptual_weight) and features is None:
+            raise ValueError("Style / perceptual losses need a VGG19Features module (features=...).")
+
+    def state_dict(self):
+        return {"opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, state):
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+    def generator_loss(self, x, mask):
+        """(total, parts, composed image) of the generator on one batch."""
+        pred = self.inpainter(x, mask)
+        composed = masking.compose(x, pred, mask)
+        parts = {"l1": F.l1_loss(pred.float(), x)}
+        if self.features is not None and (self.style_weight or self.perceptual_weight):
+            fp, fx = self.features(pred.float()), self.features(x)
+            parts["style"], parts["perceptual"] = style_loss(fp, fx), perceptual_loss(fp, fx)
+        total = (self.l1_weight * parts["l1"] + self.style_weight * parts.get("style", 0.0)
+                 + self.perceptual_weight * parts.get("perceptual", 0.0))
+        return total, parts, composed
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> dict:
+        self.inpainter.train()
+        self.discriminator.train()
+        with _autocast(self.device, self.amp):
+            total, parts, composed = self.generator_loss(x, mask)
+            d_fake = self.discriminator(composed)
+            adversarial = generator_adversarial_loss(d_fake.float(), mask)
+            if self.adversarial_backprop:
+                total = total + self.adversarial_weight * adversarial
+        self.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_g.step()
+        with _autocast(self.device, self.amp):
+            d_loss = discriminator_loss(self.discriminator(x).float(),
+                                        self.discriminator(composed.detach()).float(), mask)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        losses = {"loss_g": total, "loss_d": d_loss, "adversarial": adversarial, **parts}
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+
+# --------------------------------------------------------------------------- masks
+@torch.no_grad()
+def vae_mask_maps(vae, perceptual, x, saliency_sigma=2.0):
+    vae.eval()
+    rec = vae(x).float().clamp(0, 1)
+    return masking.mask_map(x, rec, perceptual, saliency_sigma=saliency_sigma), rec
+
+
+@torch.no_grad()
+def calibrate_mask_thresholds(vae, perceptual, volumes, device, fprs=masking.DEFAULT_FPRS, batch_size=32,
+                              max_values=2_000_000, seed=0):
+    """Mask-map thresholds at the target healthy false-positive fractions, from the brain pixels
+    of every axial slice (with brain) of the healthy validation volumes."""
+    values = []
+    for item in volumes:
+        image, brain = item[IMAGE], item[MASK]  # (1, H, W, D)
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        brain = brain.as_tensor() if hasattr(brain, "as_tensor") else torch.as_tensor(brain)
+        slices = image[0].permute(2, 0, 1)[:, None].float()
+        masks = brain[0].permute(2, 0, 1)[:, None].float()
+        keep = masks.flatten(1).any(1)
+        slices, masks = slices[keep], masks[keep]
+        for start in range(0, len(slices), batch_size):
+            x = slices[start:start + batch_size].to(device)
+            m = masks[start:start + batch_size].to(device)
+            maps, _ = vae_mask_maps(vae, perceptual, x)
+            values.append(maps[m > 0].cpu())
+    values = torch.cat(values) if values else torch.zeros(0)
+    if values.numel() > max_values:
+        values = values[torch.from_numpy(np.random.default_rng(seed).choice(values.numel(), max_values, False))]
+    return masking.thresholds_at_fprs(values, fprs)
+
+
+def training_masks(x, brain, vae=None, perceptual=None, threshold=None, n_ellipses=10, rng=None):
+    """Stage-2 masks: (stage-1 anomaly mask at `threshold`, dilated) OR random ellipses, in the brain."""
+    ellipses = masking.random_ellipse_masks(x.shape[0], tuple(x.shape[-2:]), n_ellipses, rng=rng, device=x.device)
+    mask = ellipses
+    if vae is not None and threshold is not None:
+        maps, _ = vae_mask_maps(vae, perceptual, x)
+        mask = torch.maximum(mask, masking.binary_anomaly_mask(maps, threshold))
+    return mask * (brain > 0).float()
+
+
+# --------------------------------------------------------------------------- the engine
+def _infinite(loader):
+    for epoch in itertools.count():
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+
+
+def _slices(batch, device):
+    def flat(t):  # (B, 1, H, W) slices (the slice sampler's samples are collated into the batch)
+        t = t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+        return t.reshape(-1, *t.shape[-3:]).to(device).float()
+    return flat(batch[IMAGE]), flat(batch[MASK])
+
+
+def save_model(model_dir, model: PHANES, mask_thresholds=None, stages_done=()):
+    path = Path(model_dir) / MODEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "mask_thresholds": mask_thresholds or {},
+                "stages_done": list(stages_done)}, path)
+
+
+def load_model_file(model_dir):
+    path = Path(model_dir) / MODEL_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+class PhanesTrainer:
+    """Runs stage 1 and / or stage 2 (`stage`: 1, 2 or 'both'), resumable per stage."""
+
+    def __init__(self, model: PHANES, train_loader, validation_data, perceptual, model_dir, device="cpu", amp=False,
+                 stage="both", stage1_iterations=100000, stage2_iterations=100000, learning_rate=5e-5,
+                 inpainter_learning_rate=1e-4, vae_losses=None, inpainter_losses=None, discriminator=None,
+                 features=None, n_ellipses=10, vae_masks=True, mask_fpr=0.05, checkpoint_interval=500,
+                 log_interval=50, resume=False, seed=0, info=None):
+        self.model, self.loader, self.validation = model.to(device), train_loader, validation_data
+        self.perceptual = perceptual.to(device) if perceptual is not None else None
+        self.model_dir, self.device, self.amp = Path(model_dir), device, amp
+        self.stage = str(stage)
+        self.iterations = {1: int(stage1_iterations), 2: int(stage2_iterations)}
+        self.discriminator = (discriminator or PatchDiscriminator()).to(device)
+        self.features = features.to(device) if features is not None else None
+        self.vae_step = VAEStep(model.vae, lr=learning_rate, amp=amp, device=device, **(vae_losses or {}))
+        self.inpainter_step = InpainterStep(model.inpainter, self.discriminator, lr=inpainter_learning_rate,
+                                            features=self.features, amp=amp, device=device,
+                                            **(inpainter_losses or {}))
+        self.n_ellipses, self.vae_masks, self.mask_fpr = n_ellipses, vae_masks, mask_fpr
+        self.checkpoint_interval, self.log_interval = checkpoint_interval, log_interval
+        self.resume, self.seed, self.info = resume, seed, dict(info or {})
+        self.rng = np.random.default_rng(seed)
+        self.mask_thresholds: dict = {}
+        self.stages_done: list = []
+
+    # ---- checkpoints
+    def _checkpoint_path(self, stage):
+        return self.model_dir / f"checkpoint_stage{stage}.pt"
+
+    def _save_checkpoint(self, stage, iteration):
+        step = self.vae_step if stage == 1 else self.inpainter_step
+        state = {"model": self.model.state_dict(), "optimizers": step.state_dict(), "iteration": iteration,
+                 "mask_thresholds": self.mask_thresholds, "rng": self.rng.bit_generator.state,
+                 "torch_rng": torch.get_rng_state()}
+        if stage == 2:
+            state["discriminator"] = self.discriminator.state_dict()
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._checkpoint_path(stage).with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self._checkpoint_path(stage))
+
+    def _load_checkpoint(self, stage) -> int:
+        path = self._checkpoint_path(stage)
+        if not (self.resume and path.is_file()):
+            return 0
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        (self.vae_step if stage == 1 else self.inpainter_step).load_state_dict(state["optimizers"])
+        if stage == 2 and "discriminator" in state:
+            self.discriminator.load_state_dict(state["discriminator"])
+        self.mask_thresholds = state.get("mask_thresholds", {})
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("Resuming stage %d from %s at iteration %d.", stage, path, state["iteration"])
+        return int(state["iteration"])
+
+    def _load_previous_model(self):
+        """Stage 2 alone (or a resumed run past stage 1) starts from the saved model.pt."""
+        saved = load_model_file(self.model_dir)
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.mask_thresholds = saved.get("mask_thresholds", {})
+            self.stages_done = saved.get("stages_done", [])
+
+    # ---- stages
+    def _run_stage(self, stage):
+        start = self._load_checkpoint(stage)
+        total = self.iterations[stage]
+        if stage == 2 and not self.mask_thresholds:
+            self._calibrate()
+        threshold = self.mask_thresholds.get(f"{self.mask_fpr:g}") if self.vae_masks else None
+        data = _infinite(self.loader)
+        started, last = time.perf_counter(), {}
+        bar = tqdm(range(start, total), desc=f"PHANES stage {stage}", initial=start, total=total, mininterval=10)
+        for iteration in bar:
+            x, brain = _slices(next(data), self.device)
+            if stage == 1:
+                last = self.vae_step(x)
+            else:
+                mask = training_masks(x, brain, self.model.vae if threshold is not None else None, self.perceptual,
+                                      threshold, self.n_ellipses, self.rng)
+                last = self.inpainter_step(x, mask)
+            done = iteration + 1
+            if done % self.log_interval == 0 or done == total:
+                logger.info("stage %d iteration %d/%d %s", stage, done, total,
+                            " ".join(f"{k}={v:.5g}" for k, v in last.items()))
+            if done % self.checkpoint_interval == 0 or done == total:
+                self._save_checkpoint(stage, done)
+        if stage not in self.stages_done:
+            self.stages_done.append(stage)
+        if stage == 1 and (start < total or not self.mask_thresholds):
+            self._calibrate()
+        save_model(self.model_dir, self.model, self.mask_thresholds, self.stages_done)
+        update_model_info(self.model_dir, **self.info, **{
+            f"stage{stage}_iterations_done": total, f"stage{stage}_seconds": round(time.perf_counter() - started, 1),
+            f"stage{stage}_final_losses": {k: round(v, 6) for k, v in last.items()},
+            "mask_thresholds": self.mask_thresholds, "stages_done": self.stages_done})
+
+    def _calibrate(self):
+        logger.info("Calibrating the mask thresholds on %d healthy validation volume(s).", len(self.validation))
+        self.mask_thresholds = calibrate_mask_thresholds(self.model.vae, self.perceptual, self.validation, self.device)
+        logger.info("Mask thresholds (healthy false-positive fraction -> threshold): %s", self.mask_thresholds)
+
+    def run(self):
+        if self.stage not in ("1", "2", "both"):
+            raise ValueError(f"stage must be 1, 2 or 'both', got {self.stage!r}.")
+        torch.manual_seed(self.seed)
+        if self.stage == "2":
+            self._load_previous_model()
+        if self.stage in ("1", "both"):
+            self._run_stage(1)
+        if self.stage in ("2", "both"):
+            self._run_stage(2)
+        return self

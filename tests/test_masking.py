@@ -1,0 +1,116 @@
+"""medanomaly.masking (PHANES masks) against hand cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medanomaly import masking
+
+
+def test_threshold_flags_at_most_the_target_fraction_of_healthy_pixels():
+    values = torch.from_numpy(np.random.default_rng(0).permutation(100).astype(np.float32))  # 0..99
+    # lowest threshold with at most 5 / 2 / 1 values strictly above it
+    assert masking.threshold_at_fpr(values, 0.05) == 94
+    assert masking.threshold_at_fpr(values, 0.02) == 97
+    assert masking.threshold_at_fpr(values, 0.01) == 98
+    assert masking.threshold_at_fpr(values, 0.0) == 99
+    for fpr in (0.05, 0.02, 0.01):
+        t = masking.threshold_at_fpr(values, fpr)
+        assert int((values > t).sum()) == round(fpr * 100)
+        assert int((values > t - 1).sum()) > fpr * 100  # one lower would flag too many
+    assert masking.thresholds_at_fprs(values) == {"0.05": 94.0, "0.02": 97.0, "0.01": 98.0}
+    # ties: never more than the target, even if that means fewer
+    tied = torch.tensor([0.0] * 90 + [1.0] * 10)
+    t = masking.threshold_at_fpr(tied, 0.05)
+    assert t == 1.0 and int((tied > t).sum()) == 0
+    with pytest.raises(ValueError, match="No healthy values"):
+        masking.threshold_at_fpr(torch.zeros(0), 0.05)
+
+
+def test_residual_is_normalised_by_its_own_95th_percentile_and_clipped():
+    residual = torch.arange(100, dtype=torch.float32).view(1, 1, 10, 10)
+    residual = torch.cat([residual, 2 * residual])  # a second image, scaled: same normalised result
+    out = masking.normalise_per_image(residual, 95)
+    p95 = np.percentile(np.arange(100), 95)  # 94.05
+    np.testing.assert_allclose(out[0, 0].flatten().numpy(), np.minimum(np.arange(100) / p95, 1), rtol=1e-5)
+    torch.testing.assert_close(out[0], out[1])
+    assert int((out[0] == 1).sum()) == 5  # 95..99 clipped
+
+
+def test_clahe_residual_of_identical_images_is_zero_and_in_unit_range():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((2, 1, 32, 32)).astype(np.float32))
+    assert torch.all(masking.clahe_residual(x, x) == 0)
+    y = (x + 0.2 * torch.from_numpy(rng.standard_normal((2, 1, 32, 32)).astype(np.float32))).clamp(0, 1)
+    r = masking.clahe_residual(x, y)
+    assert r.shape == x.shape and float(r.min()) >= 0 and float(r.max()) == 1
+    assert 0.03 < float((r == 1).float().mean()) <= 0.06  # what lies above the 95th percentile
+
+
+def test_mask_map_is_the_residual_times_the_smoothed_perceptual_map():
+    x = torch.rand(2, 1, 24, 24)
+    y = torch.rand(2, 1, 24, 24)
+
+    def perceptual(a, b):  # constant spatial distance 0.5: its Gaussian smoothing keeps it
+        return torch.full_like(a, 0.5)
+
+    torch.testing.assert_close(masking.mask_map(x, y, perceptual), 0.5 * masking.clahe_residual(x, y))
+    torch.testing.assert_close(masking.mask_map(x, y, None), masking.clahe_residual(x, y))
+
+
+def test_gaussian_smoothing_matches_scipy():
+    image = np.random.default_rng(1).random((20, 24)).astype(np.float32)
+    ours = masking.gaussian_smooth(torch.from_numpy(image)[None, None], 2.0)[0, 0].numpy()
+    np.testing.assert_allclose(ours, ndimage.gaussian_filter(image, 2.0, mode="mirror", truncate=4.0), atol=1e-5)
+
+
+def test_dilation_grows_an_edge_by_one_pixel_and_keeps_isolated_pixels():
+    mask = torch.zeros(1, 1, 20, 20)
+    mask[..., 10:] = 1  # half plane
+    dilated = masking.dilate_mask(mask, sigma=1.2, level=0.1)
+    # blurred edge: column 9 gets (1 - k0) / 2 = 0.334 > 0.1, column 8 gets 0.099 < 0.1
+    assert torch.all(dilated[..., 9:] == 1) and torch.all(dilated[..., :9] == 0)
+    point = torch.zeros(1, 1, 9, 9)
+    point[..., 4, 4] = 1  # k0^2 = 0.11 > 0.1 at the centre, 0.078 next to it
+    torch.testing.assert_close(masking.dilate_mask(point), point)
+
+
+def test_binary_mask_thresholds_dilates_and_stays_in_the_brain():
+    anomaly = torch.zeros(2, 1, 16, 16)
+    anomaly[0, 0, 6:10, 6:10] = 0.8
+    anomaly[1, 0, 0:4, 0:4] = 0.8
+    brain = torch.zeros_like(anomaly)
+    brain[..., 2:14, 2:14] = 1
+    m = masking.binary_anomaly_mask(anomaly, 0.5, brain)
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(m[0, 0, 5:11, 5:11] == 1) and float(m[0].sum()) == 36  # 4x4 grown by one pixel
+    assert torch.all(m[brain == 0] == 0)
+    assert torch.all(masking.binary_anomaly_mask(anomaly, 0.9) == 0)
+
+
+def test_random_ellipses_are_seeded_unions_of_ellipses():
+    a = masking.random_ellipse_masks(4, (64, 64), n_ellipses=10, rng=0)
+    b = masking.random_ellipse_masks(4, (64, 64), n_ellipses=10, rng=0)
+    assert a.shape == (4, 1, 64, 64) and set(a.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a[0], a[1])
+    # one disc of radius 6.4: area at most pi r^2 (+ pixelisation), diameter at most 2r + 1
+    for seed in range(5):
+        one = masking.random_ellipse_masks(1, (64, 64), n_ellipses=1, radius_range=(0.1, 0.1), rng=seed)[0, 0]
+        assert 0 < float(one.sum()) <= np.pi * 6.4 ** 2 + 10
+        ys, xs = torch.nonzero(one, as_tuple=True)
+        assert int(ys.max() - ys.min()) <= 13 and int(xs.max() - xs.min()) <= 13
+    many = masking.random_ellipse_masks(1, (64, 64), n_ellipses=10, radius_range=(0.1, 0.1), rng=0)
+    assert float(many.sum()) > float(masking.random_ellipse_masks(1, (64, 64), 1, (0.1, 0.1), rng=0).sum())
+
+
+def test_composition_leaves_unmasked_pixels_untouched():
+    x = torch.rand(3, 1, 16, 16)
+    fill = torch.rand(3, 1, 16, 16)
+    m = (torch.rand(3, 1, 16, 16) > 0.7).float()
+    out = masking.compose(x, fill, m)
+    assert torch.equal(out[m == 0], x[m == 0])
+    assert torch.equal(out[m == 1], fill[m == 1])

@@ -1,0 +1,222 @@
+"""The phanes bundle: its networks, one training step of each stage, the detector's composition,
+the inpainter, and the bundle's workflows end to end through `medanomaly.bundles.run_bundle`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medanomaly import io, masking
+from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
+from medanomaly.data import load_datalist
+from medanomaly.scoring import PerceptualDistance, PerceptualWeightsMissing
+
+PHANES_BUNDLE = find_bundle("phanes")
+
+
+_SCRIPTS = import_bundle_scripts("phanes", "losses", "networks", "phanes", "trainer")
+
+
+VGG19Features = _SCRIPTS["scripts.losses"].VGG19Features
+vgg19_weights_path = _SCRIPTS["scripts.losses"].vgg19_weights_path
+PHANES = _SCRIPTS["scripts.networks"].PHANES
+Inpainter = _SCRIPTS["scripts.networks"].Inpainter
+PatchDiscriminator = _SCRIPTS["scripts.networks"].PatchDiscriminator
+SoftIntroVAE = _SCRIPTS["scripts.networks"].SoftIntroVAE
+PhanesMethod = _SCRIPTS["scripts.phanes"].PhanesMethod
+InpainterStep = _SCRIPTS["scripts.trainer"].InpainterStep
+VAEStep = _SCRIPTS["scripts.trainer"].VAEStep
+load_model_file = _SCRIPTS["scripts.trainer"].load_model_file
+
+TINY_VAE = dict(channels=(4, 8, 8), zdim=8, image_size=32)
+
+
+def _healthy_batch(n=4, size=32, seed=0):
+    """Smooth blob 'brains' in [0, 1] with a brain mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    images = []
+    for _ in range(n):
+        cy, cx = rng.uniform(0.4, 0.6, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.08)
+        images.append(0.8 * blob * (blob > 0.2))
+    x = torch.tensor(np.stack(images)[:, None], dtype=torch.float32)
+    return x, (x > 0).float()
+
+
+@pytest.fixture(scope="module")
+def perceptual():
+    return PerceptualDistance("squeeze", allow_random_backbone=True)
+
+
+def test_networks_have_the_configured_shapes():
+    vae = SoftIntroVAE(1, (4, 8, 8, 16, 16), zdim=16, image_size=64)
+    x = torch.rand(2, 1, 64, 64)
+    mu, logvar, features = vae.encode(x, return_features=True)
+    assert mu.shape == logvar.shape == (2, 16) and len(features) == 5
+    assert vae(x).shape == x.shape and vae.sample(3).shape == (3, 1, 64, 64)
+    inpainter = Inpainter(dim=16, n_blocks=2)
+    fill = inpainter(x, torch.ones_like(x))
+    assert fill.shape == x.shape and float(fill.min()) >= 0 and float(fill.max()) <= 1
+    assert PatchDiscriminator(channels=(8, 16, 16, 32))(x).shape[:2] == (2, 1)
+    with pytest.raises(ValueError, match="divisible"):
+        SoftIntroVAE(1, (4, 8, 8), image_size=36)
+
+
+def test_stage1_training_steps_lower_the_vae_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    x, _ = _healthy_batch(8)
+    vae = SoftIntroVAE(1, **TINY_VAE)
+    step = VAEStep(vae, lr=2e-3)
+    losses = [step(x) for _ in range(8)]
+    assert losses[-1]["loss_d"] < 0.75 * losses[0]["loss_d"]
+    assert losses[-1]["rec_mse"] < 0.75 * losses[0]["rec_mse"]
+    assert all(np.isfinite(v) for v in losses[-1].values())
+
+
+def test_stage2_training_steps_lower_the_inpainting_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    x, brain = _healthy_batch(4, size=64)
+    mask = masking.random_ellipse_masks(4, (64, 64), n_ellipses=4, rng=0) * brain
+    inpainter, discriminator = Inpainter(dim=16, n_blocks=2), PatchDiscriminator(channels=(8, 16, 16, 16))
+    step = InpainterStep(inpainter, discriminator, lr=2e-3, style_weight=0.0, perceptual_weight=0.0)
+    losses = [step(x, mask) for _ in range(15)]
+    assert losses[-1]["l1"] < 0.5 * losses[0]["l1"]
+
+
+def test_style_and_perceptual_losses_need_vgg19_weights_unless_allowed(monkeypatch):
+    monkeypatch.delenv("MEDANOMALY_ALLOW_RANDOM_BACKBONE", raising=False)
+    if not vgg19_weights_path().is_file():
+        with pytest.raises(PerceptualWeightsMissing, match="VGG19"):
+            VGG19Features()
+    features = VGG19Features(allow_random_backbone=True, n_layers=3)
+    x, brain = _healthy_batch(2, size=64)
+    step = InpainterStep(Inpainter(dim=8, n_blocks=1), PatchDiscriminator(channels=(8, 8, 8, 8)), features=features,
+                         adversarial_backprop=False)
+    out = step(x, brain)
+    assert {"l1", "style", "perceptual", "adversarial"} <= set(out) and np.isfinite(out["loss_g"])
+
+
+def _tiny_phanes():
+    return PHANES(SoftIntroVAE(1, **TINY_VAE), Inpainter(dim=8, n_blocks=1, rates=(1, 2))).eval()
+
+
+def test_pseudo_healthy_image_keeps_unmasked_pixels_and_map_is_zero_without_mask(perceptual):
+    torch.manual_seed(0)
+    x, brain = _healthy_batch(3)
+    model = _tiny_phanes()
+    nothing = PhanesMethod(model, perceptual, mask_threshold=10.0)  # the mask map never exceeds 1
+    out = nothing.restore(x, brain)
+    assert torch.all(out["mask"] == 0) and torch.equal(out["pseudo_healthy"], x)
+    assert torch.all(out["anomaly"] == 0)
+    everything = PhanesMethod(model, perceptual, mask_threshold=-1.0).restore(x, brain)
+    torch.testing.assert_close(everything["mask"], brain)
+    keep = everything["mask"] == 0
+    assert torch.equal(everything["pseudo_healthy"][keep], x[keep])
+    ra = PhanesMethod(model, perceptual, mask_threshold=0.1, mode="ra").restore(x, brain)
+    torch.testing.assert_close(ra["pseudo_healthy"], ra["reconstruction"])
+    combined = nothing(torch.cat([x, brain], 1))
+    assert combined.shape == (3, 2, 32, 32)
+    with pytest.raises(ValueError, match="mode"):
+        PhanesMethod(model, perceptual, 0.1, mode="nope")
+
+
+def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fill_value(tiny):
+    """With the demo weights (on healthy tiny-cohort slices at the demo geometry); a tiny
+    inpainter overfitted on a fixed batch stands in when no demo weights are shipped."""
+    if (PHANES_BUNDLE.root / "models" / "model.pt").is_file():
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config([str(PHANES_BUNDLE.config_file(n)) for n in ("inference", "demo")])
+        parser.update({"device": "cpu", "bundle_root": str(PHANES_BUNDLE.root)})
+        with bundle_scripts("phanes"):  # the config's `import scripts`
+            model = parser.get_parsed_content("network")
+            item = parser.get_parsed_content("preprocessing")(load_datalist(tiny, "test_healthy")[0])
+        image, brain = item["image"][0], item["mask"][0]
+        z = int(torch.argmax(brain.sum((0, 1))))
+        x = image[..., z - 2:z + 3].permute(2, 0, 1)[:, None].as_tensor().float()
+        b = brain[..., z - 2:z + 3].permute(2, 0, 1)[:, None].as_tensor().float()
+        inpainter = model.inpainter
+    else:
+        x, b = _healthy_batch(4, size=64)
+        inpainter = Inpainter(dim=16, n_blocks=2)
+        step = InpainterStep(inpainter, PatchDiscriminator(channels=(8, 8, 8, 8)), lr=2e-3, style_weight=0.0,
+                             perceptual_weight=0.0)
+        for i in range(20):
+            step(x, masking.random_ellipse_masks(4, tuple(x.shape[-2:]), 4, rng=i) * b)
+    mask = masking.random_ellipse_masks(x.shape[0], tuple(x.shape[-2:]), 3, (0.05, 0.1), rng=123) * b
+    assert float(mask.sum()) > 0
+    with torch.no_grad():
+        fill = inpainter.eval()(x, mask)
+    region = mask > 0
+    error_inpainted = float((fill - x)[region].abs().mean())
+    error_fill_value = float((inpainter.fill - x)[region].abs().mean())
+    assert error_inpainted < error_fill_value
+
+
+def _small_datalist(tiny: Path, target: Path) -> Path:
+    """The tiny cohort with one lesion, one healthy test and one healthy validation volume."""
+    keep = {"training": None, "validation_healthy": 1, "test_lesion": 1, "test_healthy": 1}
+    target.write_text(json.dumps({key: load_datalist(tiny, key)[:n] for key, n in keep.items()}))
+    return target
+
+
+@pytest.mark.slow  # several minutes on 2 cores: `make test-all`
+def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    datalist = _small_datalist(tiny, tmp_path / "datalist.json")
+    run = tmp_path / "run"
+    common = {"datalist": str(datalist), "device": "cpu", "num_workers": 0}
+    run_bundle("phanes", "train", {**common, "output_dir": str(run), "stage1_iterations": 2,
+                                   "stage2_iterations": 1}, demo=True)
+    model_dir = run / "models"
+    info = json.loads((model_dir / "model_info.json").read_text())
+    assert info["variant"] == "demo" and info["stages_done"] == [1, 2] and info["random_backbone"] is True
+    assert info["stage1_iterations_done"] == 2 and info["stage2_iterations_done"] == 1
+    saved = load_model_file(model_dir)
+    assert set(saved["mask_thresholds"]) == {"0.05", "0.02", "0.01"}
+    assert saved["mask_thresholds"]["0.05"] <= saved["mask_thresholds"]["0.01"]
+    assert any(k.startswith("vae.") for k in saved["model"]) and any(k.startswith("inpainter.") for k in saved["model"])
+
+    # resume: stage 2 only, continuing from its checkpoint
+    run_bundle("phanes", "train", {**common, "output_dir": str(run), "stage": "2", "stage2_iterations": 2,
+                                   "resume": True}, demo=True)
+    assert json.loads((model_dir / "model_info.json").read_text())["stage2_iterations_done"] == 2
+
+    run_bundle("phanes", "calibrate", {**common, "model_dir": str(model_dir), "output_dir": str(run / "cal")},
+               demo=True)
+    threshold = json.loads((model_dir / "model_info.json").read_text())["threshold"]
+    assert threshold >= 0
+
+    # evaluation runs the inference pipeline and writes its outputs too (here: stage 1 alone)
+    run_bundle("phanes", "evaluate", {**common, "model_dir": str(model_dir), "output_dir": str(run / "eval"),
+                                      "n_bootstrap": 10, "mode": "ra", "output_ext": ".nrrd"}, demo=True)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["n_lesion_volumes"] == 1 and metrics["n_healthy_volumes"] == 1
+    records = json.loads((run / "eval" / "detections.json").read_text())
+    scan = load_datalist(datalist, "test_lesion")[0]["image"]
+    record = next(r for r in records if Path(r["input"]).resolve() == Path(scan).resolve())
+    heatmap = io.read_volume(record["heatmap"], allow_constant=True)
+    reference = io.read_volume(scan)
+    assert heatmap.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(heatmap.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+    assert record["threshold"] == pytest.approx(threshold)
+    assert Path(record["pseudo_healthy"]).is_file() and Path(record["segmentation"]).is_file()
+
+
+@pytest.mark.slow  # several minutes on 2 cores: `make test-all`
+def test_demo_weights_beat_chance(tiny, tmp_path):
+    if not (PHANES_BUNDLE.root / "models" / "model.pt").is_file():
+        pytest.skip("No demo weights in monai_bundles/phanes/models (benchmarks/train_demo_weights.sh phanes).")
+    run_bundle("phanes", "evaluate", {"datalist": str(tiny), "device": "cpu", "num_workers": 0, "n_bootstrap": 10,
+                                      "output_dir": str(tmp_path / "eval")})
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    pixel = metrics["pixel"]
+    prevalence = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
+    assert pixel["ap"] > 1.2 * prevalence  # chance: AP = the lesion prevalence
+    assert pixel["auroc"] > 0.5
