@@ -5,6 +5,7 @@ shipped weights.
 
     python benchmarks/benchmark_cddpm.py [--datalist demo] [--device cpu] [--rows ddim10 dae]
         [--max-volumes N] [--slow-max-volumes M] [--output-dir outputs/benchmark_cddpm]
+        [--set KEY=VALUE ...]   (bundle config overrides for every row, e.g. sw_batch_size=128)
 
 Each row is one `run_bundle(..., "evaluate", overrides)` in its own process; the numbers come from
 its metrics.json: pooled [Dice] (max over thresholds), pixel AP, volume AUROC, seconds per volume.
@@ -79,7 +80,10 @@ def main(argv=None) -> list[dict]:
                         help="cap for the DDPM-1000 and DDIM-50 rows (default: none on a GPU, 1 volume on a CPU)")
     parser.add_argument("--output-dir", default="outputs/benchmark_cddpm")
     parser.add_argument("--n-bootstrap", type=int, default=200)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a bundle config override for every row (MONAI command-line syntax)")
     args = parser.parse_args(argv)
+    common = dict(pair.split("=", 1) for pair in args.set)
 
     output_dir = Path(args.output_dir).resolve()
     datalist = ensure_cohort(args.datalist) if args.datalist in PRESETS else Path(args.datalist)
@@ -98,7 +102,7 @@ def main(argv=None) -> list[dict]:
             rows_datalist, n_volumes = subset_datalist(datalist, cap, output_dir / f"subset_{cap}")
         out = output_dir / (name if cap is None or cap >= n_all else f"{name}-{cap}volumes")
         overrides = {"datalist": str(rows_datalist), "output_dir": str(out), "n_bootstrap": args.n_bootstrap,
-                     "device": args.device, "save_outputs": False, **extra}
+                     "device": args.device, "save_outputs": False, **common, **extra}
         print(f"== {name}: evaluating {n_volumes} of {n_all} test volumes ...", flush=True)
         started = time.perf_counter()
         run_bundle(bundle, "evaluate", overrides)
