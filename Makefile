@@ -23,7 +23,7 @@ test-all: install
 	$(PY) -m pytest -q -m ""
 
 benchmark: install
-	$(VENV)/bin/medanomaly benchmark --bundles dae
+	$(VENV)/bin/medanomaly benchmark
 
 clean-venv:
 	rm -rf $(VENV)

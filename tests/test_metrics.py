@@ -439,3 +439,33 @@ def test_plot_curves_writes_pngs(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     hist_paths = plot_curves(evaluator.pooled_histogram(), tmp_path / "hist", "pooled")
     assert all(p.exists() for p in hist_paths.values())
+
+
+def test_size_groups_per_volume_ci_and_saved_cohort(tmp_path):
+    def noisy(rng, label, mask):
+        return np.where(mask, np.clip(0.3 * rng.random(mask.shape) + 0.5 * (label > 0), 0, 1), 0.0)
+
+    evaluator = build_cohort(noisy)
+    for record, ml in zip(evaluator.lesion_records, (0.5, 0.9, 3.0, 12.0, 40.0, 5.0)):
+        record.meta["lesion_ml"] = ml
+    summary = evaluator.summary(n_boot=100, threshold=0.5)
+    per_volume = summary["max_dice_per_volume"]
+    dice = [r.histogram.max_dice().dice for r in evaluator.lesion_records]
+    assert per_volume["mean"] == pytest.approx(np.mean(dice))
+    assert per_volume["ci"][0] <= per_volume["mean"] <= per_volume["ci"][1] and "bootstrap" in per_volume["ci_method"]
+    sizes = summary["sizes"]
+    assert {k: v["n_lesion_volumes"] for k, v in sizes.items()} == {
+        "small (<1 ml)": 2, "medium (1-10 ml)": 2, "large (>=10 ml)": 2}
+    assert sizes["large (>=10 ml)"]["lesion_ml_range"] == [12.0, 40.0]
+    tumour = summary["families"]["tumour"]
+    assert tumour["max_dice_per_volume"] == pytest.approx(np.mean(dice[:3]))
+    assert 0.0 <= tumour["volume_auroc"] <= 1.0
+    rows = evaluator.per_volume()
+    assert rows[0]["lesion_ml"] == 0.5 and rows[0]["size_group"] == "small (<1 ml)"
+    assert rows[-1]["size_group"] is None and rows[0]["max_dice"] == pytest.approx(dice[0])
+
+    loaded = CohortEvaluator.load(evaluator.save(tmp_path / "cohort.npz"))
+    assert loaded.summary(n_boot=100, threshold=0.5) == summary
+    paths = plot_curves({"a": loaded.pooled_histogram(), "b": evaluator.pooled_histogram()}, tmp_path, prefix="x_",
+                        relative_thresholds=True)
+    assert paths["dice"].name == "x_dice.png" and paths["dice"].is_file()

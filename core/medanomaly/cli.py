@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
 from medanomaly.bundles import BundleRunError, find_bundle, list_bundles, run_bundle
+from medanomaly.bundles.registry import REPOSITORY_BUNDLES
+
+_REPOSITORY_README = REPOSITORY_BUNDLES.parent / "README.md"
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -95,12 +99,15 @@ def cmd_train(args) -> None:
     overrides["output_dir"] = str(output_dir)
     run_workflow(args.bundle, "train", overrides, demo=args.demo)
     model_dir = output_dir / "models"
-    if not args.no_calibrate:
-        calibration = {"model_dir": str(model_dir), "output_dir": str(output_dir / "calibration")}
+    # the bundle's own post-train workflows (e.g. scrps' latent repository), then calibration
+    after = [*find_bundle(args.bundle).post_train_workflows, *([] if args.no_calibrate else ["calibrate"])]
+    for workflow in after:
+        settings = {"model_dir": str(model_dir),
+                    "output_dir": str(output_dir / ("calibration" if workflow == "calibrate" else workflow))}
         for key in ("datalist", "device"):
             if key in overrides:
-                calibration[key] = overrides[key]
-        run_workflow(args.bundle, "calibrate", calibration, demo=args.demo)
+                settings[key] = overrides[key]
+        run_workflow(args.bundle, workflow, settings, demo=args.demo)
     print(f"Weights and threshold: {model_dir}\n"
           f"Detect with them: medanomaly detect {args.bundle} SCAN --model-dir {model_dir}"
           + (" --demo" if args.demo else ""))
@@ -157,10 +164,22 @@ def cmd_demo(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
-    from medanomaly.benchmark import run_benchmark
+    from medanomaly.benchmark import load_results, run_benchmark, write_tables
+    from medanomaly.report import update_readme, write_report
 
-    run_benchmark(bundles=args.bundles, cohort=args.cohort, output_dir=Path(args.output_dir), device=args.device,
-                  demo=not args.paper_scale, n_bootstrap=args.n_bootstrap)
+    output_dir = Path(args.output_dir).resolve()
+    if args.report_only:
+        results = load_results(output_dir)
+        results["report"] = str(write_report(results, output_dir))
+        write_tables(results, output_dir)
+        print(f"Report: {results['report']}")
+    else:
+        command = "medanomaly " + shlex.join(args.argv)
+        results = run_benchmark(bundles=args.bundles, cohort=args.cohort, output_dir=output_dir, device=args.device,
+                                demo=args.demo, n_bootstrap=args.n_bootstrap, models_root=args.models_root,
+                                command=command, timeout_minutes=args.timeout_minutes, merge=args.merge)
+    if args.update_readme:
+        print(f"Updated {update_readme(Path(args.update_readme), results)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    train = bundle_command("train", "train a bundle, then calibrate its threshold on healthy volumes", cmd_train)
+    train = bundle_command("train", "train a bundle, run its post-train workflows (e.g. a latent repository), "
+                                    "then calibrate its threshold on healthy volumes", cmd_train)
     train.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (tiny | demo | full)")
     train.add_argument("--no-calibrate", action="store_true")
 
@@ -216,19 +236,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cohort", default="demo", help="synthetic preset to draw the scan from (tiny | demo | full)")
     demo.set_defaults(func=cmd_demo)
 
-    benchmark = commands.add_parser("benchmark", help="evaluate bundles on one cohort and compare them")
-    benchmark.add_argument("--bundles", nargs="+", help="default: every bundle with weights")
+    benchmark = commands.add_parser("benchmark", help="evaluate bundles on one cohort; tables and an HTML report")
+    benchmark.add_argument("--bundles", nargs="+", help="names or folders (default: every bundle found; those "
+                           "without weights or an evaluate config are listed as such)")
     benchmark.add_argument("--cohort", default="demo", help="tiny | demo | full | a datalist JSON")
     benchmark.add_argument("--output-dir", default="outputs/benchmark")
-    benchmark.add_argument("--device")
-    benchmark.add_argument("--paper-scale", action="store_true", help="paper-scale configs (GPU)")
-    benchmark.add_argument("--n-bootstrap", dest="n_bootstrap", type=int, default=200)
+    benchmark.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    scale = benchmark.add_mutually_exclusive_group()
+    scale.add_argument("--demo", dest="demo", action="store_true", default=None,
+                       help="always add the demo overlays (default: the overlay the weights were trained with)")
+    scale.add_argument("--paper-scale", dest="demo", action="store_false",
+                       help="never add the demo overlays (paper-scale weights, e.g. from --models-root; GPU)")
+    benchmark.add_argument("--models-root", dest="models_root", type=Path,
+                           help="folder with <bundle>/models/model.pt per bundle (what `medanomaly train` writes "
+                                "under runs/); bundles without one there use their shipped weights")
+    benchmark.add_argument("--n-bootstrap", dest="n_bootstrap", type=int, default=200,
+                           help="bootstrap resamples of the confidence intervals")
+    benchmark.add_argument("--timeout-minutes", dest="timeout_minutes", type=float,
+                           help="stop a bundle's evaluation after this long and report it as failed")
+    benchmark.add_argument("--merge", action="store_true",
+                           help="keep the output folder's earlier results of the bundles not run now (same cohort)")
+    benchmark.add_argument("--report-only", action="store_true",
+                           help="redraw the report from the output folder's results.json, run nothing")
+    benchmark.add_argument("--update-readme", nargs="?", const=str(_REPOSITORY_README), metavar="README",
+                           help="write the results table between the README's benchmark markers")
     benchmark.set_defaults(func=cmd_benchmark)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "bundle", None) and args.command not in ("demo",):
         find_bundle(args.bundle)  # fail early with the list of bundles
     args.func(args)

@@ -39,6 +39,16 @@ CLIP_WARNING_FRACTION = 1e-3
 
 HISTOGRAM_METRICS = ("average_precision", "auroc", "max_dice")
 
+# Lesion-size groups of the per-group breakdown: (upper bound in ml, name), by lesion volume.
+SIZE_GROUPS_ML = ((1.0, "small (<1 ml)"), (10.0, "medium (1-10 ml)"), (math.inf, "large (>=10 ml)"))
+
+
+def size_group(lesion_ml: float | None) -> str | None:
+    """The size group of a lesion of `lesion_ml` millilitres (None: no lesion or unknown size)."""
+    if lesion_ml is None or not lesion_ml > 0:
+        return None
+    return next(name for bound, name in SIZE_GROUPS_ML if lesion_ml < bound)
+
 
 def _to_numpy(array: Any) -> np.ndarray:
     """numpy view of a numpy array, torch tensor (incl. MONAI MetaTensor) or list."""
@@ -566,6 +576,12 @@ class VolumeRecord:
     def is_lesion(self) -> bool:
         return self.n_lesion_voxels > 0
 
+    @property
+    def lesion_ml(self) -> float | None:
+        """Lesion volume in ml when the caller recorded it (``meta["lesion_ml"]``)."""
+        value = self.meta.get("lesion_ml")
+        return None if value is None else float(value)
+
 
 def _json_safe(value: Any) -> Any:
     """Plain Python types for json.dumps; nan / inf become None (strict JSON)."""
@@ -685,6 +701,15 @@ class CohortEvaluator:
                 groups.setdefault(record.family, []).append(record)
         return groups
 
+    def sizes(self) -> dict[str, list[VolumeRecord]]:
+        """Lesion volumes by size group (`SIZE_GROUPS_ML`), for those with a recorded size."""
+        groups: dict[str, list[VolumeRecord]] = {name: [] for _, name in SIZE_GROUPS_ML}
+        for record in self.lesion_records:
+            group = size_group(record.lesion_ml)
+            if group is not None:
+                groups[group].append(record)
+        return {name: records for name, records in groups.items() if records}
+
     def _default_threshold(self) -> float:
         return self.pooled_histogram().max_dice().threshold
 
@@ -714,11 +739,67 @@ class CohortEvaluator:
                         "fpr": at["fpr"],
                         "ap": record.histogram.average_precision(),
                         "volume_score": record.volume_score,
+                        "max_dice": record.histogram.max_dice().dice,
+                        "lesion_ml": record.lesion_ml,
+                        "size_group": size_group(record.lesion_ml),
+                        "n_slices": int(record.slice_labels.size),
+                        "n_lesion_slices": int(record.slice_labels.sum()),
                         "meta": record.meta,
                     }
                 )
             )
         return rows
+
+    # ------------------------------------------------------------------ storage
+    def save(self, path: str | Path) -> Path:
+        """Every volume's histogram, volume score and slice scores in one compressed ``.npz``
+        (a few hundred KB per cohort), so curves and summaries can be redrawn after the run
+        (`CohortEvaluator.load`)."""
+        import json
+
+        slices = [r.slice_scores.size for r in self.records]
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            path,
+            n_bins=self.n_bins, value_range=np.array(self.value_range),
+            reductions=np.array([self.volume_reduction, self.slice_reduction]),
+            volume_percentile=self.volume_percentile,
+            subjects=np.array([r.subject for r in self.records], dtype=str),
+            families=np.array(["" if r.family is None else r.family for r in self.records], dtype=str),
+            meta=np.array([json.dumps(_json_safe(r.meta)) for r in self.records], dtype=str),
+            volume_scores=np.array([r.volume_score for r in self.records], dtype=np.float64),
+            pos_counts=np.stack([r.histogram.pos_counts for r in self.records]),
+            neg_counts=np.stack([r.histogram.neg_counts for r in self.records]),
+            n_clipped=np.array([r.histogram.n_clipped for r in self.records], dtype=np.int64),
+            slice_offsets=np.cumsum([0, *slices]),
+            slice_scores=np.concatenate([r.slice_scores for r in self.records]),
+            slice_labels=np.concatenate([r.slice_labels for r in self.records]),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CohortEvaluator":
+        """A cohort written by `save`, with every per-volume record back."""
+        import json
+
+        with np.load(path, allow_pickle=False) as data:
+            volume_reduction, slice_reduction = (str(x) for x in data["reductions"])
+            evaluator = cls(int(data["n_bins"]), tuple(data["value_range"]), volume_reduction, slice_reduction,
+                            float(data["volume_percentile"]))
+            offsets = data["slice_offsets"]
+            for i, subject in enumerate(data["subjects"]):
+                histogram = ScoreHistogram.from_counts(data["pos_counts"][i], data["neg_counts"][i],
+                                                       evaluator.value_range)
+                histogram.n_clipped = int(data["n_clipped"][i])
+                evaluator.records.append(VolumeRecord(
+                    subject=str(subject), family=str(data["families"][i]) or None, histogram=histogram,
+                    volume_score=float(data["volume_scores"][i]),
+                    slice_scores=data["slice_scores"][offsets[i]:offsets[i + 1]].astype(np.float64),
+                    slice_labels=data["slice_labels"][offsets[i]:offsets[i + 1]].astype(np.int64),
+                    meta=json.loads(str(data["meta"][i])),
+                ))
+        return evaluator
 
     # ------------------------------------------------------------------ summary
     def _pixel_summary(self, n_boot: int, alpha: float, seed: int) -> dict[str, Any]:
@@ -762,12 +843,19 @@ class CohortEvaluator:
             "threshold": threshold,
         }
 
-    def _max_dice_per_volume(self) -> dict[str, Any]:
-        """[Dice] of each lesion volume at its own best threshold, mean ± std."""
-        dice = [r.histogram.max_dice().dice for r in self.lesion_records]
-        if not dice:
+    def _max_dice_per_volume(self, records: Sequence[VolumeRecord] | None = None, n_boot: int = 0,
+                             alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+        """[Dice] of each lesion volume at its own best threshold, mean ± std; with
+        ``n_boot > 0`` a percentile-bootstrap CI of the mean over volumes (seeded)."""
+        records = self.lesion_records if records is None else [r for r in records if r.is_lesion]
+        dice = np.array([r.histogram.max_dice().dice for r in records])
+        if not dice.size:
             return {"mean": math.nan, "std": math.nan, "n": 0}
-        return {"mean": float(np.mean(dice)), "std": float(np.std(dice)), "n": len(dice)}
+        result = {"mean": float(np.mean(dice)), "std": float(np.std(dice)), "n": int(dice.size)}
+        if n_boot > 0:
+            result["ci"] = list(bootstrap_ci(lambda idx: float(dice[idx].mean()), dice.size, n_boot, alpha, seed))
+            result["ci_method"] = f"percentile bootstrap over volumes ({n_boot} resamples, seed {seed})"
+        return result
 
     def _at_threshold(self, threshold: float) -> dict[str, Any]:
         """Pooled lesion metrics and healthy false-positive fraction at one threshold."""
@@ -785,21 +873,33 @@ class CohortEvaluator:
             "dice_per_volume": self._per_volume_dice(threshold),
         }
 
+    def _group_summary(self, records: Sequence[VolumeRecord]) -> dict[str, Any]:
+        """Pooled pixel metrics, mean per-volume [Dice] and volume AUROC (the group's lesion
+        volumes against all healthy volumes) of one group of volumes."""
+        lesion = [r for r in records if r.is_lesion]
+        pooled = self.pooled_histogram(lesion)
+        best = pooled.max_dice()
+        versus = lesion + self.healthy_records
+        return {
+            "n_volumes": len(records),
+            "n_lesion_volumes": len(lesion),
+            "pixel_ap": pooled.average_precision(),
+            "pixel_auroc": pooled.auroc(),
+            "max_dice": best.dice,
+            "max_dice_threshold": best.threshold,
+            "max_dice_upper_bound": best.upper_bound,
+            "max_dice_per_volume": self._max_dice_per_volume(lesion)["mean"],
+            "volume_auroc": detection_metrics([r.volume_score for r in versus],
+                                              [r.is_lesion for r in versus])["auroc"] if lesion else math.nan,
+        }
+
     def _family_summary(self) -> dict[str, Any]:
-        out = {}
-        for family, records in sorted(self.families().items()):
-            pooled = self.pooled_histogram(records)
-            best = pooled.max_dice()
-            out[family] = {
-                "n_volumes": len(records),
-                "n_lesion_volumes": sum(r.is_lesion for r in records),
-                "pixel_ap": pooled.average_precision(),
-                "pixel_auroc": pooled.auroc(),
-                "max_dice": best.dice,
-                "max_dice_threshold": best.threshold,
-                "max_dice_upper_bound": best.upper_bound,
-            }
-        return out
+        return {family: self._group_summary(records) for family, records in sorted(self.families().items())}
+
+    def _size_summary(self) -> dict[str, Any]:
+        return {name: {**self._group_summary(records), "lesion_ml_range": [min(r.lesion_ml for r in records),
+                                                                          max(r.lesion_ml for r in records)]}
+                for name, records in self.sizes().items()}
 
     def summary(
         self,
@@ -814,12 +914,14 @@ class CohortEvaluator:
         - ``pixel``: pooled over lesion volumes: AP, AUROC, best Dice (+ threshold,
           upper bound) with subject-bootstrap CIs (``n_boot=0`` skips them);
         - ``dice_per_volume``: mean ± std over lesion volumes at the pooled best threshold;
-        - ``max_dice_per_volume``: mean ± std of each lesion volume's own [Dice];
+        - ``max_dice_per_volume``: mean ± std of each lesion volume's own [Dice], with a
+          percentile-bootstrap CI over volumes;
         - ``volume`` / ``slice``: detection AUROC / AP (lesion vs healthy);
         - ``at_threshold``: metrics at a given threshold (e.g. a calibrated one);
         - ``at_target_fpr``: the threshold reaching ``target_fpr`` on healthy volumes
           and the metrics there;
-        - ``families``: pooled pixel AP / AUROC / best Dice per family.
+        - ``families`` / ``sizes``: pooled pixel AP / AUROC / best Dice, mean per-volume
+          [Dice] and volume AUROC per lesion family and per lesion-size group.
         """
         if not self.records:
             raise ValueError("no volumes added; call add_volume before summary.")
@@ -833,13 +935,14 @@ class CohortEvaluator:
             "value_range": list(self.value_range),
             "pixel": pixel,
             "dice_per_volume": self._per_volume_dice(pixel["max_dice"]["threshold"]),
-            "max_dice_per_volume": self._max_dice_per_volume(),
+            "max_dice_per_volume": self._max_dice_per_volume(n_boot=n_boot, alpha=alpha, seed=seed),
             "volume": detection_metrics([r.volume_score for r in self.records], is_lesion),
             "slice": detection_metrics(
                 np.concatenate([r.slice_scores for r in self.records]),
                 np.concatenate([r.slice_labels for r in self.records]),
             ),
             "families": self._family_summary(),
+            "sizes": self._size_summary(),
         }
         result["volume"]["reduction"] = self.volume_reduction
         result["slice"]["reduction"] = self.slice_reduction
@@ -862,9 +965,13 @@ class CohortEvaluator:
 
 
 # ---------------------------------------------------------------------- plots
-def _histograms_to_plot(source: CohortEvaluator | ScoreHistogram) -> dict[str, ScoreHistogram]:
+def _histograms_to_plot(
+    source: CohortEvaluator | ScoreHistogram | dict[str, ScoreHistogram],
+) -> dict[str, ScoreHistogram]:
     if isinstance(source, ScoreHistogram):
         return {"all": source}
+    if isinstance(source, dict):
+        return source
     curves = {"pooled": source.pooled_histogram()}
     families = source.families()
     if len(families) > 1:
@@ -876,11 +983,16 @@ def _histograms_to_plot(source: CohortEvaluator | ScoreHistogram) -> dict[str, S
 
 
 def plot_curves(
-    evaluator_or_histogram: CohortEvaluator | ScoreHistogram,
+    evaluator_or_histogram: CohortEvaluator | ScoreHistogram | dict[str, ScoreHistogram],
     out_dir: str | Path,
     title: str = "",
+    prefix: str = "",
+    relative_thresholds: bool = False,
 ) -> dict[str, Path]:
-    """Write roc.png, pr.png and dice.png (pooled, plus one line per family) to out_dir."""
+    """Write roc.png, pr.png and dice.png to out_dir: pooled, plus one line per family, for a
+    cohort; one line per entry for a mapping name -> histogram (e.g. one per method).
+    `prefix` goes in front of the file names; `relative_thresholds` draws Dice against the
+    threshold's position in each histogram's value range (methods with different ranges)."""
     # Figure + Agg canvas directly: no pyplot, no display, no global backend change.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -892,7 +1004,7 @@ def plot_curves(
     for kind, xlabel, ylabel in (
         ("roc", "false-positive rate", "true-positive rate"),
         ("pr", "recall", "precision"),
-        ("dice", "threshold", "Dice"),
+        ("dice", "threshold (fraction of the score range)" if relative_thresholds else "threshold", "Dice"),
     ):
         figure = Figure(figsize=(5, 4.5))
         FigureCanvasAgg(figure)
@@ -906,6 +1018,9 @@ def plot_curves(
                 legend = f"{name} (AP {hist.average_precision():.3f})"
             else:
                 x, y = hist.dice_curve()
+                if relative_thresholds:
+                    low, high = hist.value_range
+                    x = (x - low) / (high - low)
                 legend = f"{name} (max {hist.max_dice().dice:.3f})"
             axes.plot(x, y, label=legend, drawstyle="steps-post" if kind == "pr" else None)
         if kind == "roc":
@@ -915,6 +1030,6 @@ def plot_curves(
         axes.set_title(f"{title} {kind.upper()}".strip())
         axes.legend(loc="best", fontsize="small")
         figure.tight_layout()
-        paths[kind] = out_dir / f"{kind}.png"
+        paths[kind] = out_dir / f"{prefix}{kind}.png"
         figure.savefig(paths[kind], dpi=120)
     return paths

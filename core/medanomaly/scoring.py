@@ -22,6 +22,7 @@ __all__ = [
     "residual_map",
     "ssim_map",
     "PerceptualDistance",
+    "FeatureResidualMap",
     "PerceptualWeightsMissing",
     "backbone_weights_path",
     "combine_maps",
@@ -195,6 +196,75 @@ class PerceptualDistance(nn.Module):
         x3 = x.expand(-1, 3, -1, -1) * 2 - 1
         y3 = y.expand(-1, 3, -1, -1) * 2 - 1
         return self.lpips(x3, y3)
+
+
+class FeatureResidualMap(nn.Module):
+    """Perceptual score A_per (SCRPS): VGG16 features of the residual ``x - y``, averaged over
+    channels, upsampled (bilinear) to the image size and averaged over ``layers`` (default: the
+    last three blocks, relu3_3 / relu4_3 / relu5_3). Each layer is measured as the mean absolute
+    change of its features against a zero residual and divided by the same for a residual of 1
+    everywhere, so a zero residual scores exactly 0 and the map is about 1 where the residual is 1.
+    ``size`` computes the features at that size (then the map is upsampled to the image size).
+
+    Same offline rule as :class:`PerceptualDistance`: torchvision's ``VGG16_Weights`` file must be
+    in the torch hub cache, else :class:`PerceptualWeightsMissing`, unless ``allow_random_backbone``
+    (or MEDANOMALY_ALLOW_RANDOM_BACKBONE=1) -> a seeded random VGG16 and a WARNING.
+    """
+
+    LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}
+
+    def __init__(self, layers=("relu3_3", "relu4_3", "relu5_3"), allow_random_backbone: bool = False,
+                 seed: int = 0, size=None):
+        super().__init__()
+        import torchvision
+
+        unknown = [name for name in layers if name not in self.LAYERS]
+        if unknown or not layers:
+            raise ValueError(f"layers must be among {list(self.LAYERS)}, got {list(layers)}.")
+        path = torchvision_weights_path("VGG16_Weights")
+        self.random_backbone = use_random_backbone(path, "VGG16_Weights", "The VGG16 perceptual score",
+                                                   allow_random_backbone, seed)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(seed)
+            warnings.simplefilter("ignore", UserWarning)
+            vgg = torchvision.models.vgg16(weights=None)
+        if not self.random_backbone:
+            vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.indices = sorted(self.LAYERS[name] for name in layers)
+        self.features = vgg.features[: self.indices[-1] + 1]
+        self.size = None if size is None else tuple(int(s) for s in ([size] * 2 if isinstance(size, int) else size))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FeatureResidualMap":
+        return super().train(False)
+
+    def _features(self, residual: torch.Tensor) -> list[torch.Tensor]:
+        h, out = residual.expand(-1, 3, -1, -1) / self.std, []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.indices:
+                out.append(h)
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_pair(x, y)
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"FeatureResidualMap expects (B, 1, H, W) slices, got {tuple(x.shape)}.")
+        residual = _as_float(x - y)
+        size = tuple(x.shape[-2:])
+        if self.size is not None and self.size != size:
+            residual = nn.functional.interpolate(residual, size=self.size, mode="bilinear", align_corners=False)
+        n = residual.shape[0]
+        reference = torch.cat([torch.zeros_like(residual[:1]), torch.ones_like(residual[:1])])
+        maps = []
+        for features in self._features(torch.cat([residual, reference])):
+            zero, one = features[n:n + 1], features[n + 1:]
+            change = (features[:n] - zero).abs().mean(1, keepdim=True)
+            scale = (one - zero).abs().mean().clamp_min(1e-12)
+            maps.append(nn.functional.interpolate(change / scale, size=size, mode="bilinear", align_corners=False))
+        return torch.stack(maps).mean(0).clamp_min(0)
 
 
 # --------------------------------------------------------------------------- post-processing and scores

@@ -210,12 +210,28 @@ def _label_array(item: Mapping, shape: tuple) -> np.ndarray:
 
 
 def collect_volume(evaluator, item: Mapping) -> None:
-    """Adds one inverted prediction to a `medanomaly.metrics.CohortEvaluator`."""
+    """Adds one inverted prediction to a `medanomaly.metrics.CohortEvaluator`, with the
+    lesion volume in ml (from the label on the input grid) for the size breakdown."""
     heatmap = _to_numpy(item[PRED][0])
+    label = _label_array(item, heatmap.shape)
+    voxel_ml = abs(float(np.linalg.det(np.asarray(item[PRED].affine, dtype=np.float64)[:3, :3]))) / 1000.0
     evaluator.add_volume(
-        _subject_name(item), heatmap, _label_array(item, heatmap.shape), _to_numpy(item[MASK][0]) > 0.5,
+        _subject_name(item), heatmap, label, _to_numpy(item[MASK][0]) > 0.5,
         axis=axial_axis(item[PRED].affine), family=item.get("family"),
+        meta={"lesion_ml": round(int(label.sum()) * voxel_ml, 4)},
     )
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory and, on CUDA, the peak memory torch allocated (MB)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
 
 
 class CohortHandler:
@@ -242,8 +258,9 @@ class CohortHandler:
 
 
 class CohortMetricsHandler(CohortHandler):
-    """Evaluation: writes `metrics.json` (with timing), `per_volume.csv` and ROC / PR /
-    Dice-vs-threshold plots."""
+    """Evaluation: writes `metrics.json` (with timing and peak memory), `per_volume.csv` /
+    `per_volume.json` (with slice scores), `histograms.npz` (every volume's score histogram,
+    to redraw curves later: `CohortEvaluator.load`) and ROC / PR / Dice-vs-threshold plots."""
 
     def __init__(self, evaluator, output_dir: str, threshold: float | None = None, n_boot: int = 1000,
                  title: str = ""):
@@ -257,13 +274,18 @@ class CohortMetricsHandler(CohortHandler):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = self.evaluator.summary(threshold=self.threshold, n_boot=self.n_boot)
         summary["timing"] = {"seconds": round(seconds, 2), "device": str(engine.state.device),
-                             "seconds_per_volume": round(seconds / max(len(self.evaluator.records), 1), 3)}
+                             "seconds_per_volume": round(seconds / max(len(self.evaluator.records), 1), 3),
+                             **peak_memory()}
         (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         rows = self.evaluator.per_volume()
         with open(self.output_dir / "per_volume.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        for row, record in zip(rows, self.evaluator.records):
+            row.update(slice_scores=record.slice_scores.tolist(), slice_labels=record.slice_labels.tolist())
+        (self.output_dir / "per_volume.json").write_text(json.dumps(rows))
+        self.evaluator.save(self.output_dir / "histograms.npz")
         plot_curves(self.evaluator, self.output_dir, title=self.title)
         logger.info("Metrics written to %s", self.output_dir / "metrics.json")
 

@@ -43,6 +43,13 @@ class BundleInfo:
         return self.metadata.get("version", "")
 
     @property
+    def post_train_workflows(self) -> list[str]:
+        """The bundle's own workflows that `medanomaly train` runs after training and before
+        calibration (metadata.json "post_train_workflows"; e.g. scrps builds its latent
+        repository). Each is a config overlay `configs/<name>.yaml` on inference.yaml."""
+        return [str(name) for name in self.metadata.get("post_train_workflows", [])]
+
+    @property
     def model_dir(self) -> Path:
         return self.root / "models"
 

@@ -30,6 +30,17 @@ WORKFLOW_CONFIGS = {
 }
 
 
+def workflow_configs(bundle: BundleInfo, workflow: str) -> list[str]:
+    """Config names of a workflow: a shared one (WORKFLOW_CONFIGS), or one of the bundle's
+    post-train workflows (an overlay on inference.yaml, listed in its metadata.json)."""
+    if workflow in WORKFLOW_CONFIGS:
+        return list(WORKFLOW_CONFIGS[workflow])
+    if workflow in bundle.post_train_workflows:
+        return ["inference", workflow]
+    choices = ", ".join([*WORKFLOW_CONFIGS, *bundle.post_train_workflows])
+    raise ValueError(f"Unknown workflow '{workflow}' for bundle '{bundle.name}' (choose from {choices}).")
+
+
 _EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Missing|NotFound)): (.+)$")
 
 
@@ -79,9 +90,7 @@ def bundle_command(
 ) -> list[str]:
     """The `python -m monai.bundle run ...` command line of one workflow."""
     bundle = find_bundle(bundle)
-    if workflow not in WORKFLOW_CONFIGS:
-        raise ValueError(f"Unknown workflow '{workflow}' (choose from {', '.join(WORKFLOW_CONFIGS)}).")
-    names = WORKFLOW_CONFIGS[workflow] + (["demo"] if uses_demo_config(bundle, workflow, overrides, demo) else [])
+    names = workflow_configs(bundle, workflow) + (["demo"] if uses_demo_config(bundle, workflow, overrides, demo) else [])
     config_files = [str(bundle.config_file(name)) for name in names]
     command = [
         python or sys.executable, "-m", "monai.bundle", "run",

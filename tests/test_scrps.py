@@ -1,0 +1,375 @@
+"""The scrps bundle: StyleGAN2's W+ layer mapping (4 x 4 and 5 x 4 constants), its losses and
+training step, batched W+ inversion (lowers its loss, recovers a generated image, equals the
+per-slice loop), the perceptual score A_per, the detector, the post-train repository workflow,
+the committed demo model, and the bundle's workflows end to end through `run_bundle`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.bundle import ConfigParser
+
+from medanomaly import io, scoring
+from medanomaly.bundles import bundle_command, bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
+from medanomaly.data import load_datalist, preprocessing, write_datalist
+from medanomaly.latent import LatentRepository
+from medanomaly.metrics import ScoreHistogram
+
+SCRPS = find_bundle("scrps")
+SCHEMA = SCRPS.root.parent / "schema" / "meta_schema_20240725.json"
+_S = import_bundle_scripts("scrps")["scripts"]
+Generator, Discriminator, LatentInverter, SCRPSMethod = _S.Generator, _S.Discriminator, _S.LatentInverter, _S.SCRPSMethod
+StyleGAN2Step = _S.StyleGAN2Step
+
+SMALL = {"channel_base": 128, "max_channels": 32, "n_mlp": 2}
+
+
+def small_generator(size=(32, 32), seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    generator = Generator(size, **SMALL)
+    with torch.no_grad():  # w_avg as training would leave it
+        generator.mapping.w_avg.copy_(generator.mapping(torch.randn(2000, 512)).mean(0))
+    return generator.eval().requires_grad_(False)
+
+
+def _config(*names: str, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(SCRPS.config_file(n)) for n in names])
+    parser.update(overrides)
+    return parser
+
+
+# --- StyleGAN2 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, n_ws, constant", [((128, 128), 12, (4, 4)), ((160, 128), 12, (5, 4)),
+                                                   ((64, 64), 10, (4, 4)), ((32, 32), 8, (4, 4))])
+def test_w_plus_has_2_log2_res_minus_2_layers_and_the_right_constant(size, n_ws, constant):
+    assert _S.num_ws(size) == n_ws and _S.constant_shape(size) == constant
+    generator = Generator(size, **SMALL)
+    assert generator.num_ws == n_ws and tuple(generator.const.shape[-2:]) == constant
+    assert generator(torch.randn(2, 512)).shape == (2, 1, *size)
+    assert Discriminator(size, **{k: v for k, v in SMALL.items() if k != "n_mlp"})(torch.zeros(2, 1, *size)).shape == (2, 1)
+    with pytest.raises(ValueError, match="W\\+"):
+        generator.synthesis(torch.zeros(2, n_ws - 1, 512))
+    with pytest.raises(ValueError, match="power of two"):
+        _S.num_ws((100, 128))
+
+
+def test_each_layer_reads_its_w_plus_vector():
+    """The 4 x 4 conv reads w[0], its toRGB w[1]; block i reads w[1 + 2i], w[2 + 2i] and w[3 + 2i]."""
+    size = (128, 128)
+    expected = [("conv0", 0), ("to_rgb0", 1)]
+    for i in range(5):
+        expected += [(f"blocks.{i}.conv_up", 1 + 2 * i), (f"blocks.{i}.conv", 2 + 2 * i), (f"blocks.{i}.to_rgb", 3 + 2 * i)]
+    assert _S.layer_map(size) == expected and expected[-1][1] == 11
+    generator = Generator(size, **SMALL)
+    seen = {}
+    for name, _ in expected:
+        affine = generator.get_submodule(name).conv.affine
+        affine.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, args[0]))
+    ws = torch.randn(2, 12, 512)
+    generator.synthesis(ws)
+    for name, index in expected:
+        torch.testing.assert_close(seen[name], ws[:, index], msg=name)
+    # and only those: changing w[11] (the last toRGB) changes no feature map, only the output
+    changed = ws.clone()
+    changed[:, 11] += 1
+    before, after = generator.synthesis(ws), generator.synthesis(changed)
+    assert not torch.allclose(before, after)
+
+
+def test_noise_is_zero_so_synthesis_is_deterministic():
+    generator = small_generator()
+    ws = generator.mean_ws(2)
+    torch.testing.assert_close(generator.synthesis(ws), generator.synthesis(ws))
+
+
+def test_one_d_step_and_one_g_step_lower_their_losses_on_a_fixed_batch():
+    torch.manual_seed(0)
+    generator, discriminator = Generator((32, 32), **SMALL), Discriminator((32, 32), channel_base=128, max_channels=32)
+    g_opt = torch.optim.Adam(generator.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    d_opt = torch.optim.Adam(discriminator.parameters(), lr=1e-3, betas=(0.0, 0.99))
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    z = torch.randn(8, 512)
+
+    def d_loss():
+        with torch.no_grad():
+            return float(_S.discriminator_loss(discriminator(real), discriminator(generator(z))))
+
+    def g_loss():
+        with torch.no_grad():
+            return float(_S.generator_loss(discriminator(generator(z))))
+
+    before = d_loss()
+    d_opt.zero_grad()
+    _S.discriminator_loss(discriminator(real), discriminator(generator(z).detach())).backward()
+    d_opt.step()
+    assert d_loss() < before
+    before = g_loss()
+    g_opt.zero_grad()
+    _S.generator_loss(discriminator(generator(z))).backward()
+    g_opt.step()
+    assert g_loss() < before
+
+
+def test_training_step_runs_r1_path_length_and_ema():
+    torch.manual_seed(0)
+    generator, discriminator = Generator((32, 32), **SMALL), Discriminator((32, 32), channel_base=128, max_channels=32)
+    ema = _S.ema_copy(generator)
+    step = StyleGAN2Step(discriminator, torch.optim.Adam(discriminator.parameters(), 2e-3, betas=(0.0, 0.99)), ema,
+                         r1_interval=1, pl_weight=2.0, pl_interval=1)
+    g_opt = torch.optim.Adam(generator.parameters(), 2e-3, betas=(0.0, 0.99))
+    out = step.step(generator, g_opt, torch.rand(4, 1, 32, 32) * 2 - 1, iteration=1)
+    assert {"loss", "loss_d", "r1", "path_length"} <= set(out) and all(torch.isfinite(out[k]) for k in ("loss", "loss_d"))
+    assert float(step.pl_mean) > 0 and step.images_seen == 4
+    assert not torch.equal(ema.const, _S.ema_copy(Generator((32, 32), **SMALL)).const)  # follows the generator
+    assert float(generator.mapping.w_avg.abs().sum()) > 0  # w_avg is tracked in training
+    assert all(not p.requires_grad for p in ema.parameters())
+
+
+def test_paper_defaults_are_the_configs_defaults():
+    train = _config("train")
+    assert train.get_parsed_content("gan_size") == [128, 128] and train.get("learning_rate") == 0.002
+    assert train.get("num_iterations") == 12000 and train.get("style_dim") == 512 and train.get("n_mlp") == 8
+    assert train.get("rotation_degrees") == 15.0
+    inference = _config("inference")
+    assert [inference.get(k) for k in ("inversion_steps", "inversion_lr", "lambda_mse", "l1", "k1", "k2", "l2")] == \
+        [2000, 0.01, 10.0, 6, 100, 20, 9]
+    assert inference.get("score") == "perceptual" and inference.get("coarse_to_fine") is True
+    assert inference.get("network_def") == train.get("network_def")  # one architecture for both
+    assert inference.get("allow_random_backbone") is False  # the offline rule is loud at paper scale
+
+
+# --- inversion ---------------------------------------------------------------------------------
+
+def test_inversion_lowers_its_loss_and_recovers_a_generated_image_from_its_own_code():
+    generator = small_generator()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        true_ws = generator.ws_from_z(torch.randn(2, 512), truncation=0.7)
+        target = _S.to_unit(generator.synthesis(true_ws)).clamp(0, 1)
+    perceptual = scoring.PerceptualDistance("vgg", allow_random_backbone=True)
+    inverter = LatentInverter(generator, perceptual, steps=40, lr=0.05, lambda_mse=10.0)
+    codes, history = inverter.invert(target, record=True)
+    assert history.shape == (40, 2) and codes.shape == (2, 8, 512)
+    assert torch.all(history[-1] < 0.3 * history[0])
+    with torch.no_grad():
+        restored = _S.to_unit(generator.synthesis(codes))
+        start = _S.to_unit(generator.synthesis(generator.mean_ws(2)))
+    error, baseline = (restored - target).pow(2).mean((1, 2, 3)), (start - target).pow(2).mean((1, 2, 3))
+    assert torch.all(error < 0.1 * baseline)  # measured: about 0.05 x
+
+
+def test_batched_inversion_equals_the_per_slice_loop():
+    generator = small_generator()
+    images = torch.rand(3, 1, 32, 32) * 0.8
+    inverter = LatentInverter(generator, None, steps=15, lr=0.05, lpips_weight=0.0)
+    batched = inverter.invert(images)
+    batched_losses = inverter.last_losses
+    looped = inverter.invert_per_slice(images)
+    torch.testing.assert_close(batched, looped, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched_losses, inverter.last_losses, atol=1e-4, rtol=1e-4)
+
+
+def test_inversion_cache_returns_the_same_codes(tmp_path):
+    generator = small_generator()
+    images = torch.rand(2, 1, 32, 32)
+    inverter = LatentInverter(generator, None, steps=5, lr=0.05, lpips_weight=0.0, cache_dir=str(tmp_path))
+    first = inverter.invert(images)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    inverter.steps = 0  # would return w_avg if it ran again
+    inverter.steps = 5
+    torch.testing.assert_close(inverter.invert(images), first)
+    inverter.invert(images[:1])
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_lr_schedule_ramps_up_and_down():
+    lrs = [_S.learning_rate(s, 100, 0.01) for s in range(100)]
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(0.01) and lrs[50] == pytest.approx(0.01) and lrs[-1] < 1e-3
+
+
+# --- the perceptual score A_per (medanomaly.scoring.FeatureResidualMap) -------------------------
+
+def test_perceptual_score_is_zero_without_residual_and_high_where_the_residual_is():
+    score = scoring.FeatureResidualMap(allow_random_backbone=True)
+    x = torch.rand(2, 1, 64, 64) * 0.5
+    y = x.clone()
+    y[:, :, 10:26, 30:46] += 0.4
+    a = score(x, y)
+    assert a.shape == x.shape and torch.all(a >= 0)
+    assert torch.all(score(x, x) == 0)
+    assert a[:, :, 14:22, 34:42].mean() > 3 * a[:, :, 40:60, 0:20].mean()
+    one = score(torch.ones(1, 1, 64, 64), torch.zeros(1, 1, 64, 64))
+    assert float(one.mean()) == pytest.approx(1.0, rel=1e-4)
+    at_32 = scoring.FeatureResidualMap(allow_random_backbone=True, size=32)(x, y)
+    assert at_32.shape == x.shape
+
+
+def test_perceptual_score_follows_the_offline_weights_rule(monkeypatch):
+    monkeypatch.delenv(scoring.RANDOM_BACKBONE_ENV, raising=False)
+    if scoring.torchvision_weights_path("VGG16_Weights").is_file():
+        pytest.skip("the ImageNet VGG16 weights are installed here")
+    with pytest.raises(scoring.PerceptualWeightsMissing, match="vgg16"):
+        scoring.FeatureResidualMap()
+    with pytest.raises(ValueError, match="layers"):
+        scoring.FeatureResidualMap(layers=("relu9_9",), allow_random_backbone=True)
+
+
+# --- the detector ------------------------------------------------------------------------------
+
+def test_method_inverts_retrieves_swaps_and_scores_inside_the_brain():
+    generator = small_generator()
+    repository = LatentRepository(generator.mean_ws(1) + 0.1 * torch.randn(30, 8, 512))
+    inverter = LatentInverter(generator, None, steps=5, lr=0.05, lpips_weight=0.0)
+    x = torch.rand(3, 1, 64, 64) * 0.8  # pipeline size 64, GAN size 32
+    mask = torch.zeros_like(x)
+    mask[:2, :, 8:56, 8:56] = 1  # third slice: no brain
+    method = SCRPSMethod(generator, repository, inverter, score="residual", l1=4, k1=10, k2=5, l2=8)
+    out = method(torch.cat([x, mask], 1))
+    assert out.shape == (3, 2, 64, 64) and torch.all(out[2] == 0)
+    assert torch.all(out[:, 0][mask[:, 0] == 0] == 0) and torch.all(out[:, 0] >= 0)
+    # l2 = L keeps the whole test code: the pseudo-healthy image is the plain inversion
+    codes = torch.randn(2, 8, 512)
+    torch.testing.assert_close(method.pseudo_healthy_codes(codes), codes)
+    method.l2 = 0  # no swap: the combined repository code only
+    torch.testing.assert_close(method.pseudo_healthy_codes(codes), repository.combined(codes, 4, 10, 5))
+    with pytest.raises(ValueError, match="rebuild"):
+        SCRPSMethod(generator, LatentRepository(torch.zeros(3, 12, 512)), inverter, score="residual")
+
+
+def test_post_train_workflow_builds_the_repository_before_calibration(monkeypatch):
+    assert SCRPS.post_train_workflows == ["build_repository"]
+    command = bundle_command("scrps", "build_repository", {"model_dir": "m"})
+    configs = command[command.index("--config_file") + 1]
+    assert "inference.yaml" in configs and "build_repository.yaml" in configs
+    assert find_bundle("dae").post_train_workflows == []
+    with pytest.raises(ValueError, match="Unknown workflow"):
+        bundle_command("dae", "build_repository")
+
+    import medanomaly.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run_workflow", lambda bundle, workflow, overrides, demo, quiet=False: calls.append(
+        (workflow, overrides.get("model_dir"))))
+    cli.main(["train", "scrps", "--demo", "--datalist", "tiny", "--output-dir", "/tmp/x"])
+    assert [c[0] for c in calls] == ["train", "build_repository", "calibrate"]
+    assert calls[1][1] == calls[2][1] == "/tmp/x/models"
+
+
+def test_metadata_passes_monai_verify_metadata(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                             str(SCRPS.configs_dir / "metadata.json"), "--filepath", str(SCHEMA)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+# --- the committed demo model -------------------------------------------------------------------
+
+def _slices_with_labels(item: dict):
+    """Preprocessed image, brain mask and lesion label `(Z, 1, H, W)` of one datalist item (the
+    label goes through the image pipeline with the same brain mask, so the same crop)."""
+    volume = preprocessing()({"image": item["image"], "mask": item["mask"]})
+    label = preprocessing()({"image": item["label"], "mask": item["mask"]})["image"] > 0.5
+    image, mask = (volume[k][0].permute(2, 0, 1)[:, None].as_tensor() for k in ("image", "mask"))
+    return image, mask, label[0].permute(2, 0, 1)[:, None].as_tensor()
+
+
+@pytest.fixture(scope="module")
+def demo_method():
+    if not SCRPS.has_weights or not (SCRPS.model_dir / "repository.pt").is_file():
+        pytest.skip("the scrps bundle's demo weights and repository are not committed yet")
+    parser = _config("inference", "demo", device="cpu")
+    with bundle_scripts("scrps"):  # the config's `import scripts`
+        return parser.get_parsed_content("method").eval()
+
+
+def test_shipped_demo_model_and_repository_fit_the_demo_overlay(demo_method):
+    info = SCRPS.model_info
+    assert info["variant"] == "demo" and info["threshold"] > 0 and info["num_ws"] == 10
+    assert len(demo_method.repository) == info["repository_size"] > 50
+    assert demo_method.repository.num_layers == demo_method.generator.num_ws == 10
+
+
+def test_demo_model_scores_tiny_cohort_lesions_above_healthy_brain(demo_method, tiny):
+    """The committed model on the three most affected slices of each lesion volume of the tiny
+    cohort: lesion pixels score above the other brain pixels (AUROC and AP over chance)."""
+    histogram = ScoreHistogram(n_bins=2000, value_range=(0.0, 2.0))
+    for item in load_datalist(tiny, "test_lesion"):
+        image, mask, label = _slices_with_labels(item)
+        most = label.flatten(1).sum(1).argsort(descending=True)[:3]
+        with torch.no_grad():
+            maps = demo_method(torch.cat([image[most], mask[most]], 1))[:, :1]
+        histogram.update(maps.numpy(), label[most].numpy(), mask[most].numpy() > 0)
+    prevalence = histogram.n_pos / (histogram.n_pos + histogram.n_neg)
+    assert histogram.auroc() > 0.6
+    assert histogram.average_precision() > 1.5 * prevalence
+
+
+# --- the bundle end to end ------------------------------------------------------------------------
+
+def _small_datalist(tiny, folder) -> str:
+    """The tiny cohort cut to one volume per split (two training volumes), so each workflow runs in seconds."""
+    splits = {key: load_datalist(tiny, key)[: 2 if key == "training" else 1]
+              for key in ("training", "validation_healthy", "test_lesion", "test_healthy")}
+    return str(write_datalist(folder / "datalist.json", splits))
+
+
+@pytest.mark.slow
+def test_bundle_trains_builds_its_repository_calibrates_infers_and_evaluates(tiny, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run, datalist = tmp_path / "run", _small_datalist(tiny, tmp_path)
+    common = {"datalist": datalist, "device": "cpu", "num_workers": 0, "inversion_steps": 2, "channel_base": 128,
+              "max_channels": 32, "n_mlp": 2}
+    run_bundle("scrps", "train", {**common, "output_dir": str(run), "num_iterations": 4, "epoch_length": 2},
+               demo=True)
+    model_dir = run / "models"
+    info = json.loads((model_dir / "model_info.json").read_text())
+    assert (model_dir / "model.pt").is_file() and (model_dir / "checkpoint.pt").is_file()
+    assert info["variant"] == "demo" and info["iterations_done"] == 4 and info["num_ws"] == 10
+
+    run_bundle("scrps", "build_repository", {**common, "model_dir": str(model_dir), "repository_fraction": 0.1},
+               demo=True)
+    repository = LatentRepository.load(model_dir / "repository.pt")
+    info = json.loads((model_dir / "model_info.json").read_text())
+    assert len(repository) == info["repository_size"] > 5 and repository.codes.shape[1:] == (10, 512)
+    assert all(source.startswith("sub-") for source in repository.sources)
+
+    run_bundle("scrps", "calibrate", {**common, "model_dir": str(model_dir)}, demo=True)
+    threshold = json.loads((model_dir / "model_info.json").read_text())["threshold"]
+    assert 0 < threshold < 2
+
+    subject = load_datalist(datalist, "test_lesion")[0]
+    sitk.WriteImage(io.read_volume(subject["image"]), str(tmp_path / "scan.nrrd"))
+    run_bundle("scrps", "inference", {**common, "input": str(tmp_path / "scan.nrrd"), "model_dir": str(model_dir),
+                                      "output_dir": str(tmp_path / "out"), "output_ext": ".nrrd"}, demo=True)
+    heatmap = io.read_volume(tmp_path / "out" / "scan_heatmap.nrrd", allow_constant=True)
+    assert heatmap.GetSize() == io.read_volume(tmp_path / "scan.nrrd").GetSize()
+    assert (tmp_path / "out" / "scan_anomaly.seg.nrrd").is_file()
+
+    run_bundle("scrps", "evaluate", {**common, "model_dir": str(model_dir), "output_dir": str(run / "eval"),
+                                     "n_bootstrap": 10, "l2": 6, "coarse_to_fine": False}, demo=True)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["n_lesion_volumes"] == 1 and metrics["n_healthy_volumes"] == 1
+
+
+@pytest.mark.slow
+def test_demo_weights_find_lesions_better_than_chance_on_whole_volumes(tiny, tmp_path):
+    """The committed demo model and repository on the tiny cohort's test split (3 lesion + 2 healthy scans)."""
+    if not SCRPS.has_weights:
+        pytest.skip("the scrps bundle's demo weights are not committed yet")
+    run_bundle("scrps", "evaluate", {"datalist": str(tiny), "device": "cpu", "output_dir": str(tmp_path),
+                                     "n_bootstrap": 0, "save_outputs": False})
+    pixel = json.loads((tmp_path / "metrics.json").read_text())["pixel"]
+    prevalence = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
+    # weak (see docs/README.md): on the demo cohort pixel AUROC 0.61, AP 1.35 x the prevalence
+    assert pixel["auroc"] > 0.55
+    assert pixel["ap"] > 1.1 * prevalence
