@@ -28,7 +28,7 @@ CURVES = (("roc", "ROC (voxels)"), ("pr", "precision-recall (voxels)"), ("dice",
 SYNTHETIC_VS_REAL = (
     "Synthetic and published figures are not comparable: the cohort is built from one template with "
     "drawn-in lesions, T1-like contrast and 1.5 mm slices, scored here in 3D on the scans' own grids with "
-    "CPU demo weights (short schedules, thin networks), while the papers train at full scale on real "
+    "demo weights (short schedules, thin networks), while the papers train at full scale on real "
     "healthy cohorts and test on real BraTS / ATLAS scans (other contrasts, 2D slice protocols). The "
     "benchmark exists to compare methods with each other on identical data and metrics."
 )
