@@ -23,6 +23,7 @@ __all__ = [
     "ssim_map",
     "PerceptualDistance",
     "FeatureResidualMap",
+    "imagenet_vgg_features",
     "PerceptualWeightsMissing",
     "backbone_weights_path",
     "combine_maps",
@@ -150,6 +151,25 @@ def use_random_backbone(weights_file: Path, weights: str, user: str, allow_rando
     return True
 
 
+def imagenet_vgg_features(arch: str, last_index: int, user: str, allow_random_backbone: bool = False,
+                          seed: int = 0) -> tuple[torch.nn.Sequential, bool]:
+    """torchvision's ``arch`` ("vgg16" / "vgg19") feature trunk up to layer ``last_index`` with its
+    ImageNet weights from the torch hub cache, or (offline rule of :func:`use_random_backbone`) a
+    seeded random trunk. Returns (features, random_backbone)."""
+    import torchvision
+
+    weights = f"{arch.upper()}_Weights"
+    path = torchvision_weights_path(weights)
+    random_backbone = use_random_backbone(path, weights, user, allow_random_backbone, seed)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        warnings.simplefilter("ignore", UserWarning)
+        vgg = getattr(torchvision.models, arch)(weights=None)
+    if not random_backbone:
+        vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return vgg.features[: last_index + 1], random_backbone
+
+
 class PerceptualDistance(nn.Module):
     """Spatial LPIPS map ``(B, 1, H, W)`` between two batches of grayscale images in [0, 1].
 
@@ -216,22 +236,12 @@ class FeatureResidualMap(nn.Module):
     def __init__(self, layers=("relu3_3", "relu4_3", "relu5_3"), allow_random_backbone: bool = False,
                  seed: int = 0, size=None):
         super().__init__()
-        import torchvision
-
         unknown = [name for name in layers if name not in self.LAYERS]
         if unknown or not layers:
             raise ValueError(f"layers must be among {list(self.LAYERS)}, got {list(layers)}.")
-        path = torchvision_weights_path("VGG16_Weights")
-        self.random_backbone = use_random_backbone(path, "VGG16_Weights", "The VGG16 perceptual score",
-                                                   allow_random_backbone, seed)
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            torch.manual_seed(seed)
-            warnings.simplefilter("ignore", UserWarning)
-            vgg = torchvision.models.vgg16(weights=None)
-        if not self.random_backbone:
-            vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.indices = sorted(self.LAYERS[name] for name in layers)
-        self.features = vgg.features[: self.indices[-1] + 1]
+        self.features, self.random_backbone = imagenet_vgg_features(
+            "vgg16", self.indices[-1], "The VGG16 perceptual score", allow_random_backbone, seed)
         self.size = None if size is None else tuple(int(s) for s in ([size] * 2 if isinstance(size, int) else size))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         self.requires_grad_(False)

@@ -3,14 +3,13 @@ AOT-GAN's L1 + style + perceptual (VGG19) + SM-PatchGAN adversarial losses."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medanomaly.scoring import torchvision_weights_path, use_random_backbone
+from medanomaly.scoring import imagenet_vgg_features, torchvision_weights_path
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -49,19 +48,10 @@ class VGG19Features(nn.Module):
 
     def __init__(self, allow_random_backbone: bool = False, seed: int = 0, n_layers: int = 5):
         super().__init__()
-        import torchvision
-
-        path = vgg19_weights_path()
-        self.random_backbone = use_random_backbone(
-            path, "VGG19_Weights", "The PHANES inpainter's VGG19 style / perceptual losses", allow_random_backbone, seed)
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            torch.manual_seed(seed)
-            warnings.simplefilter("ignore", UserWarning)
-            vgg = torchvision.models.vgg19(weights=None)
-        if not self.random_backbone:
-            vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.layers = self.LAYERS[:n_layers]
-        self.features = vgg.features[: self.layers[-1] + 1]
+        self.features, self.random_backbone = imagenet_vgg_features(
+            "vgg19", self.layers[-1], "The PHANES inpainter's VGG19 style / perceptual losses",
+            allow_random_backbone, seed)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
         self.requires_grad_(False)
