@@ -20,6 +20,7 @@ from medanomaly import io, scoring
 from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist, preprocessing, write_datalist
 from medanomaly.metrics import ScoreHistogram
+from checks import assert_same_grid, pixel_metrics
 
 CDDPM = find_bundle("cddpm")
 _SCRIPTS = import_bundle_scripts("cddpm")["scripts"]
@@ -263,8 +264,7 @@ def test_demo_weights_find_lesions_better_than_chance_on_whole_volumes(tiny, tmp
     """The committed demo model on the tiny cohort's test split (3 lesion + 2 healthy scans)."""
     run_bundle("cddpm", "evaluate", {"datalist": str(tiny), "device": "cpu", "output_dir": str(tmp_path),
                                      "n_bootstrap": 0, "save_outputs": False})
-    pixel = json.loads((tmp_path / "metrics.json").read_text())["pixel"]
-    prevalence = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
+    pixel, prevalence = pixel_metrics(tmp_path / "metrics.json")
     assert pixel["auroc"] > 0.7
     assert pixel["ap"] > 3 * prevalence
 
@@ -310,9 +310,7 @@ def test_bundle_trains_calibrates_infers_and_evaluates_from_any_directory(tiny, 
     assert progress and progress[-1] == 1.0
     heatmap = io.read_volume(tmp_path / "out" / "scan_heatmap.nrrd", allow_constant=True)
     reference = io.read_volume(scan)
-    assert heatmap.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(heatmap.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(heatmap.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+    assert_same_grid(heatmap, reference)
     values = io.volume_array(heatmap)
     assert values.min() >= 0 and values.max() <= 2 and values.max() > 0
     segmentation, _ = io.read_segmentation(tmp_path / "out" / "scan_anomaly.seg.nrrd")

@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 from medanomaly import io
 from medanomaly.bundles import BundleRunError, bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist
+from checks import assert_same_grid
 
 DAE = find_bundle("dae")
 _SCRIPTS = import_bundle_scripts("dae", "dae")
@@ -118,10 +119,7 @@ def test_bundle_trains_calibrates_infers_and_evaluates_from_any_directory(tiny, 
     assert progress and progress[-1] == 1.0
     heatmap = io.read_volume(tmp_path / "out" / "scan_heatmap.nrrd", allow_constant=True)
     reference = io.read_volume(scan)
-    assert heatmap.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(heatmap.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(heatmap.GetOrigin(), reference.GetOrigin(), atol=1e-5)
-    np.testing.assert_allclose(heatmap.GetDirection(), reference.GetDirection(), atol=1e-6)
+    assert_same_grid(heatmap, reference)
     segmentation, segments = io.read_segmentation(tmp_path / "out" / "scan_anomaly.seg.nrrd")
     assert segments[0]["name"] == "Anomaly"
     np.testing.assert_array_equal(segmentation > 0, io.volume_array(heatmap) > threshold)

@@ -14,6 +14,7 @@ from medanomaly import io, masking
 from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist
 from medanomaly.scoring import PerceptualDistance, PerceptualWeightsMissing
+from checks import pixel_metrics
 
 PHANES_BUNDLE = find_bundle("phanes")
 
@@ -215,8 +216,6 @@ def test_demo_weights_beat_chance(tiny, tmp_path):
         pytest.skip("No demo weights in monai_bundles/phanes/models (benchmarks/train_demo_weights.sh phanes).")
     run_bundle("phanes", "evaluate", {"datalist": str(tiny), "device": "cpu", "num_workers": 0, "n_bootstrap": 10,
                                       "output_dir": str(tmp_path / "eval")})
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    pixel = metrics["pixel"]
-    prevalence = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
+    pixel, prevalence = pixel_metrics(tmp_path / "eval" / "metrics.json")
     assert pixel["ap"] > 1.2 * prevalence  # chance: AP = the lesion prevalence
     assert pixel["auroc"] > 0.5
