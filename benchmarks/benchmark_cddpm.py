@@ -24,6 +24,7 @@ from pathlib import Path
 
 from medanomaly.benchmark import summary_row
 from medanomaly.bundles import run_bundle
+from medanomaly.cli import parse_overrides
 from medanomaly.data import PRESETS, ensure_cohort, load_datalist, write_datalist
 
 ROWS = {  # name: (bundle, overrides, slow)
@@ -83,7 +84,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a bundle config override for every row (MONAI command-line syntax)")
     args = parser.parse_args(argv)
-    common = dict(pair.split("=", 1) for pair in args.set)
+    common = parse_overrides(args.set)
 
     output_dir = Path(args.output_dir).resolve()
     datalist = ensure_cohort(args.datalist) if args.datalist in PRESETS else Path(args.datalist)

@@ -11,7 +11,7 @@ import pytest
 
 from medanomaly import io
 from medanomaly.bundles import find_bundle
-from medanomaly.cli import _parse_overrides, format_metrics
+from medanomaly.cli import parse_overrides, format_metrics
 from medanomaly.data import load_datalist
 
 HAS_WEIGHTS = find_bundle("dae").has_weights
@@ -34,9 +34,9 @@ def test_unknown_bundle_names_the_available_ones():
 
 
 def test_overrides_need_key_value_pairs():
-    assert _parse_overrides(["threshold=0.2", "input=a=b.nii"]) == {"threshold": "0.2", "input": "a=b.nii"}
+    assert parse_overrides(["threshold=0.2", "input=a=b.nii"]) == {"threshold": "0.2", "input": "a=b.nii"}
     with pytest.raises(SystemExit, match="key=value"):
-        _parse_overrides(["threshold"])
+        parse_overrides(["threshold"])
 
 
 def test_synth_reuses_a_cached_cohort(tiny):

@@ -18,7 +18,7 @@ from medanomaly.bundles.registry import REPOSITORY_BUNDLES
 _REPOSITORY_README = REPOSITORY_BUNDLES.parent / "README.md"
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
     """`key=value` pairs for the bundle config (values as MONAI's command line reads them)."""
     overrides = {}
     for pair in pairs or []:
@@ -85,7 +85,7 @@ def cmd_list(args) -> None:
 
 
 def _common_overrides(args) -> dict:
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     for key in ("device", "output_dir", "datalist", "model_dir", "threshold"):
         value = getattr(args, key, None)
         if value is not None:
