@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from medanomaly.benchmark import summary_row
+from medanomaly.benchmark import format_table, summary_row
 from medanomaly.bundles import run_bundle
 from medanomaly.cli import parse_overrides
 from medanomaly.data import PRESETS, ensure_cohort, load_datalist, write_datalist
@@ -58,16 +58,6 @@ def subset_datalist(datalist: Path, n_volumes: int, folder: Path) -> tuple[Path,
     path = write_datalist(folder / "datalist.json", {"test_lesion": lesion[:n_lesion], "test_healthy": healthy[:n_healthy]},
                           name=f"{datalist.parent.name} test subset", description=f"first test volumes of {datalist}")
     return path, n_lesion + n_healthy
-
-
-def format_rows(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    widths = {c: max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in COLUMNS}
-    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
-    lines += ["  ".join(cell(r.get(c)).ljust(widths[c]) for c in COLUMNS) for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
@@ -112,7 +102,7 @@ def main(argv=None) -> list[dict]:
         row.update(row=name, volumes=f"{n_volumes}/{n_all}" + ("" if n_volumes == n_all else " (subset)"))
         rows.append(row)
 
-    print(format_rows(rows))
+    print(format_table(rows, COLUMNS))
     if any(r["volumes"].endswith("(subset)") for r in rows):
         print("\nRows marked (subset) ran on the first test volumes only: compare them with each other, not with "
               "full-cohort rows.")
