@@ -2,7 +2,8 @@
 """PHANES against its own stage 1 alone (the RA map, `--mode ra`) and against the dae baseline,
 in one run, on one cohort (default: the synthetic demo cohort), with the shipped weights.
 
-    python benchmarks/benchmark_phanes.py [--datalist demo] [--device cpu] [--output-dir outputs/benchmark_phanes]
+    python benchmarks/benchmark_phanes.py [--datalist demo] [--device cpu] [--model-dir runs/phanes/models]
+                                          [--output-dir outputs/benchmark_phanes]
 
 Each row is one `run_bundle(..., "evaluate", overrides)` in its own process; the numbers come from
 its metrics.json: pooled [Dice] (max over thresholds), pixel AP, volume AUROC, seconds per volume.
@@ -29,6 +30,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datalist", default="demo", help="Decathlon-style JSON or a synthetic preset (default: demo)")
     parser.add_argument("--device", default=None, help="cpu, cuda (default: the bundle's: cuda when available)")
+    parser.add_argument("--model-dir", default=None,
+                        help="calibrated phanes weights to compare (default: the bundle's shipped models/)")
     parser.add_argument("--output-dir", default="outputs/benchmark_phanes")
     parser.add_argument("--n-bootstrap", type=int, default=200)
     args = parser.parse_args(argv)
@@ -38,6 +41,8 @@ def main(argv=None) -> list[dict]:
         out = output_dir / name.split()[0].replace("(", "").replace(")", "") / ("ra" if extra.get("mode") == "ra" else "")
         overrides = {"datalist": args.datalist, "output_dir": str(out), "n_bootstrap": args.n_bootstrap,
                      "device": args.device, "save_outputs": False, **extra}
+        if bundle == "phanes" and args.model_dir:
+            overrides["model_dir"] = str(Path(args.model_dir).resolve())
         started = time.perf_counter()
         print(f"== {name}: evaluating ...", flush=True)
         run_bundle(bundle, "evaluate", overrides)

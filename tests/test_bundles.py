@@ -90,6 +90,16 @@ def test_demo_overlay_follows_the_shipped_weights():
     assert "demo.yaml" not in " ".join(bundle_command("dae", "train"))
 
 
+def test_demo_overlay_follows_the_model_info_of_a_given_model_dir(tmp_path):
+    (tmp_path / "model_info.json").write_text(json.dumps({"variant": "demo"}))
+    own_demo = bundle_command("dae", "evaluate", overrides={"model_dir": str(tmp_path)})
+    assert own_demo[own_demo.index("--config_file") + 1].endswith("demo.yaml']")
+    assert "demo.yaml" not in " ".join(bundle_command("dae", "evaluate", overrides={"model_dir": str(tmp_path)},
+                                                      demo=False))
+    (tmp_path / "model_info.json").write_text(json.dumps({"variant": "paper"}))
+    assert "demo.yaml" not in " ".join(bundle_command("dae", "evaluate", overrides={"model_dir": str(tmp_path)}))
+
+
 def test_progress_lines_round_trip():
     assert parse_progress(format_progress(0.4213, "volume 1/2: slices 3/9")) == (0.421, "volume 1/2: slices 3/9")
     assert parse_progress("2026 - INFO - Epoch 1") is None

@@ -68,23 +68,25 @@ def test_networks_have_the_configured_shapes():
         SoftIntroVAE(1, (4, 8, 8), image_size=36)
 
 
-def test_stage1_training_steps_lower_the_vae_loss_on_a_fixed_batch():
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_stage1_training_steps_lower_the_vae_loss_on_a_fixed_batch(amp):
     torch.manual_seed(0)
     x, _ = _healthy_batch(8)
     vae = SoftIntroVAE(1, **TINY_VAE)
-    step = VAEStep(vae, lr=2e-3)
+    step = VAEStep(vae, lr=2e-3, amp=amp)
     losses = [step(x) for _ in range(8)]
     assert losses[-1]["loss_d"] < 0.75 * losses[0]["loss_d"]
     assert losses[-1]["rec_mse"] < 0.75 * losses[0]["rec_mse"]
     assert all(np.isfinite(v) for v in losses[-1].values())
 
 
-def test_stage2_training_steps_lower_the_inpainting_loss_on_a_fixed_batch():
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_stage2_training_steps_lower_the_inpainting_loss_on_a_fixed_batch(amp):
     torch.manual_seed(0)
     x, brain = _healthy_batch(4, size=64)
     mask = masking.random_ellipse_masks(4, (64, 64), n_ellipses=4, rng=0) * brain
     inpainter, discriminator = Inpainter(dim=16, n_blocks=2), PatchDiscriminator(channels=(8, 16, 16, 16))
-    step = InpainterStep(inpainter, discriminator, lr=2e-3, style_weight=0.0, perceptual_weight=0.0)
+    step = InpainterStep(inpainter, discriminator, lr=2e-3, style_weight=0.0, perceptual_weight=0.0, amp=amp)
     losses = [step(x, mask) for _ in range(15)]
     assert losses[-1]["l1"] < 0.5 * losses[0]["l1"]
 

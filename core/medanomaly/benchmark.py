@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from medanomaly.bundles import BundleRunError, find_bundle, list_bundles, start_bundle
-from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE, BundleInfo, BundleNotFound
+from medanomaly.bundles.registry import MODEL_FILE, BundleInfo, BundleNotFound, read_model_info
 from medanomaly.data import PRESETS, ensure_cohort
 
 OK, NO_WEIGHTS, NO_EVALUATE, FAILED = "ok", "no weights", "no evaluate config", "failed"
@@ -176,7 +176,7 @@ def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None
     except BundleNotFound as error:
         return {"row": failed_row(str(name), FAILED, str(error).splitlines()[0])}
     model_dir = _model_dir(bundle, models_root)
-    model_info = _read_json(model_dir / MODEL_INFO_FILE)
+    model_info = read_model_info(model_dir)
     if not (model_dir / MODEL_FILE).is_file():
         return {"row": failed_row(bundle.name, NO_WEIGHTS, f"no {MODEL_FILE} in {model_dir}: train the bundle first "
                                   f"(medanomaly train {bundle.name})", model_info=model_info)}
@@ -185,8 +185,7 @@ def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None
                                   model_info=model_info)}
     overrides = {"datalist": str(datalist), "output_dir": str(run_dir), "device": device, "n_bootstrap": n_bootstrap}
     if model_dir != bundle.model_dir:
-        overrides["model_dir"] = str(model_dir)
-        demo = model_info.get("variant") == "demo" if demo is None else demo
+        overrides["model_dir"] = str(model_dir)  # the runner picks the overlay those weights were trained with
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)  # never report an earlier run's numbers
     try:

@@ -60,13 +60,12 @@ class BundleInfo:
     @property
     def model_info(self) -> dict:
         """What the shipped weights were trained with (configs, cohort, threshold), if recorded."""
-        path = self.model_dir / MODEL_INFO_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_model_info(self.model_dir)
 
     @property
     def weights_need_demo_config(self) -> bool:
         """True when the shipped weights come from the demo overlay (its smaller network)."""
-        return self.model_info.get("variant") == "demo"
+        return trained_with_demo_config(self.model_dir)
 
     def config_file(self, name: str) -> Path:
         path = self.configs_dir / f"{name}.yaml"
@@ -84,6 +83,17 @@ class BundleInfo:
             "has_weights": self.has_weights,
             "demo_weights": self.weights_need_demo_config,
         }
+
+
+def read_model_info(model_dir: str | os.PathLike) -> dict:
+    """`model_dir/model_info.json` (what those weights were trained with), or {} when absent."""
+    path = Path(model_dir) / MODEL_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def trained_with_demo_config(model_dir: str | os.PathLike) -> bool:
+    """True when the weights in `model_dir` come from the demo overlay (its smaller network)."""
+    return read_model_info(model_dir).get("variant") == "demo"
 
 
 def bundle_search_path() -> list[Path]:

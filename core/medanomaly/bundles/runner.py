@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from medanomaly.bundles.progress import parse_progress
-from medanomaly.bundles.registry import BundleInfo, find_bundle
+from medanomaly.bundles.registry import BundleInfo, find_bundle, trained_with_demo_config
 
 # Config files of each workflow, in the order MONAI merges them (later ones override).
 WORKFLOW_CONFIGS = {
@@ -73,12 +73,15 @@ def _format_override(value) -> str:
 
 
 def uses_demo_config(bundle: BundleInfo, workflow: str, overrides: Mapping | None, demo: bool | None) -> bool:
-    """Explicit choice wins; otherwise inference and evaluation with the shipped weights
-    use the overlay those weights were trained with."""
+    """Explicit choice wins; otherwise inference and evaluation use the overlay the weights were
+    trained with: the shipped weights' or, with a `model_dir` override, that folder's (its
+    model_info.json). A bare `model_path` says nothing of its network: no overlay."""
     if demo is not None:
         return demo
-    own_weights = overrides and any(k in overrides for k in ("model_dir", "model_path"))
-    return workflow != "train" and not own_weights and bundle.weights_need_demo_config
+    overrides = overrides or {}
+    if workflow == "train" or "model_path" in overrides:
+        return False
+    return trained_with_demo_config(overrides.get("model_dir") or bundle.model_dir)
 
 
 def bundle_command(
