@@ -215,3 +215,29 @@ def test_readme_table_between_markers(tmp_path):
     assert "medanomaly benchmark" in text and "2026-11-22" in text and "not comparable" in text
     report.update_readme(readme, results)  # idempotent
     assert readme.read_text() == text
+
+
+def test_models_root_weights_are_used_and_paper_scale_refuses_demo_weights(tiny, tmp_path, monkeypatch):
+    started = []
+
+    def record_and_stop(bundle, overrides, demo, *args):
+        started.append((overrides, demo))
+        raise RuntimeError("not run in this test")
+
+    monkeypatch.setattr(benchmark, "_run_evaluation", record_and_stop)
+    dae = find_bundle("dae")
+    own = tmp_path / "runs" / "dae" / "models"
+    own.mkdir(parents=True)
+    (own / "model.pt").write_bytes(b"weights")
+    (own / "model_info.json").write_text(json.dumps({"variant": "demo"}))
+    # paper scale with demo-variant weights: a clear 'no weights' row, nothing started
+    refused = benchmark.evaluate_bundle("dae", tiny, tmp_path / "out", demo=False, models_root=tmp_path / "runs")
+    assert refused["row"]["status"] == benchmark.NO_WEIGHTS and "--paper-scale" in refused["row"]["error"]
+    assert str(own) in refused["row"]["error"] and not started
+    (own / "model_info.json").write_text(json.dumps({"variant": "paper"}))
+    benchmark.evaluate_bundle("dae", tiny, tmp_path / "out", demo=False, models_root=tmp_path / "runs")
+    assert started[-1][0]["model_dir"] == str(own) and started[-1][1] is False
+    if HAS_WEIGHTS and dae.weights_need_demo_config:  # a bundle not under --models-root: its own weights
+        refused = benchmark.evaluate_bundle("dae", tiny, tmp_path / "out", demo=False, models_root=tmp_path / "none")
+        assert refused["row"]["status"] == benchmark.NO_WEIGHTS and "its own models/" in refused["row"]["error"]
+

@@ -180,6 +180,11 @@ def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None
     if not (model_dir / MODEL_FILE).is_file():
         return {"row": failed_row(bundle.name, NO_WEIGHTS, f"no {MODEL_FILE} in {model_dir}: train the bundle first "
                                   f"(medanomaly train {bundle.name})", model_info=model_info)}
+    if demo is False and model_info.get("variant") == "demo":
+        where = "its own models/" if model_dir == bundle.model_dir else str(model_dir)
+        return {"row": failed_row(bundle.name, NO_WEIGHTS, f"only demo weights ({where}); --paper-scale needs weights "
+                                  f"trained with the paper-scale config: `medanomaly train {bundle.name}`, then "
+                                  "--models-root runs", model_info=model_info)}
     if not (bundle.configs_dir / "evaluate.yaml").is_file():
         return {"row": failed_row(bundle.name, NO_EVALUATE, f"no configs/evaluate.yaml in {bundle.root}",
                                   model_info=model_info)}
