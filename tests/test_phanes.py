@@ -31,6 +31,7 @@ SoftIntroVAE = _SCRIPTS["scripts.networks"].SoftIntroVAE
 PhanesMethod = _SCRIPTS["scripts.phanes"].PhanesMethod
 InpainterStep = _SCRIPTS["scripts.trainer"].InpainterStep
 VAEStep = _SCRIPTS["scripts.trainer"].VAEStep
+autocast = _SCRIPTS["scripts.trainer"]._autocast
 load_model_file = _SCRIPTS["scripts.trainer"].load_model_file
 
 TINY_VAE = dict(channels=(4, 8, 8), zdim=8, image_size=32)
@@ -74,6 +75,8 @@ def test_stage1_training_steps_lower_the_vae_loss_on_a_fixed_batch(amp):
     x, _ = _healthy_batch(8)
     vae = SoftIntroVAE(1, **TINY_VAE)
     step = VAEStep(vae, lr=2e-3, amp=amp)
+    with autocast("cpu", amp):  # the step's forward passes really run in bf16 when amp is on
+        assert vae.decode(torch.zeros(1, TINY_VAE["zdim"])).dtype == (torch.bfloat16 if amp else torch.float32)
     losses = [step(x) for _ in range(8)]
     assert losses[-1]["loss_d"] < 0.75 * losses[0]["loss_d"]
     assert losses[-1]["rec_mse"] < 0.75 * losses[0]["rec_mse"]
