@@ -8,16 +8,38 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medanomaly import io
+from medanomaly.bundles import run_bundle
 
-def assert_same_grid(image: sitk.Image, reference: sitk.Image) -> None:
-    """`image` lies on `reference`'s voxel grid: size, spacing, origin and direction."""
+
+def assert_same_grid(image: sitk.Image, reference: sitk.Image, atol: float | None = None) -> None:
+    """`image` lies on `reference`'s voxel grid: size, spacing, origin and direction, within `atol`
+    (default: 1e-6 for spacing and direction, 1e-5 mm for the origin)."""
     assert image.GetSize() == reference.GetSize()
-    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
-    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-5)
-    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6 if atol is None else atol)
+    np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-5 if atol is None else atol)
+    np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6 if atol is None else atol)
 
 
 def pixel_metrics(metrics_file: Path) -> tuple[dict, float]:
     """The pooled voxel metrics of an evaluation's metrics.json and the lesion prevalence (chance AP)."""
     pixel = json.loads(Path(metrics_file).read_text())["pixel"]
     return pixel, pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
+
+
+def infer_on_nrrd(bundle: str, scan: Path, out_dir: Path, threshold: float, overrides: dict) -> tuple[np.ndarray, list]:
+    """Runs `bundle`'s inference (demo overlay) on the .nrrd `scan` with .nrrd outputs and checks what
+    every bundle owes: progress up to 100 %, a heatmap on the scan's grid, and the segmentation equal
+    to heatmap > `threshold`. Returns the heatmap's values and the segmentation's segments."""
+    progress = []
+    run_bundle(bundle, "inference", {**overrides, "input": str(scan), "output_dir": str(out_dir), "output_ext": ".nrrd"},
+               demo=True, on_progress=lambda fraction, message: progress.append(fraction))
+    assert progress and progress[-1] == 1.0
+    stem = Path(scan).name.removesuffix(".nrrd")
+    heatmap = io.read_volume(Path(out_dir) / f"{stem}_heatmap.nrrd", allow_constant=True)
+    assert_same_grid(heatmap, io.read_volume(scan))
+    values = io.volume_array(heatmap)
+    segmentation, segments = io.read_segmentation(Path(out_dir) / f"{stem}_anomaly.seg.nrrd")
+    np.testing.assert_array_equal(segmentation > 0, values > threshold)
+    return values, segments
+
