@@ -29,7 +29,7 @@ from monai.transforms import MapTransform
 from medanomaly import io, scoring
 from medanomaly.bundles.outputs import SUMMARY_FILE, VOLUME_SUFFIXES, output_paths, volume_name
 from medanomaly.bundles.progress import VolumeProgress
-from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE
+from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE, read_model_info
 from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, intensity_window, load_datalist
 from medanomaly.data.synth import PRESETS, ensure_cohort
 
@@ -343,7 +343,7 @@ def latest_checkpoint(model_dir: str | os.PathLike) -> str | None:
 def update_model_info(model_dir: str | os.PathLike, **fields) -> dict:
     """Merges fields into `model_dir/model_info.json` (what the weights are and how to use them)."""
     path = Path(model_dir) / MODEL_INFO_FILE
-    info = json.loads(path.read_text()) if path.is_file() else {}
+    info = read_model_info(model_dir)
     info.update(fields)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -352,11 +352,10 @@ def update_model_info(model_dir: str | os.PathLike, **fields) -> dict:
 
 def load_threshold(model_dir: str | os.PathLike, default: float | None = None) -> float | None:
     """The calibrated threshold stored with the weights, or `default` (with a warning)."""
-    info_path = Path(model_dir) / MODEL_INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_model_info(model_dir)
     if "threshold" not in info:
         logger.warning("No calibrated threshold in %s: segmentation uses %s. Run the calibrate workflow.",
-                       info_path, default)
+                       Path(model_dir) / MODEL_INFO_FILE, default)
         return default
     return float(info["threshold"])
 
