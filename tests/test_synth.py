@@ -16,7 +16,8 @@ from medanomaly.data import synth
 from medanomaly.data.synth import PRESETS, SPLITS, generate_cohort, plan_cohort, synthesize_subject
 
 SEED = 7
-SIZE_U = {"tumour": 0.5, "stroke": 0.6, "wmh": 0.8}
+SIZE_U = {"tumour": 0.5, "stroke": 0.6, "wmh": 0.8}  # seed 7: a ring tumour and a chronic stroke
+ACUTE_STROKE_SEED = 12
 
 
 # `tiny` (conftest.py): the `tiny` preset, seed 0, generated once per session by two workers.
@@ -28,6 +29,7 @@ def pairs() -> dict:
     out = {"healthy": synthesize_subject(SEED)}
     for family, u in SIZE_U.items():
         out[family] = synthesize_subject(SEED, family, size_u=u)
+    out["stroke_acute"] = synthesize_subject(ACUTE_STROKE_SEED, "stroke", size_u=SIZE_U["stroke"])
     return out
 
 
@@ -44,7 +46,7 @@ def test_datalist_loads_with_monai(tiny):
     from monai.data import load_decathlon_datalist
 
     doc = json.loads(tiny.read_text())
-    assert doc["modality"] == {"0": "T1"} and doc["labels"] == {"0": "background", "1": "lesion"}
+    assert doc["modality"] == {"0": "T1"} and doc["contrast"] == "T1w" and doc["labels"] == {"0": "background", "1": "lesion"}
     assert doc["numTraining"] == PRESETS["tiny"]["training"]
     assert doc["medanomaly"]["preset"] == "tiny" and doc["medanomaly"]["seed"] == 0
     for key in SPLITS:
@@ -219,31 +221,103 @@ def test_tumour_mass_effect_displaces_anatomy(pairs):
         assert np.array_equal(pairs[family].tissue["wm"], healthy.tissue["wm"])
 
 
-def _surrounding_wm(subject, region, mm=(3.0, 12.0)) -> np.ndarray:
+def _ring_around(subject, region, mm=(3.0, 12.0)) -> np.ndarray:
+    """White matter 3-12 mm from `region`, outside the lesion (a mask)."""
     dist = ndimage.distance_transform_edt(~region, sampling=subject.spacing)
-    ring = (dist > mm[0]) & (dist < mm[1]) & (subject.tissue["wm"] > 0.9) & (subject.lesion == 0)
-    return subject.image[ring]
+    return (dist > mm[0]) & (dist < mm[1]) & (subject.tissue["wm"] > 0.9) & (subject.lesion == 0)
 
 
-def test_lesion_intensity_direction(pairs):
-    healthy = pairs["healthy"]
-    # tumour: oedema brighter than the white matter around it (and than before)
+def _ratio(subject, contrast, region, reference) -> float:
+    image = subject.images[contrast]
+    return float(image[region].mean() / image[reference].mean())
+
+
+def test_healthy_tissues_look_like_each_contrast(pairs):
+    """WM > GM > CSF on T1w; CSF brightest and GM > WM on T2w; CSF nulled and GM > WM on FLAIR."""
+    h = pairs["healthy"]
+    brain = h.brain_mask > 0
+    wm, gm, csf = (brain & (h.tissue[t] > 0.9) for t in ("wm", "gm", "csf"))
+    mean = {c: {t: h.images[c][m].mean() for t, m in (("wm", wm), ("gm", gm), ("csf", csf))} for c in h.images}
+    assert mean["T1w"]["wm"] > 1.3 * mean["T1w"]["gm"] > 1.3 * mean["T1w"]["csf"]
+    assert mean["T2w"]["csf"] > 1.5 * mean["T2w"]["gm"] > 1.5 * mean["T2w"]["wm"]
+    assert mean["FLAIR"]["gm"] > 1.1 * mean["FLAIR"]["wm"] > 3 * mean["FLAIR"]["csf"]
+    assert set(h.images) == {"T1w", "T2w", "FLAIR"}
+
+
+def test_tumour_compartments_in_each_contrast(pairs):
+    """Oedema dark on T1w and bright on T2w / FLAIR; a ring tumour's rim enhances on T1w and its
+    necrotic centre is CSF-like: brighter than oedema on T2w, darker than oedema on FLAIR."""
     t = pairs["tumour"]
-    oedema = t.parts["oedema"] & (healthy.tissue["wm"] > 0.9)
+    assert t.info["lesion"]["core_type"] == "ring"
+    wm = _ring_around(t, t.lesion > 0)
+    oedema = t.parts["oedema"] & (pairs["healthy"].tissue["wm"] > 0.9)
     assert oedema.sum() > 20
-    assert t.image[oedema].mean() > 1.08 * _surrounding_wm(t, t.lesion > 0).mean()
-    assert t.image[oedema].mean() > 1.08 * healthy.image[oedema].mean()
-    assert t.image[t.parts["core"]].size > 0
-    # stroke: darker than the tissue it replaced and than the white matter around it
-    s = pairs["stroke"]
-    les = s.lesion > 0
-    assert s.image[les].mean() < 0.85 * healthy.image[les].mean()
-    assert s.image[les].mean() < 0.85 * _surrounding_wm(s, les).mean()
-    # wmh: brighter than the surrounding white matter
+    assert _ratio(t, "T1w", oedema, wm) < 0.85
+    assert _ratio(t, "T2w", oedema, wm) > 1.5
+    assert _ratio(t, "FLAIR", oedema, wm) > 1.3
+    depth = ndimage.distance_transform_edt(t.parts["core"], sampling=t.spacing)
+    rim = t.parts["core"] & (depth > 0.5) & (depth < t.info["lesion"]["rim_mm"] - 0.5)
+    centre = t.parts["core"] & (depth > t.info["lesion"]["rim_mm"] + 1.5)
+    assert rim.sum() > 10 and centre.sum() > 10
+    assert _ratio(t, "T1w", rim, wm) > 1.15
+    assert _ratio(t, "T2w", centre, oedema) > 1.1
+    assert _ratio(t, "FLAIR", centre, oedema) < 0.7
+
+
+def test_stroke_stages_in_each_contrast(pairs):
+    """Acute infarct: dark on T1w, bright on T2w and FLAIR. Chronic: a cavity dark on FLAIR (CSF-like)
+    inside a gliotic rim brighter than the white matter on FLAIR."""
+    acute, chronic = pairs["stroke_acute"], pairs["stroke"]
+    assert acute.info["lesion"]["stage"] == "acute" and chronic.info["lesion"]["stage"] == "chronic"
+    les = acute.lesion > 0
+    wm = _ring_around(acute, les)
+    assert _ratio(acute, "T1w", les, wm) < 0.8
+    assert _ratio(acute, "T2w", les, wm) > 1.4
+    assert _ratio(acute, "FLAIR", les, wm) > 1.2
+    wm = _ring_around(chronic, chronic.lesion > 0)
+    cavity, gliosis = chronic.parts["cavity"], chronic.parts["gliosis"]
+    assert cavity.sum() > 20 and gliosis.sum() > 20
+    assert _ratio(chronic, "FLAIR", cavity, wm) < 0.6
+    assert _ratio(chronic, "FLAIR", gliosis, cavity) > 1.5
+    assert _ratio(chronic, "T2w", cavity, wm) > 1.8
+    assert _ratio(chronic, "T1w", cavity, wm) < 0.6
+
+
+def test_wmh_bright_on_t2w_and_flair_not_on_t1w(pairs):
     w = pairs["wmh"]
     les = w.lesion > 0
-    assert w.image[les].mean() > 1.08 * _surrounding_wm(w, les).mean()
-    assert np.all(healthy.tissue["wm"][les] > 0.5)  # foci lie in white matter
+    wm = _ring_around(w, les)
+    assert np.all(pairs["healthy"].tissue["wm"][les] > 0.5)  # foci lie in white matter
+    assert _ratio(w, "FLAIR", les, wm) > 1.2
+    assert _ratio(w, "T2w", les, wm) > 1.2
+    assert _ratio(w, "T1w", les, wm) < 1.0  # iso- to hypo-intense on T1w
+
+
+def test_contrasts_share_anatomy_mask_and_lesion(pairs):
+    """One lesion mask and one brain for all contrasts; rendering fewer contrasts changes nothing else."""
+    w = pairs["wmh"]
+    only_flair = synthesize_subject(SEED, "wmh", size_u=SIZE_U["wmh"], contrasts=["FLAIR"])
+    assert set(only_flair.images) == {"FLAIR"}
+    assert np.array_equal(only_flair.images["FLAIR"], w.images["FLAIR"])
+    assert np.array_equal(only_flair.lesion, w.lesion) and np.array_equal(only_flair.brain_mask, w.brain_mask)
+    for image in w.images.values():
+        assert np.all(image[w.brain_mask == 0] == 0) and image.shape == w.lesion.shape
+
+
+def test_cohort_has_one_datalist_per_contrast(tiny):
+    root = tiny.parent
+    docs = {c: json.loads((root / f"datalist_{c}.json").read_text()) for c in ("T1w", "T2w", "FLAIR")}
+    assert json.loads(tiny.read_text())["training"] == docs["T1w"]["training"]
+    for contrast, doc in docs.items():
+        assert doc["contrast"] == contrast and doc["modality"] == {"0": {"T1w": "T1", "T2w": "T2"}.get(contrast, contrast)}
+        for split in SPLITS:
+            for entry, t1 in zip(doc[split], docs["T1w"][split]):
+                assert entry["image"].endswith(f"_{contrast}.nii.gz") and (root / entry["image"]).is_file()
+                assert entry["subject"] == t1["subject"] and entry["mask"] == t1["mask"]
+                assert entry.get("label") == t1.get("label")
+        sidecar = json.loads((root / doc["test_lesion"][0]["image"].replace(".nii.gz", ".json")).read_text())
+        assert sidecar["Contrast"] == contrast and "TE" in sidecar["SequenceParameters"] or contrast == "T1w"
+    assert synth.ensure_cohort("tiny", root=root, contrast="flair") == root / "datalist_FLAIR.json"
 
 
 def test_lesion_sizes_follow_size_quantile():

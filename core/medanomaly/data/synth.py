@@ -48,9 +48,12 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage
 
+from medanomaly.data import synth_mr
+from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, MODALITY_LABELS, check_contrast, check_contrasts
 from medanomaly.data.datalist import read_datalist, write_datalist
 from medanomaly.data.synth_fields import (
     TemplateMaps,
+    bspline_field,
     control_points,
     load_template,
     random_rotation,
@@ -71,13 +74,15 @@ __all__ = [
     "cohort_root",
     "ensure_cohort",
     "generate_cohort",
+    "contrast_datalist",
     "plan_cohort",
+    "resolve_datalist",
     "save_montage",
     "synthesize_subject",
 ]
 
 #: Bump whenever the generated volumes change, so cached cohorts are regenerated.
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 
 SPLITS = ("training", "validation_healthy", "validation_lesion", "test_lesion", "test_healthy")
 LESION_SPLITS = ("validation_lesion", "test_lesion")
@@ -91,7 +96,7 @@ PRESETS: dict[str, dict[str, int]] = {
 _STREAMS = ("pose", "elastic", "contrast", "texture", "blur", "bias", "noise", "lesion")
 _VENTRICLES_MNI = np.array([0.0, -10.0, 16.0])  # centre of the lateral ventricles, MNI mm
 _PROBE_MM = 3.0  # spacing of the coarse probe used to place lesions
-_SUBJECT_FILE = re.compile(r"^sub-\d+_(T1w\.nii\.gz|brainmask\.nii\.gz|lesion\.nii\.gz|T1w\.json)$")
+_SUBJECT_FILE = re.compile(r"^sub-\d+_((T1w|T2w|FLAIR)\.(nii\.gz|json)|brainmask\.nii\.gz|lesion\.nii\.gz)$")
 _TEMP_FILE = re.compile(r"^\.sub-\d+_.*\.tmp$")
 
 
@@ -103,14 +108,19 @@ _TEMP_FILE = re.compile(r"^\.sub-\d+_.*\.tmp$")
 class SyntheticSubject:
     """One synthetic subject on its own grid (arrays indexed like the NIfTI voxels)."""
 
-    image: np.ndarray  # float32, scanner-like units, exactly 0 outside the brain
+    images: dict[str, np.ndarray]  # contrast -> float32, scanner-like units, exactly 0 outside the brain
     brain_mask: np.ndarray  # uint8
     lesion: np.ndarray  # uint8 ground truth (all zero for a healthy subject)
     affine: np.ndarray  # 4x4 voxel -> RAS mm (oblique, anisotropic)
     family: str  # "healthy", "tumour", "stroke" or "wmh"
     info: dict  # JSON-serialisable synthesis parameters
-    tissue: dict[str, np.ndarray] = field(default_factory=dict)  # gm / wm / csf fractions
+    tissue: dict[str, np.ndarray] = field(default_factory=dict)  # gm / wm / csf / deep_gm fractions
     parts: dict[str, np.ndarray] = field(default_factory=dict)  # named lesion parts (bool)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The T1w image (or the first contrast rendered, without T1w)."""
+        return self.images.get(DEFAULT_CONTRAST, next(iter(self.images.values())))
 
     @property
     def spacing(self) -> np.ndarray:
@@ -260,7 +270,7 @@ def _sample_maps(coords: np.ndarray, tpl: TemplateMaps) -> dict[str, np.ndarray]
     domain = np.flatnonzero(mask > 1e-3)
     sub = coords.reshape(3, -1)[:, domain]
     out = {"mask": mask}
-    for name in ("gm", "wm", "residual"):
+    for name in ("gm", "wm", "deep_gm", "residual"):
         full = np.zeros(shape, dtype=np.float32)
         full.reshape(-1)[domain] = ndimage.map_coordinates(getattr(tpl, name), sub, output=np.float32, **kw)
         out[name] = full
@@ -276,8 +286,10 @@ def _check_family(lesion_family) -> str:
     return lesion_family
 
 
-def synthesize_subject(seed, lesion_family: str | None = None, size_u: float | None = None) -> SyntheticSubject:
-    """Synthesises one subject in memory.
+def synthesize_subject(
+    seed, lesion_family: str | None = None, size_u: float | None = None, contrasts=CONTRASTS
+) -> SyntheticSubject:
+    """Synthesises one subject in memory, in each of `contrasts` (default T1w, T2w and FLAIR).
 
     Args:
         seed: non-negative integer (or sequence of them); the same seed gives the same subject.
@@ -286,8 +298,11 @@ def synthesize_subject(seed, lesion_family: str | None = None, size_u: float | N
             differs from the healthy version of the same seed.
         size_u: lesion size quantile in [0, 1] (log-uniform within the family's range);
             None draws it from the seed.
+        contrasts: which contrasts to render; every contrast shares anatomy and lesion, and
+            asking for fewer contrasts leaves the others' random draws unchanged.
     """
     family = _check_family(lesion_family)
+    contrasts = check_contrasts(contrasts)
     tpl = load_template()
     rngs = {n: np.random.default_rng(s) for n, s in zip(_STREAMS, _seed_sequence(seed).spawn(len(_STREAMS)))}
 
@@ -298,9 +313,10 @@ def synthesize_subject(seed, lesion_family: str | None = None, size_u: float | N
     _add_push(coords, geo, tpl, _mni_to_q(geo, tpl, _VENTRICLES_MNI), vent_radius, vent_strength)
 
     c = rngs["contrast"]
-    mu = {"wm": 1.0, "gm": float(c.uniform(0.58, 0.76)), "csf": float(c.uniform(0.12, 0.38))}
+    tissues = synth_mr.draw_tissues(c)
+    sequences = synth_mr.draw_sequences(c, tissues["csf"]["T1"])
     detail = float(c.uniform(0.5, 1.1))
-    gain = float(c.uniform(400.0, 1200.0))
+    gains = {name: float(c.uniform(400.0, 1200.0)) for name in CONTRASTS}
 
     plan = None
     if family != HEALTHY:
@@ -316,79 +332,107 @@ def synthesize_subject(seed, lesion_family: str | None = None, size_u: float | N
     right = _right_hemisphere(coords, tpl) if plan is not None else None
     del coords
     brain = maps["mask"] >= 0.5
-    image = maps["wm"] * mu["wm"] + maps["gm"] * mu["gm"] + maps["csf"] * mu["csf"] + detail * maps["residual"]
-    np.maximum(image, 0.0, out=image)
 
     lesion = np.zeros(geo.shape, dtype=bool)
     parts: dict[str, np.ndarray] = {}
+    canvas = Canvas(geo.shape, maps["gm"], maps["wm"], maps["csf"], geo.spacing, right)
     if plan is not None:
-        canvas = Canvas(image, maps["gm"], maps["wm"], maps["csf"], geo.spacing, mu, right)
         lesion, parts = render_lesion(plan, canvas, rngs["lesion"])
         lesion &= brain
         parts = {k: v & brain for k, v in parts.items()}
         if not lesion.any():  # cannot happen by construction (lesion centres lie in tissue)
             raise RuntimeError(f"Lesion of family {family} came out empty for seed {seed}; please report this.")
+    compartments = {**tissues, **(plan or {}).get("relaxation", {})}
 
-    # texture: fine grain and mid-scale inhomogeneity
+    # texture (fine grain, mid-scale inhomogeneity) and resolution loss are the subject's: shared
     t = rngs["texture"]
     fine_sigma, fine_amp, mid_amp = 0.7, float(t.uniform(0.01, 0.03)), float(t.uniform(0.01, 0.03))
     fine = ndimage.gaussian_filter(t.standard_normal(geo.shape, dtype=np.float32), fine_sigma, truncate=3.0)
     fine /= max(float(fine.std()), 1e-6)
     extent = np.asarray(geo.shape) * geo.spacing
-    mid = smooth_field(geo.shape, control_points(extent, 12.0), t)
-    image *= 1.0 + fine_amp * fine + mid_amp * mid
-    del fine, mid
-
-    # acquisition: blur (resolution loss), bias field, Rician noise, gain
+    texture = 1.0 + fine_amp * fine + mid_amp * smooth_field(geo.shape, control_points(extent, 12.0), t)
+    del fine
     b = rngs["blur"]
     blur_on = bool(b.random() < 0.5)
     blur_sigma = [float(b.uniform(0.2, 0.6))] * 2 + [float(b.uniform(0.2, 0.8))]
-    if blur_on:
-        image = ndimage.gaussian_filter(image, blur_sigma, truncate=3.0)
-    bb = rngs["bias"]
-    bias_amp, bias_ctrl = float(bb.uniform(0.05, 0.2)), float(bb.uniform(60.0, 100.0))
-    image *= np.exp(bias_amp * smooth_field(geo.shape, control_points(extent, bias_ctrl), bb))
-    nn = rngs["noise"]
-    noise_sigma = float(nn.uniform(0.01, 0.035))
-    real = image + noise_sigma * nn.standard_normal(geo.shape, dtype=np.float32)
-    imag = noise_sigma * nn.standard_normal(geo.shape, dtype=np.float32)
-    image = np.sqrt(real * real + imag * imag)
-    del real, imag
-    image *= gain
-    image[~brain] = 0.0
+
+    # each contrast: its own signal, bias field, Rician noise and gain (drawn in CONTRASTS order,
+    # so a contrast's draws do not depend on which others are rendered)
+    images, acquisition = {}, {}
+    for name in CONTRASTS:
+        bias_amp, bias_ctrl = float(rngs["bias"].uniform(0.05, 0.2)), float(rngs["bias"].uniform(60.0, 100.0))
+        bias_coeffs = rngs["bias"].standard_normal(control_points(extent, bias_ctrl), dtype=np.float32)
+        noise_sigma = float(rngs["noise"].uniform(0.01, 0.035))
+        noise_seed = int(rngs["noise"].integers(2**63))
+        acquisition[name] = {"bias_field": {"amplitude": round(bias_amp, 4), "control_spacing_mm": round(bias_ctrl, 2)},
+                             "rician_noise_sigma": round(noise_sigma, 4), "gain": round(gains[name], 2)}  # fmt: skip
+        if name not in contrasts:
+            continue
+        signal = synth_mr.signals(name, compartments, sequences[name])
+        image = _tissue_image(maps, signal, detail)
+        for layer in canvas.layers:
+            layer.apply(image, signal)
+        image *= texture
+        if blur_on:
+            image = ndimage.gaussian_filter(image, blur_sigma, truncate=3.0)
+        image *= np.exp(bias_amp * _unit_field(bias_coeffs, geo.shape))
+        noise = np.random.default_rng(noise_seed)
+        real = image + noise_sigma * noise.standard_normal(geo.shape, dtype=np.float32)
+        imag = noise_sigma * noise.standard_normal(geo.shape, dtype=np.float32)
+        image = np.sqrt(real * real + imag * imag)
+        del real, imag
+        image *= gains[name]
+        image[~brain] = 0.0
+        images[name] = image.astype(np.float32, copy=False)
+    del texture
 
     info = {
         "generator": "medanomaly.data.synth",
         "version": GENERATOR_VERSION,
         "family": family,
+        "contrasts": list(contrasts),
         **geo.info,
         **elastic_info,
         "ventricle_push": {"strength": round(float(vent_strength), 4), "radius_mm": round(float(vent_radius), 3)},
-        "contrast": {
-            "gm": round(mu["gm"], 4),
-            "csf": round(mu["csf"], 4),
-            "template_detail": round(detail, 4),
-            "gain": round(gain, 2),
-        },
+        "tissues": tissues,
+        "sequences": sequences,
+        "template_detail": round(detail, 4),
         "texture": {"fine": round(fine_amp, 4), "mid": round(mid_amp, 4)},
         "blur_sigma_vox": [round(s, 3) for s in blur_sigma] if blur_on else None,
-        "bias_field": {"amplitude": round(bias_amp, 4), "control_spacing_mm": round(bias_ctrl, 2)},
-        "rician_noise_sigma": round(noise_sigma, 4),
+        "acquisition": acquisition,
         "lesion": plan,
     }
     subject = SyntheticSubject(
-        image=image.astype(np.float32, copy=False),
+        images=images,
         brain_mask=brain.astype(np.uint8),
         lesion=lesion.astype(np.uint8),
         affine=geo.affine,
         family=family,
         info=info,
-        tissue={"gm": maps["gm"], "wm": maps["wm"], "csf": maps["csf"]},
+        tissue={"gm": maps["gm"], "wm": maps["wm"], "csf": maps["csf"], "deep_gm": maps["deep_gm"]},
         parts=parts,
     )
     info["lesion_voxels"] = subject.lesion_voxels
     info["lesion_ml"] = round(subject.lesion_ml, 4)
     return subject
+
+
+def _tissue_image(maps: dict[str, np.ndarray], signal: dict[str, float], detail: float) -> np.ndarray:
+    """Partial-volume mix of the healthy tissues' signals, plus the template's anatomical detail
+    scaled by this contrast's white-minus-grey difference (so it flips sign on T2w and FLAIR)."""
+    cortex = maps["gm"] - maps["deep_gm"]
+    image = (maps["wm"] * signal["wm"] + cortex * signal["gm"] + maps["deep_gm"] * signal["deep_gm"]
+             + maps["csf"] * signal["csf"])  # fmt: skip
+    image += (detail * (signal["wm"] - signal["gm"])) * maps["residual"]
+    return np.maximum(image, 0.0, out=image)
+
+
+def _unit_field(coeffs: np.ndarray, shape) -> np.ndarray:
+    """A B-spline field of zero mean and unit standard deviation, clipped at 2.5 (as smooth_field)."""
+    f = bspline_field(coeffs, shape)
+    f -= f.mean()
+    f /= max(float(f.std()), 1e-12)
+    return np.clip(f, -2.5, 2.5, out=f)
 
 
 # ----------------------------------------------------------------------------------------
@@ -418,14 +462,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def _subject_paths(root: Path, plan: Mapping) -> dict[str, Path]:
+def _subject_paths(root: Path, plan: Mapping, contrasts=CONTRASTS) -> dict[str, Path]:
+    """A subject's files: ``image:<C>`` and ``sidecar:<C>`` per contrast, ``mask``, ``label``."""
     folder = root / plan["split"]
     sid = plan["subject"]
-    paths = {
-        "image": folder / f"{sid}_T1w.nii.gz",
-        "mask": folder / f"{sid}_brainmask.nii.gz",
-        "sidecar": folder / f"{sid}_T1w.json",
-    }
+    paths = {"mask": folder / f"{sid}_brainmask.nii.gz"}
+    for name in contrasts:
+        paths[f"image:{name}"] = folder / f"{sid}_{name}.nii.gz"
+        paths[f"sidecar:{name}"] = folder / f"{sid}_{name}.json"
     if plan["split"] != "training":
         paths["label"] = folder / f"{sid}_lesion.nii.gz"
     return paths
@@ -442,61 +486,73 @@ def _sidecar_key(plan: Mapping) -> dict:
     }
 
 
-def _entry(root: Path, plan: Mapping, lesion_voxels: int, lesion_ml: float) -> dict:
-    paths = _subject_paths(root, plan)
-    entry = {"image": paths["image"].relative_to(root).as_posix(), "mask": paths["mask"].relative_to(root).as_posix()}
-    if "label" in paths:
-        entry["label"] = paths["label"].relative_to(root).as_posix()
-    entry.update(
-        subject=plan["subject"],
-        family=plan["family"],
-        lesion_voxels=int(lesion_voxels),
-        lesion_ml=round(float(lesion_ml), 4),
-    )
-    return entry
+def _entries(root: Path, plan: Mapping, contrasts, lesion_voxels: int, lesion_ml: float) -> dict[str, dict]:
+    """The subject's datalist entry in each contrast's datalist (contrast -> entry)."""
+    paths = _subject_paths(root, plan, contrasts)
+    entries = {}
+    for name in contrasts:
+        entry = {"image": paths[f"image:{name}"].relative_to(root).as_posix(),
+                 "mask": paths["mask"].relative_to(root).as_posix()}  # fmt: skip
+        if "label" in paths:
+            entry["label"] = paths["label"].relative_to(root).as_posix()
+        entry.update(
+            subject=plan["subject"],
+            family=plan["family"],
+            lesion_voxels=int(lesion_voxels),
+            lesion_ml=round(float(lesion_ml), 4),
+        )
+        entries[name] = entry
+    return entries
 
 
-def _completed_entry(root: Path, plan: Mapping) -> dict | None:
-    """The datalist entry of a subject already on disk with this plan, else None."""
-    paths = _subject_paths(root, plan)
+def _completed_entries(root: Path, plan: Mapping, contrasts) -> dict[str, dict] | None:
+    """The datalist entries of a subject already on disk with this plan in every contrast, else None."""
+    paths = _subject_paths(root, plan, contrasts)
     if not all(p.is_file() for p in paths.values()):
         return None
-    try:
-        side = json.loads(paths["sidecar"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
     key = _sidecar_key(plan)
-    if any(side.get(k) != v for k, v in key.items()):
-        return None
-    return _entry(root, plan, side.get("LesionVoxels", 0), side.get("LesionVolumeMl", 0.0))
+    side = {}
+    for name in contrasts:
+        try:
+            side = json.loads(paths[f"sidecar:{name}"].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if any(side.get(k) != v for k, v in key.items()) or side.get("Contrast") != name:
+            return None
+    return _entries(root, plan, contrasts, side.get("LesionVoxels", 0), side.get("LesionVolumeMl", 0.0))
 
 
-def _generate_subject_files(plan: dict, root: str) -> dict:
-    """Synthesises one planned subject and writes its files (worker entry point)."""
+def _generate_subject_files(plan: dict, root: str, contrasts=CONTRASTS) -> dict[str, dict]:
+    """Synthesises one planned subject and writes its files (worker entry point); returns its
+    entry per contrast. Sidecars are written last: they mark a finished subject."""
     root_path = Path(root)
-    paths = _subject_paths(root_path, plan)
-    paths["image"].parent.mkdir(parents=True, exist_ok=True)
-    if paths["sidecar"].exists():  # the sidecar marks a finished subject: drop it first
-        paths["sidecar"].unlink()
+    paths = _subject_paths(root_path, plan, contrasts)
+    paths["mask"].parent.mkdir(parents=True, exist_ok=True)
+    for name in contrasts:
+        paths[f"sidecar:{name}"].unlink(missing_ok=True)
     family = None if plan["family"] == HEALTHY else plan["family"]
-    subject = synthesize_subject(plan["seed"], family, plan["size_u"])
+    subject = synthesize_subject(plan["seed"], family, plan["size_u"], contrasts=contrasts)
     desc = f"medanomaly synth v{GENERATOR_VERSION} {plan['subject']} {plan['family']}"
-    image = np.clip(np.rint(subject.image), 0, np.iinfo(np.int16).max).astype(np.int16)
-    _atomic_write(paths["image"], _nifti_gz_bytes(image, subject.affine, desc))
+    for name in contrasts:
+        image = np.clip(np.rint(subject.images[name]), 0, np.iinfo(np.int16).max).astype(np.int16)
+        _atomic_write(paths[f"image:{name}"], _nifti_gz_bytes(image, subject.affine, f"{desc} {name}"))
     _atomic_write(paths["mask"], _nifti_gz_bytes(subject.brain_mask, subject.affine, desc + " brain mask"))
     if "label" in paths:
         _atomic_write(paths["label"], _nifti_gz_bytes(subject.lesion, subject.affine, desc + " lesion"))
-    sidecar = {
-        **_sidecar_key(plan),
-        "Generator": "medanomaly.data.synth",
-        "Modality": "T1w (synthetic, skull-stripped)",
-        "VoxelSpacing": [float(s) for s in subject.spacing.round(4)],
-        "LesionVoxels": subject.lesion_voxels,
-        "LesionVolumeMl": round(subject.lesion_ml, 4),
-        "Synthesis": subject.info,
-    }
-    _atomic_write(paths["sidecar"], (json.dumps(sidecar, indent=1) + "\n").encode())
-    return _entry(root_path, plan, subject.lesion_voxels, subject.lesion_ml)
+    for name in contrasts:
+        sidecar = {
+            **_sidecar_key(plan),
+            "Contrast": name,
+            "Generator": "medanomaly.data.synth",
+            "Modality": f"{name} (synthetic, skull-stripped)",
+            "SequenceParameters": subject.info["sequences"][name],
+            "VoxelSpacing": [float(s) for s in subject.spacing.round(4)],
+            "LesionVoxels": subject.lesion_voxels,
+            "LesionVolumeMl": round(subject.lesion_ml, 4),
+            "Synthesis": subject.info,
+        }
+        _atomic_write(paths[f"sidecar:{name}"], (json.dumps(sidecar, indent=1) + "\n").encode())
+    return _entries(root_path, plan, contrasts, subject.lesion_voxels, subject.lesion_ml)
 
 
 # ----------------------------------------------------------------------------------------
@@ -570,9 +626,14 @@ def cohort_root(name: str) -> Path:
     return Path(home) / "cohorts" / name
 
 
-def _provenance(preset_name: str, sizes: dict, seed: int) -> dict:
+def _provenance(preset_name: str, sizes: dict, seed: int, contrasts=CONTRASTS) -> dict:
     return {"generator": "medanomaly.data.synth", "version": GENERATOR_VERSION, "preset": preset_name,
-            "sizes": sizes, "seed": int(seed)}  # fmt: skip
+            "sizes": sizes, "seed": int(seed), "contrasts": list(contrasts)}  # fmt: skip
+
+
+def contrast_datalist(root, contrast: str) -> Path:
+    """``root/datalist_<contrast>.json``: the cohort's datalist of one contrast."""
+    return Path(root) / f"datalist_{check_contrast(contrast)}.json"
 
 
 def _is_current(datalist: Path, provenance: dict) -> bool:
@@ -626,8 +687,8 @@ def _default_workers() -> int:
     return max(1, min(2, cpus))
 
 
-def _remove_stale(root: Path, plans: list[dict], started: float) -> None:
-    keep = {p.name for plan in plans for p in _subject_paths(root, plan).values()}
+def _remove_stale(root: Path, plans: list[dict], started: float, contrasts) -> None:
+    keep = {p.name for plan in plans for p in _subject_paths(root, plan, contrasts).values()}
     for split in SPLITS:
         folder = root / split
         if not folder.is_dir():
@@ -646,8 +707,14 @@ def generate_cohort(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    contrasts=CONTRASTS,
 ) -> Path:
     """Writes the synthetic cohort under `root`; returns the path of its ``datalist.json``.
+
+    Every subject is rendered in each of `contrasts` (default T1w, T2w, FLAIR) from one anatomy
+    and one lesion: ``sub-0001_T1w.nii.gz``, ``_T2w``, ``_FLAIR`` share ``_brainmask`` and
+    ``_lesion``. Each contrast has its datalist ``datalist_<C>.json`` (top-level ``"contrast"``);
+    ``datalist.json`` is the first contrast's (T1w by default).
 
     Cached and idempotent: when ``root/datalist.json`` was written for the same preset, seed
     and generator version (its ``"medanomaly"`` key) and all its files exist, it is returned
@@ -665,32 +732,35 @@ def generate_cohort(
         workers: number of processes; 1 generates in this process.
         progress: show a tqdm progress bar.
         overwrite: regenerate even what is cached.
+        contrasts: the contrasts to render (names of `CONTRASTS`, or "all").
     """
     from tqdm.auto import tqdm
 
     root = Path(root).expanduser()
+    contrasts = check_contrasts(contrasts)
     preset_name, sizes = _resolve_preset(preset)
-    provenance = _provenance(preset_name, sizes, seed)
+    provenance = _provenance(preset_name, sizes, seed, contrasts)
     datalist = root / "datalist.json"
-    if not overwrite and _is_current(datalist, provenance):
+    if not overwrite and all(_is_current(contrast_datalist(root, c), provenance) for c in contrasts):
         logger.debug("Synthetic cohort at %s is up to date.", root)
         return datalist
-    _refuse_foreign_datalist(datalist)
+    for path in [datalist, *(contrast_datalist(root, c) for c in CONTRASTS)]:
+        _refuse_foreign_datalist(path)
 
     started = time.time()
     plans = plan_cohort(sizes, seed)
     root.mkdir(parents=True, exist_ok=True)
-    entries: dict[str, dict] = {}
+    entries: dict[str, dict[str, dict]] = {}  # subject -> contrast -> entry
     todo = []
     for plan in plans:
-        done = None if overwrite else _completed_entry(root, plan)
+        done = None if overwrite else _completed_entries(root, plan, contrasts)
         if done is None:
             todo.append(plan)
         else:
             entries[plan["subject"]] = done
     logger.info(
-        "Generating synthetic cohort '%s' (seed %d) in %s: %d subjects to make, %d already on disk.",
-        preset_name, seed, root, len(todo), len(entries),
+        "Generating synthetic cohort '%s' (seed %d, %s) in %s: %d subjects to make, %d already on disk.",
+        preset_name, seed, ", ".join(contrasts), root, len(todo), len(entries),
     )  # fmt: skip
 
     workers = _default_workers() if workers is None else max(1, int(workers))
@@ -699,7 +769,7 @@ def generate_cohort(
     try:
         if workers == 1:
             for plan in todo:
-                entries[plan["subject"]] = _generate_subject_files(plan, str(root))
+                entries[plan["subject"]] = _generate_subject_files(plan, str(root), contrasts)
                 bar.update(1)
         elif todo:
             methods = multiprocessing.get_all_start_methods()
@@ -707,7 +777,7 @@ def generate_cohort(
             context = multiprocessing.get_context("fork" if use_fork else "spawn")
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init)
             try:
-                futures = {pool.submit(_generate_subject_files, plan, str(root)): plan for plan in todo}
+                futures = {pool.submit(_generate_subject_files, plan, str(root), contrasts): plan for plan in todo}
                 for fut in as_completed(futures):
                     plan = futures[fut]
                     try:
@@ -723,22 +793,46 @@ def generate_cohort(
     finally:
         bar.close()
 
-    _remove_stale(root, plans, started)
-    splits = {split: [entries[p["subject"]] for p in plans if p["split"] == split] for split in SPLITS}
-    pending = root / ".datalist.pending.json"
+    _remove_stale(root, plans, started, contrasts)
+    for name in contrasts:
+        splits = {split: [entries[p["subject"]][name] for p in plans if p["split"] == split] for split in SPLITS}
+        _write_cohort_datalist(root, contrast_datalist(root, name), splits, name, provenance)
+    primary = contrast_datalist(root, contrasts[0])
+    _write_cohort_datalist(root, datalist, splits_of(primary), contrasts[0], provenance)
+    key = next((k for k in ("test_lesion", "validation_lesion") if sizes[k]), None)
+    try:
+        if key is not None:
+            save_montage(datalist, root / "montage.png", n=6, key=key)
+    except Exception as exc:  # the montage is a convenience: never lose a cohort over it
+        logger.warning("Could not draw the cohort montage: %s", exc)
+    logger.info("Synthetic cohort ready: %s (%.1f s).", datalist, time.time() - started)
+    return datalist
+
+
+def splits_of(datalist: Path) -> dict[str, list]:
+    """The split lists of a datalist file, paths as stored."""
+    doc = read_datalist(datalist)
+    return {split: doc.get(split, []) for split in SPLITS}
+
+
+def _write_cohort_datalist(root: Path, path: Path, splits: dict, contrast: str, provenance: dict) -> None:
+    """Writes one contrast's datalist (atomically, last: it marks the cohort as finished)."""
+    pending = root / f".{path.stem}.pending.json"
     write_datalist(
         pending,
         splits,
-        name="MedAnomaly synthetic brain MRI",
+        name=f"MedAnomaly synthetic brain MRI ({contrast})",
         description=(
-            "Synthetic skull-stripped T1-like brain MRI made from the MNI152 template and tissue maps "
-            "shipped with nilearn: random pose, elastic deformation, contrast, texture, bias field, Rician "
-            "noise, anisotropic oblique grids; lesion subjects carry a tumour, stroke or white-matter "
-            "hyper-intensities with exact ground-truth masks."
+            f"Synthetic skull-stripped {contrast} brain MRI made from the MNI152 template and tissue maps "
+            "shipped with nilearn: random pose, elastic deformation, tissue T1/T2/PD and sequence timings "
+            "(signal from the sequence equations), texture, bias field, Rician noise, anisotropic oblique "
+            "grids; lesion subjects carry a tumour, stroke or white-matter hyper-intensities with exact "
+            "ground-truth masks, the same in every contrast."
         ),
-        modality={"0": "T1"},
+        modality={"0": MODALITY_LABELS[contrast]},
         labels={"0": "background", "1": "lesion"},
         metadata={
+            "contrast": contrast,
             "reference": "medanomaly.data.synth",
             "licence": "Derived from the ICBM 2009 MNI152 template (see nilearn's licence notes)",
             "release": GENERATOR_VERSION,
@@ -746,19 +840,25 @@ def generate_cohort(
             "medanomaly": provenance,
         },
     )
-    key = next((k for k in ("test_lesion", "validation_lesion") if splits[k]), None)
-    try:
-        if key is not None:
-            save_montage(pending, root / "montage.png", n=6, key=key)
-    except Exception as exc:  # the montage is a convenience: never lose a cohort over it
-        logger.warning("Could not draw the cohort montage: %s", exc)
-    os.replace(pending, datalist)
-    logger.info("Synthetic cohort ready: %s (%.1f s).", datalist, time.time() - started)
-    return datalist
+    os.replace(pending, path)
 
 
-def ensure_cohort(preset="demo", seed: int = 0, root=None) -> Path:
-    """The datalist of a synthetic cohort, generated first if it is missing or out of date.
+def resolve_datalist(datalist, contrast: str | None = None) -> Path:
+    """The datalist file for `datalist`: a synthetic preset's (generated on first use; the file of
+    `contrast`, default T1w) or the path of a Decathlon-style JSON file, which must exist."""
+    if str(datalist) in PRESETS:
+        return ensure_cohort(str(datalist), contrast=contrast or DEFAULT_CONTRAST)
+    path = Path(datalist).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Datalist {datalist} is neither a synthetic cohort preset ({', '.join(PRESETS)}) nor an existing file."
+        )
+    return path.resolve()
+
+
+def ensure_cohort(preset="demo", seed: int = 0, root=None, contrast: str | None = None) -> Path:
+    """The datalist of a synthetic cohort, generated first (in every contrast) if it is missing or
+    out of date: ``datalist_<contrast>.json`` when `contrast` is given, else ``datalist.json`` (T1w).
 
     `root` defaults to ``cohort_root(preset)`` (``cohort_root(f"{preset}-seed{seed}")`` for
     seed != 0).
@@ -767,12 +867,13 @@ def ensure_cohort(preset="demo", seed: int = 0, root=None) -> Path:
     if root is None:
         root = cohort_root(preset_name if seed == 0 else f"{preset_name}-seed{seed}")
     root = Path(root).expanduser()
-    datalist = root / "datalist.json"
+    datalist = root / "datalist.json" if contrast is None else contrast_datalist(root, contrast)
     if _is_current(datalist, _provenance(preset_name, sizes, seed)):
         return datalist
     n = sum(sizes.values())
     logger.info(
-        "Synthetic cohort '%s' (seed %d, %d subjects) not found at %s; generating it now "
-        "(about a second per subject and worker).", preset_name, seed, n, root,
+        "Synthetic cohort '%s' (seed %d, %d subjects, %s) not found at %s; generating it now "
+        "(a few seconds per subject and worker).", preset_name, seed, n, ", ".join(CONTRASTS), root,
     )  # fmt: skip
-    return generate_cohort(root, preset=preset, seed=seed)
+    generate_cohort(root, preset=preset, seed=seed)
+    return datalist

@@ -3,10 +3,12 @@
 The template maps come from the files that `nilearn` ships (no download): the ICBM 2009
 T1 template, its grey- and white-matter probability maps and nilearn's brain mask (the
 template above 0.2). They are loaded once per process, cropped to the brain and kept as
-float32. Cerebrospinal fluid is what the mask holds beyond grey and white matter. The
-T1 template's detail that a three-tissue model cannot explain (deep grey nuclei, the
-corpus callosum, partial volume) is kept as a residual map, in units of white-matter
-intensity, so subjects look like T1 images and not like a cartoon of three tissues.
+float32. Cerebrospinal fluid is what the mask holds beyond grey and white matter. Deep grey
+nuclei (basal ganglia, thalamus) are the grey matter more than 15 mm below the brain's surface
+within a box about the MNI midline that excludes the insula, cingulate and temporal cortex. The
+T1 template's detail that a four-tissue model cannot explain (the corpus callosum, partial
+volume, fine anatomy) is kept as a residual map, in units of the template's white-minus-grey
+contrast, so subjects carry real anatomical detail in every contrast and not a cartoon of tissues.
 
 Smooth random fields (elastic displacement, bias field, lesion irregularity) are cubic
 B-spline free-form fields: a small grid of random control values, evaluated on the full
@@ -33,13 +35,15 @@ class TemplateMaps:
     """MNI152 maps cropped to the brain, float32, on a 1 mm grid.
 
     `affine` maps template voxel indices to MNI millimetres; `inv_affine` the other way.
-    `residual` is the T1 template minus its best three-tissue fit, in units of the
-    white-matter intensity, and 0 outside the mask.
+    `residual` is the T1 template minus its best four-tissue fit, in units of the template's
+    white-minus-grey contrast (a voxel at +1 looks one white-vs-grey step more like white
+    matter), and 0 outside the mask.
     """
 
     mask: np.ndarray
-    gm: np.ndarray
+    gm: np.ndarray  # all grey matter (cortical and deep)
     wm: np.ndarray
+    deep_gm: np.ndarray  # the part of `gm` that lies in deep grey nuclei
     residual: np.ndarray
     affine: np.ndarray
     inv_affine: np.ndarray
@@ -79,15 +83,17 @@ def load_template() -> TemplateMaps:
     gm = np.clip(gm, 0.0, 1.0) * mask
     wm = np.clip(wm, 0.0, 1.0) * mask
     csf = np.clip(mask - gm - wm, 0.0, 1.0)
-    inside = mask > 0.5
-    design = np.stack([gm[inside], wm[inside], csf[inside]], axis=1).astype(np.float64)
-    coef, *_ = np.linalg.lstsq(design, t1[inside].astype(np.float64), rcond=None)
-    fit = gm * coef[0] + wm * coef[1] + csf * coef[2]
-    residual = ((t1 - fit) / coef[1] * mask).astype(np.float32)
-
     shift = np.eye(4)
     shift[:3, 3] = lo
     affine = affine @ shift
+    deep = gm * _deep_nuclei_weight(mask > 0.5, affine)
+    cortex = gm - deep
+    inside = mask > 0.5
+    design = np.stack([cortex[inside], deep[inside], wm[inside], csf[inside]], axis=1).astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, t1[inside].astype(np.float64), rcond=None)
+    fit = cortex * coef[0] + deep * coef[1] + wm * coef[2] + csf * coef[3]
+    residual = ((t1 - fit) / (coef[2] - coef[0]) * mask).astype(np.float32)
+
     ijk = np.argwhere(inside)
     mm_lo = ijk.min(0) @ affine[:3, :3].T + affine[:3, 3]
     mm_hi = ijk.max(0) @ affine[:3, :3].T + affine[:3, 3]
@@ -97,6 +103,7 @@ def load_template() -> TemplateMaps:
         mask=mask,
         gm=gm.astype(np.float32),
         wm=wm.astype(np.float32),
+        deep_gm=deep.astype(np.float32),
         residual=residual,
         affine=affine,
         inv_affine=np.linalg.inv(affine),
@@ -104,6 +111,27 @@ def load_template() -> TemplateMaps:
         brain_max_mm=np.maximum(mm_lo, mm_hi),
         brain_centre_mm=mm_centre,
     )
+
+
+# Deep grey nuclei lie within this MNI box (mm) and deeper than _DEEP_MM below the brain surface.
+_DEEP_BOX_MM = ((-30.0, 30.0), (-38.0, 26.0), (-12.0, 22.0))
+_DEEP_MM = 15.0
+
+
+def _deep_nuclei_weight(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A soft (0..1, 3 mm ramps) indicator of the deep-nuclei region on the template grid."""
+    from scipy import ndimage
+
+    depth = ndimage.distance_transform_edt(brain)  # template voxels are 1 mm
+    weight = np.clip((depth - _DEEP_MM) / 3.0 + 0.5, 0.0, 1.0)
+    for axis, (lo_mm, hi_mm) in enumerate(_DEEP_BOX_MM):
+        idx = np.arange(brain.shape[axis], dtype=np.float64)
+        mm = affine[axis, axis] * idx + affine[axis, 3]  # MNI templates are axis-aligned
+        ramp = np.clip(np.minimum(mm - lo_mm, hi_mm - mm) / 3.0 + 0.5, 0.0, 1.0)
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        weight = weight * ramp.reshape(shape)
+    return weight.astype(np.float32)
 
 
 @functools.lru_cache(maxsize=256)

@@ -7,12 +7,15 @@ A lesion is made in two steps, both driven by the subject's own lesion random st
   carries a radial *push* (mass effect) that the generator adds to the coordinate map
   before the template maps are resampled, so the surrounding anatomy is displaced.
 * `render_lesion` draws the lesion's exact shape on the subject grid (in millimetres of the
-  voxel frame, so anisotropic voxels give round lesions) and changes the image intensities
-  inside it (relative units, white matter = 1), before bias field and noise.
+  voxel frame, so anisotropic voxels give round lesions) as *layers*: where, and how much of
+  the tissue, each lesion compartment (oedema, necrosis, enhancing rim, infarct, gliosis,
+  WMH ...) replaces. The generator then turns the layers into signal for each contrast from
+  the compartments' T1 / T2 / PD (`synth_mr`), so one lesion looks in T1w, T2w and FLAIR the
+  way it does in real scans, with one ground-truth mask for all contrasts.
 
 Shapes are level sets: a signed depth in millimetres, positive inside. The ground truth is
-every voxel with positive depth (and the right tissue, and inside the brain); the intensity
-change ramps from 35 % at the border to full strength 1.5 mm inside, like partial volume,
+every voxel with positive depth (and the right tissue, and inside the brain); the replaced
+fraction ramps from 35 % at the border to full strength 1.5 mm inside, like partial volume,
 and is exactly zero outside the ground truth.
 """
 
@@ -24,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from medanomaly.data.synth_fields import control_points, log_uniform, random_rotation, smooth_field
+from medanomaly.data.synth_mr import draw_tissues
 
 FAMILIES = ("tumour", "stroke", "wmh")
 HEALTHY = "healthy"
@@ -65,16 +69,37 @@ class Probe:
 
 
 @dataclass
-class Canvas:
-    """What rendering a lesion reads and changes, all on the subject grid."""
+class Layer:
+    """Within `region` (slices of the subject grid), a fraction `alpha` of the voxel's signal
+    is replaced by `hetero` times the signal of a mix of compartments (`mix`: name -> weight,
+    weights scalar or arrays that sum to 1)."""
 
-    image: np.ndarray  # float32, relative intensity (white matter = 1), changed in place
+    region: tuple
+    alpha: np.ndarray
+    mix: dict
+    hetero: np.ndarray | float = 1.0
+
+    def apply(self, image: np.ndarray, signal: dict[str, float]) -> None:
+        """Blends this layer into `image` (changed in place) given each compartment's signal."""
+        target = sum(weight * signal[name] for name, weight in self.mix.items())
+        view = image[self.region]
+        view += self.alpha * (target * self.hetero - view)
+
+
+@dataclass
+class Canvas:
+    """What rendering a lesion reads (tissue maps on the subject grid) and the layers it draws."""
+
+    shape: tuple
     gm: np.ndarray
     wm: np.ndarray
     csf: np.ndarray
     spacing: np.ndarray
-    mu: dict  # mean tissue intensities: {"wm": 1.0, "gm": ..., "csf": ...}
     right: np.ndarray  # bool: the voxel lies in the right hemisphere (MNI x > 0)
+    layers: list = field(default_factory=list)
+
+    def blend(self, region, alpha, mix: dict, hetero=1.0) -> None:
+        self.layers.append(Layer(region, np.asarray(alpha, dtype=np.float32), mix, hetero))
 
 
 def _choose(probe: Probe, conditions, rng: np.random.Generator, with_index: bool = False):
@@ -112,8 +137,8 @@ def plan_lesion(family: str, probe: Probe, size_u: float, rng: np.random.Generat
 
 
 def render_lesion(plan: dict, canvas: Canvas, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """Draws the planned lesion: changes `canvas.image` in place; returns the lesion mask
-    (bool, subject grid) and its named parts (bool masks)."""
+    """Draws the planned lesion as layers on `canvas`; returns the lesion mask (bool, subject
+    grid) and its named parts (bool masks)."""
     family = plan["family"]
     if family == "tumour":
         return _render_tumour(plan, canvas, rng)
@@ -211,12 +236,9 @@ def _plan_tumour(probe: Probe, size_u: float, rng: np.random.Generator) -> dict:
         "irregularity_oedema": round(rng.uniform(0.25, 0.45), 3),
         "core_type": core_type,
         "oedema_margin_mm": round(rng.uniform(1.5, 5.0), 3),
-        "oedema_intensity": round(rng.uniform(1.25, 1.5), 3),
-        "oedema_strength": round(rng.uniform(0.6, 0.85), 3),
-        "core_intensity": round(rng.uniform(0.3, 0.55), 3),
-        "rim_intensity": round(rng.uniform(1.35, 1.65), 3),
-        "centre_intensity": round(rng.uniform(0.15, 0.4), 3),
+        "oedema_strength": round(rng.uniform(0.7, 0.9), 3),
         "rim_mm": round(float(np.clip(r_core * rng.uniform(0.2, 0.35), 1.5, 6.0)), 3),
+        "relaxation": draw_tissues(rng, ("oedema", "tumour_core", "necrosis", "enhancing_rim")),
         "pushes": [
             {"centre_q": _as_list(centre), "radius": round(push_radius, 3), "strength": round(push_strength, 4)}
         ],
@@ -224,7 +246,7 @@ def _plan_tumour(probe: Probe, size_u: float, rng: np.random.Generator) -> dict:
 
 
 def _render_tumour(plan: dict, canvas: Canvas, rng: np.random.Generator):
-    sp, shape = canvas.spacing, canvas.image.shape
+    sp, shape = canvas.spacing, canvas.shape
     r_total, r_core = plan["r_total_mm"], plan["r_core_mm"]
     reach = max(
         _blob_reach(r_core, plan["irregularity_core"]) + plan["oedema_margin_mm"],
@@ -243,17 +265,15 @@ def _render_tumour(plan: dict, canvas: Canvas, rng: np.random.Generator):
     tissue = (canvas.wm[sl] + 0.5 * canvas.gm[sl]) > 0.45
     core = depth_core > 0
     oedema = ((depth_oed > 0) & tissue) | core
-    img = canvas.image[sl]
     w = _ramp(depth_oed) * tissue
     w[core] = 1.0
-    img += w * plan["oedema_strength"] * (plan["oedema_intensity"] * hetero - img)
-    wc = _ramp(depth_core)
-    if plan["core_type"] == "ring":
-        s = np.clip((depth_core - plan["rim_mm"]) / 1.5 + 0.5, 0.0, 1.0)
-        target = (1.0 - s) * plan["rim_intensity"] + s * plan["centre_intensity"]
-    else:
-        target = plan["core_intensity"]
-    img += wc * (target * hetero - img)
+    canvas.blend(sl, w * plan["oedema_strength"], {"oedema": 1.0}, hetero)
+    if plan["core_type"] == "ring":  # enhancing rim around a necrotic centre
+        s = np.clip((depth_core - plan["rim_mm"]) / 1.5 + 0.5, 0.0, 1.0).astype(np.float32)
+        mix = {"enhancing_rim": 1.0 - s, "necrosis": s}
+    else:  # non-enhancing solid core
+        mix = {"tumour_core": 1.0}
+    canvas.blend(sl, _ramp(depth_core), mix, hetero)
     lesion = np.zeros(shape, dtype=bool)
     lesion[sl] = oedema
     core_full = np.zeros(shape, dtype=bool)
@@ -262,7 +282,9 @@ def _render_tumour(plan: dict, canvas: Canvas, rng: np.random.Generator):
 
 
 # ----------------------------------------------------------------------------------------
-# stroke: hypo-intense, towards CSF; a cortical wedge (vascular territory) or a subcortical blob
+# stroke: a cortical wedge (vascular territory) or a subcortical blob; acute (oedematous infarct:
+# dark on T1w, bright on T2w and FLAIR) or chronic (a CSF-like cavity, dark on FLAIR, inside a
+# bright gliotic rim)
 
 
 def _plan_stroke(probe: Probe, size_u: float, rng: np.random.Generator) -> dict:
@@ -276,8 +298,10 @@ def _plan_stroke(probe: Probe, size_u: float, rng: np.random.Generator) -> dict:
         "target_ml": round(volume, 3),
         "mode": mode,
         "irregularity": round(rng.uniform(0.2, 0.35), 3),
-        "csf_fraction": round(rng.uniform(0.05, 0.4), 3),  # target = csf + fraction * (gm - csf)
-        "strength": round(rng.uniform(0.55, 0.9), 3),
+        "stage": "chronic" if rng.random() < 0.5 else "acute",
+        "gliosis_mm": round(rng.uniform(1.0, 2.5), 3),
+        "strength": round(rng.uniform(0.75, 0.95), 3),
+        "relaxation": draw_tissues(rng, ("acute_infarct", "chronic_cavity", "gliosis")),
     }
     if mode == "cortical":
         point, index = _choose(
@@ -314,7 +338,7 @@ def _plan_stroke(probe: Probe, size_u: float, rng: np.random.Generator) -> dict:
 
 
 def _render_stroke(plan: dict, canvas: Canvas, rng: np.random.Generator):
-    sp, shape = canvas.spacing, canvas.image.shape
+    sp, shape = canvas.spacing, canvas.shape
     if plan["mode"] == "cortical":
         length, theta = plan["length_mm"], np.deg2rad(plan["theta_deg"])
         axis = np.asarray(plan["axis"], dtype=np.float32)
@@ -342,13 +366,20 @@ def _render_stroke(plan: dict, canvas: Canvas, rng: np.random.Generator):
     )
     tissue = ((canvas.gm[sl] + canvas.wm[sl]) > 0.5) & side
     region = (depth > 0) & tissue
-    mu = canvas.mu
-    target = mu["csf"] + plan["csf_fraction"] * (mu["gm"] - mu["csf"])
-    img = canvas.image[sl]
-    img += _ramp(depth) * tissue * plan["strength"] * (target * hetero - img)
+    if plan.get("stage") == "chronic":
+        s = np.clip((depth - plan["gliosis_mm"]) / 1.0 + 0.5, 0.0, 1.0).astype(np.float32)
+        mix = {"gliosis": 1.0 - s, "chronic_cavity": s}
+    else:
+        s, mix = None, {"acute_infarct": 1.0}
+    canvas.blend(sl, _ramp(depth) * tissue * plan["strength"], mix, hetero)
     lesion = np.zeros(shape, dtype=bool)
     lesion[sl] = region
-    return lesion, {"infarct": lesion.copy()}
+    parts = {"infarct": lesion.copy()}
+    if s is not None:
+        cavity = np.zeros(shape, dtype=bool)
+        cavity[sl] = region & (s >= 0.5)
+        parts.update(cavity=cavity, gliosis=lesion & ~cavity)
+    return lesion, parts
 
 
 # ----------------------------------------------------------------------------------------
@@ -382,22 +413,21 @@ def _plan_wmh(probe: Probe, size_u: float, rng: np.random.Generator) -> dict:
         "family": "wmh",
         "size_u": float(size_u),
         "focus_radius_mm": round(r_scale, 3),
-        "intensity": round(rng.uniform(1.3, 1.6), 3),
         "strength": round(rng.uniform(0.85, 1.0), 3),
+        "relaxation": draw_tissues(rng, ("wmh",)),
         "foci": foci,
     }
 
 
 def _render_wmh(plan: dict, canvas: Canvas, rng: np.random.Generator):
-    sp, shape = canvas.spacing, canvas.image.shape
+    sp, shape = canvas.spacing, canvas.shape
     lesion = np.zeros(shape, dtype=bool)
     for focus in plan["foci"]:
         radius = focus["radius_mm"]
         sl, off = bbox(np.asarray(focus["centre_q"]), _blob_reach(radius, focus["irregularity"], 0.35) + 2.0, sp, shape)
         depth = _blob_depth(off, sp, radius, focus["irregularity"], rng, elongation=0.35)
         tissue = canvas.wm[sl] > 0.5
-        img = canvas.image[sl]
-        target = plan["intensity"] * focus["intensity_jitter"]
-        img += _ramp(depth, floor=0.6, edge_mm=1.0) * tissue * plan["strength"] * (target - img)
+        alpha = _ramp(depth, floor=0.6, edge_mm=1.0) * tissue * plan["strength"]
+        canvas.blend(sl, alpha, {"wmh": 1.0}, focus["intensity_jitter"])
         lesion[sl] |= (depth > 0) & tissue
     return lesion, {"foci": lesion.copy()}
