@@ -22,8 +22,10 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m ""
 
+# every bundle, each contrast; e.g. `make benchmark BENCHMARK_ARGS="--bundles dae"` for fewer
+BENCHMARK_ARGS ?= --contrast all
 benchmark: install
-	$(VENV)/bin/medanomaly benchmark
+	$(VENV)/bin/medanomaly benchmark $(BENCHMARK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

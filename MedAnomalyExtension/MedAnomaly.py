@@ -323,6 +323,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         weights = _("weights present") if method.has_weights else _("no weights: train the method first")
         if method.demo_weights:
             weights = _("demo weights (trained on the synthetic cohort)")
+        if method.contrast:
+            weights += "; " + _("for {contrast} scans").format(contrast=method.contrast)
         self.ui.methodInfoLabel.text = f"{first}.\n{weights}"
         self.ui.methodInfoLabel.toolTip = method.tooltip
 

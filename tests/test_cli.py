@@ -86,3 +86,17 @@ def test_metrics_summary_prints_missing_values_as_na():
                "max_dice_per_volume": {"mean": None, "std": None}, "volume": {"auroc": None, "ap": None}}
     text = format_metrics("dae", metrics)
     assert "n/a" in text and "0 lesion + 2 healthy" in text
+
+
+def test_benchmark_contrast_option(tmp_path, monkeypatch):
+    from medanomaly import benchmark
+    from medanomaly.cli import build_parser, main
+
+    assert build_parser().parse_args(["benchmark", "--contrast", "all"]).contrast == "all"
+    assert build_parser().parse_args(["benchmark"]).contrast is None  # T1w, or a datalist's own contrast
+    with pytest.raises(SystemExit, match="Unknown contrast 'T3'"):
+        main(["benchmark", "--contrast", "T3", "--cohort", "tiny", "--output-dir", str(tmp_path)])
+    seen = {}
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda **kwargs: seen.update(kwargs) or {})
+    main(["benchmark", "--contrast", "FLAIR", "--bundles", "dae", "--output-dir", str(tmp_path)])
+    assert seen["contrast"] == "FLAIR" and seen["bundles"] == ["dae"]

@@ -89,3 +89,71 @@ def test_slice_inferer_reports_progress_per_batch():
     out = inferer(torch.rand(1, 2, 16, 16, 10), lambda x: x * 2)
     assert out.shape == (1, 2, 16, 16, 10)
     assert reports == [(4, 10), (8, 10), (10, 10)]
+
+
+def _write_case(folder, spacing=1.2):
+    """A small scan on an oblique-free 1.2 mm grid: a brain ball, a lesion at its edge."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in (30, 34, 26)), indexing="ij"), axis=-1)
+    brain = np.linalg.norm(grid - (15, 17, 13), axis=-1) < 11.5
+    lesion = brain & (np.linalg.norm(grid - (15, 17, 23), axis=-1) < 4)
+    image = np.where(brain, 100 + 20 * np.random.default_rng(0).random(brain.shape) + 80 * lesion, 0)
+    paths = {}
+    for name, array in (("image", image), ("mask", brain), ("label", lesion)):
+        volume = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)).astype(np.float32))
+        volume.SetSpacing((spacing,) * 3)
+        paths[name] = str(folder / f"{name}.nii.gz")
+        sitk.WriteImage(volume, paths[name])
+    return paths, int(brain.sum()), int(lesion.sum())
+
+
+def _inverted_prediction(item, pixdim, image_size, fill):
+    """What a bundle's postprocessing hands the handlers: a prediction made on the model grid of
+    `pixdim` / `image_size`, inverted to the input grid together with the brain mask."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from medanomaly.data import preprocessing
+
+    transform = preprocessing(pixdim=pixdim, image_size=image_size)
+    data = transform(dict(item))
+    data["pred"] = MetaTensor(fill(data["image"]), affine=data["image"].affine, meta=dict(data["image"].meta))
+    data["pred"].applied_operations = list(data["image"].applied_operations)
+    return Invertd(keys=["pred", "mask"], transform=transform, orig_keys=["image", "mask"],
+                   nearest_interp=[False, True])(data)
+
+
+@pytest.mark.parametrize("supply_mask", [True, False])
+def test_every_model_grid_is_scored_on_the_supplied_voxels(tmp_path, supply_mask):
+    """Two methods with different model grids (and one scoring NaN) evaluate the same brain and
+    lesion voxels: those of the supplied mask and label on the input grid, not the mask after its
+    round trip through each model grid (which loses edge voxels differently)."""
+    from medanomaly.metrics import CohortEvaluator
+
+    paths, n_brain, n_lesion = _write_case(tmp_path)
+    item = {"image": paths["image"], "label": paths["label"], "subject": "s1"}
+    if supply_mask:
+        item["mask"] = paths["mask"]
+    methods = {"fine": ((1.2, 1.2, 1.2), (32, 32), lambda x: torch.cat([x, x])),
+               "coarse": ((3.0, 3.0, 3.0), (8, 8), lambda x: torch.cat([torch.full_like(x, float("nan")), x]))}
+    counts = {}
+    for name, (pixdim, size, fill) in methods.items():
+        inverted = _inverted_prediction(item, pixdim, size, fill)
+        evaluator = CohortEvaluator(n_bins=100)
+        engine.collect_volume(evaluator, inverted)
+        row = evaluator.per_volume()[0]
+        counts[name] = (row["n_brain_voxels"], row["n_lesion_voxels"])
+        if name == "coarse":
+            assert (inverted["mask"] > 0.5).sum() < n_brain  # the round trip did lose voxels
+            assert evaluator.records[0].histogram.pos_counts[0] == n_lesion  # NaN scores count as 0
+    assert counts == {"fine": (n_brain, n_lesion), "coarse": (n_brain, n_lesion)}
+
+
+def test_a_mask_off_the_input_grid_is_refused(tmp_path):
+    paths, _, _ = _write_case(tmp_path)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((5, 5, 5), np.float32)), str(tmp_path / "small.nii.gz"))
+    inverted = _inverted_prediction({"image": paths["image"], "mask": paths["mask"]}, (3.0, 3.0, 3.0), (8, 8),
+                                    lambda x: torch.cat([x, x]))
+    inverted["mask"].meta["filename_or_obj"] = str(tmp_path / "small.nii.gz")  # a mask of another grid
+    with pytest.raises(Exception, match="must share one grid"):
+        engine.supplied_brain_mask(inverted)

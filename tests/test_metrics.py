@@ -22,6 +22,7 @@ from medanomaly.metrics import (
     bootstrap_histogram_metric,
     detection_metrics,
     plot_curves,
+    rank_auroc,
     slice_scores_and_labels,
     volume_score,
 )
@@ -280,6 +281,7 @@ def test_slice_scores_and_labels():
     label[0, 0, 1] = 1  # outside the brain mask: ignored
     in_brain = heatmap[1:3, 1:3, 1]
     for reduction, expected in (
+        ("top_percentile", in_brain.max()),  # the top 1 % of 4 voxels: the largest
         ("mean", in_brain.mean()),
         ("max", in_brain.max()),
         ("p99", np.percentile(in_brain, 99)),
@@ -293,6 +295,40 @@ def test_slice_scores_and_labels():
     assert len(scores) == 2 and labels.tolist() == [0, 1]
     with pytest.raises(ValueError, match="reduction"):
         slice_scores_and_labels(heatmap, label, mask, reduction="median")
+
+
+def edge_slices_and_a_lesion_slice():
+    """Axial slices 0 and 5: small (9 voxels), uniformly high-ish scores with one at 0.35;
+    slices 1-4: large (400 voxels), low scores (< 0.15), slice 2 with a 9-voxel lesion at 0.9."""
+    heatmap, mask, label = np.zeros((24, 24, 6)), np.zeros((24, 24, 6), bool), np.zeros((24, 24, 6))
+    mask[10:13, 10:13, [0, 5]] = True
+    heatmap[10:13, 10:13, [0, 5]] = 0.3
+    heatmap[11, 11, [0, 5]] = 0.35
+    mask[2:22, 2:22, 1:5] = True
+    heatmap[2:22, 2:22, 1:5] = 0.05 + 0.1 * np.random.default_rng(3).random((20, 20, 4))
+    label[5:8, 5:8, 2] = 1
+    heatmap[5:8, 5:8, 2] = 0.9
+    return heatmap, label, mask
+
+
+def test_slice_score_is_not_fooled_by_small_edge_slices():
+    heatmap, label, mask = edge_slices_and_a_lesion_slice()
+    mean, labels = slice_scores_and_labels(heatmap, label, mask, reduction="mean")
+    top, _ = slice_scores_and_labels(heatmap, label, mask)  # default: top_percentile, 99
+    np.testing.assert_array_equal(labels, [0, 0, 1, 0, 0, 0])
+    assert mean[2] < mean[0] == mean[5]  # the mean ranks the edge slices above the lesion
+    np.testing.assert_allclose(top[[0, 2, 5]], [0.35, 0.9, 0.35])  # the top 1 % of each slice
+    assert top[2] > max(np.delete(top, 2))
+    assert roc_auc_score(labels, mean) == pytest.approx(0.6)  # beats 3 of the 5 healthy slices
+    evaluator = CohortEvaluator(n_bins=100)
+    evaluator.add_volume("edge", heatmap, label, mask)
+    summary = evaluator.summary(n_boot=0)["slice"]
+    assert summary["auroc"] == roc_auc_score(labels, top) == 1.0
+    assert summary["ap"] == average_precision_score(labels, top) == 1.0
+    assert summary["reduction"] == "top_percentile" and summary["percentile"] == 99.0
+    mean_cohort = CohortEvaluator(n_bins=100, slice_reduction="mean")
+    mean_cohort.add_volume("edge", heatmap, label, mask)
+    assert mean_cohort.summary(n_boot=0)["slice"]["auroc"] == pytest.approx(0.6)
 
 
 def test_volume_score():
@@ -319,6 +355,35 @@ def test_bootstrap_ci_contains_estimate_and_narrows_with_more_items():
         lambda idx: values[idx].mean(), 500, n_boot=50, seed=3
     )
     assert all(math.isnan(v) for v in bootstrap_ci(lambda idx: math.nan, 5, n_boot=10))
+
+
+def test_rank_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(14)
+    for _ in range(5):
+        labels = rng.random(30) < 0.4
+        scores = np.round(rng.random(30) + 0.3 * labels, 1)  # many ties
+        assert rank_auroc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+    assert math.isnan(rank_auroc(np.ones(3), np.zeros(3)))
+
+
+def test_volume_auroc_has_a_seeded_bootstrap_ci_over_volumes():
+    def noisy(rng, label, mask):
+        return np.where(mask, np.clip(0.6 * rng.random(mask.shape) + 0.03 * (label > 0), 0, 1), 0.0)
+
+    evaluator = build_cohort(noisy)  # a weak lesion signal: volume AUROC between chance and 1
+    volume = evaluator.summary(n_boot=200, seed=4)["volume"]
+    scores = np.array([r.volume_score for r in evaluator.records])
+    labels = np.array([r.is_lesion for r in evaluator.records])
+    assert volume["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+
+    def sklearn_auroc(idx):
+        return roc_auc_score(labels[idx], scores[idx]) if 0 < labels[idx].sum() < idx.size else math.nan
+
+    assert volume["auroc_ci"] == pytest.approx(list(bootstrap_ci(sklearn_auroc, scores.size, 200, seed=4)))
+    assert volume["auroc_ci"][0] < volume["auroc"] < volume["auroc_ci"][1]
+    assert "bootstrap over volumes" in volume["ci_method"] and volume["reduction"] == "top_percentile"
+    assert evaluator.summary(n_boot=200, seed=4)["volume"] == volume  # seeded
+    assert "auroc_ci" not in evaluator.summary(n_boot=0)["volume"]
 
 
 def test_bootstrap_histogram_metric_contains_pooled_value():
@@ -377,6 +442,7 @@ def test_cohort_with_perfect_heatmap():
     assert per_volume_dice["n"] == 6
     assert per_volume_dice["threshold"] == pixel["max_dice"]["threshold"]
     assert summary["volume"]["auroc"] == 1.0 and summary["volume"]["n_neg"] == 4
+    assert summary["volume"]["auroc_ci"] == [1.0, 1.0]
     assert summary["slice"]["auroc"] == 1.0
     at = summary["at_threshold"]
     assert at["dice"] == 1.0 and at["precision"] == 1.0 and at["recall"] == 1.0
@@ -413,6 +479,7 @@ def test_cohort_with_random_heatmap_is_at_chance():
     assert "ap_ci" not in pixel
     # Only lesion volumes: no healthy class for volume detection or FPR calibration.
     assert summary["volume"]["auroc"] is None and "no negative" in summary["volume"]["reason"]
+    assert "auroc_ci" not in summary["volume"]
     assert "no healthy volumes" in summary["at_target_fpr"]["reason"]
     rows = evaluator.per_volume()  # default: the pooled best-Dice threshold
     assert all(r["threshold"] == pixel["max_dice"]["threshold"] for r in rows)

@@ -71,6 +71,7 @@ class Method:
     demo_weights: bool
     threshold: float | None  # calibrated on healthy validation volumes (models/model_info.json)
     root: Path
+    contrast: str | None = None  # MR contrast the weights were trained on (models/model_info.json), e.g. T1w
 
     @classmethod
     def from_bundle(cls, bundle: BundleInfo) -> "Method":
@@ -80,7 +81,8 @@ class Method:
         return cls(name=bundle.name, title=metadata.get("name", bundle.name), description=bundle.description,
                    version=bundle.version, has_weights=bundle.has_weights,
                    demo_weights=bundle.has_weights and bundle.weights_need_demo_config,
-                   threshold=None if threshold is None else float(threshold), root=bundle.root)
+                   threshold=None if threshold is None else float(threshold), root=bundle.root,
+                   contrast=bundle.weights_contrast if bundle.has_weights else None)
 
     @property
     def weights_label(self) -> str:
@@ -97,7 +99,8 @@ class Method:
     def tooltip(self) -> str:
         threshold = "none calibrated" if self.threshold is None else f"{self.threshold:.4g}"
         return (f"{self.title} {self.version}\n\n{self.description}\n\nWeights: {self.weights_label} "
-                f"({self.root / 'models'})\nCalibrated threshold: {threshold}")
+                f"({self.root / 'models'})\nTrained on: {self.contrast or 'unknown contrast'} scans\n"
+                f"Calibrated threshold: {threshold}")
 
 
 def available_methods() -> list[Method]:

@@ -68,8 +68,10 @@ def cmd_synth(args) -> None:
 
     root = Path(args.root) if args.root else cohort_root(args.preset)
     datalist = generate_cohort(root, preset=args.preset, seed=args.seed, workers=args.workers,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, contrasts=args.contrasts)
     print(f"Cohort '{args.preset}' (seed {args.seed}): {datalist}")
+    for path in sorted(root.glob("datalist_*.json")):
+        print(f"  {path.stem.removeprefix('datalist_')}: {path}")
     if (root / "montage.png").is_file():
         print(f"Montage: {root / 'montage.png'}")
 
@@ -81,15 +83,18 @@ def cmd_list(args) -> None:
         return
     for bundle in bundles:
         weights = "demo weights" if bundle.weights_need_demo_config else ("weights" if bundle.has_weights else "no weights")
-        print(f"{bundle.name:<10} {bundle.version:<8} {weights:<13} {bundle.metadata.get('task', '')}")
+        contrast = (bundle.weights_contrast or "unknown") if bundle.has_weights else "-"
+        print(f"{bundle.name:<10} {bundle.version:<8} {weights:<13} {contrast:<11} {bundle.metadata.get('task', '')}")
 
 
 def _common_overrides(args) -> dict:
     overrides = parse_overrides(args.set)
-    for key in ("device", "output_dir", "datalist", "model_dir", "threshold"):
+    for key in ("device", "output_dir", "datalist", "model_dir", "threshold", "contrast"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
+    if getattr(args, "strict", False):
+        overrides["strict_contrast"] = True
     return overrides
 
 
@@ -104,12 +109,13 @@ def cmd_train(args) -> None:
     for workflow in after:
         settings = {"model_dir": str(model_dir),
                     "output_dir": str(output_dir / ("calibration" if workflow == "calibrate" else workflow))}
-        for key in ("datalist", "device"):
+        for key in ("datalist", "device", "contrast"):
             if key in overrides:
                 settings[key] = overrides[key]
         run_workflow(args.bundle, workflow, settings, demo=args.demo)
     print(f"Weights and threshold: {model_dir}\n"
           f"Detect with them: medanomaly detect {args.bundle} SCAN --model-dir {model_dir}"
+          + (f" --contrast {overrides['contrast']}" if "contrast" in overrides else "")
           + (" --demo" if args.demo else ""))
 
 
@@ -119,6 +125,8 @@ def cmd_detect(args) -> None:
     overrides["output_ext"] = "." + args.format.lstrip(".")
     if args.mask:
         overrides["mask"] = args.mask
+    if args.contrast:
+        overrides["input_contrast"] = args.contrast  # what the inputs are when their names do not say
     overrides.setdefault("output_dir", str(Path("outputs") / args.bundle))
     run_workflow(args.bundle, "inference", overrides, demo=args.demo)
     summary = Path(overrides["output_dir"]) / "detections.json"
@@ -160,7 +168,8 @@ def format_metrics(name: str, metrics: dict) -> str:
 def cmd_demo(args) -> None:
     from medanomaly.demo import run_demo
 
-    run_demo(bundle=args.bundle, output_dir=Path(args.output_dir), device=args.device, cohort=args.cohort)
+    run_demo(bundle=args.bundle, output_dir=Path(args.output_dir), device=args.device, cohort=args.cohort,
+             contrast=args.contrast)
 
 
 def cmd_benchmark(args) -> None:
@@ -177,9 +186,28 @@ def cmd_benchmark(args) -> None:
         command = "medanomaly " + shlex.join(args.argv)
         results = run_benchmark(bundles=args.bundles, cohort=args.cohort, output_dir=output_dir, device=args.device,
                                 demo=args.demo, n_bootstrap=args.n_bootstrap, models_root=args.models_root,
-                                command=command, timeout_minutes=args.timeout_minutes, merge=args.merge)
+                                command=command, timeout_minutes=args.timeout_minutes, merge=args.merge,
+                                contrast=args.contrast)
     if args.update_readme:
         print(f"Updated {update_readme(Path(args.update_readme), results)}")
+
+
+def _contrast(name: str) -> str:
+    from medanomaly.data.contrast import check_contrast
+
+    try:
+        return check_contrast(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _contrast_options(parser: argparse.ArgumentParser, help: str, strict: bool = False) -> None:
+    """`--contrast` (the bundle's `contrast` override) and, with `strict`, `--strict`."""
+    parser.add_argument("--contrast", type=_contrast, help=f"T1w | T2w | FLAIR: {help}")
+    if strict:
+        parser.add_argument("--strict", action="store_true",
+                            help="stop with an error, not a warning, when an input's contrast is not the weights' "
+                                 "(strict_contrast: true)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--root", help="output folder (default: $MEDANOMALY_HOME/cohorts/<preset>)")
     synth.add_argument("--workers", type=int)
     synth.add_argument("--overwrite", action="store_true")
+    synth.add_argument("--contrasts", nargs="+", default=["all"], metavar="CONTRAST",
+                       help="T1w T2w FLAIR, or all (default): one datalist_<C>.json per contrast")
     synth.set_defaults(func=cmd_synth)
 
     listing = commands.add_parser("list", help="list the bundles found")
@@ -215,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "then calibrate its threshold on healthy volumes", cmd_train)
     train.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (tiny | demo | full)")
     train.add_argument("--no-calibrate", action="store_true")
+    _contrast_options(train, "contrast of a synthetic preset's datalist (default T1w); recorded with the weights")
 
     detect = bundle_command("detect", "heatmap + segmentation for volumes", cmd_detect)
     detect.add_argument("inputs", nargs="+", help="volume files, DICOM folders, folders or globs")
@@ -222,24 +253,32 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--model-dir", dest="model_dir", help="folder with model.pt and model_info.json")
     detect.add_argument("--threshold", type=float, help="segmentation threshold (default: calibrated)")
     detect.add_argument("--format", default="nii.gz", choices=["nii.gz", "nrrd", "mha"])
+    _contrast_options(detect, "contrast of inputs whose file names do not say it (BIDS suffix _T1w, _T2w, _FLAIR)",
+                      strict=True)
 
     evaluate = bundle_command("evaluate", "metrics on a labelled cohort", cmd_evaluate)
     evaluate.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (default: demo)")
     evaluate.add_argument("--keys", nargs="+", help="datalist keys (default: test_lesion test_healthy)")
     evaluate.add_argument("--model-dir", dest="model_dir")
     evaluate.add_argument("--threshold", type=float)
+    _contrast_options(evaluate, "contrast of a synthetic preset's datalist (default T1w)", strict=True)
 
     demo = commands.add_parser("demo", help="detect lesions in a synthetic scan with the demo weights")
     demo.add_argument("--bundle", default="dae")
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--device")
     demo.add_argument("--cohort", default="demo", help="synthetic preset to draw the scan from (tiny | demo | full)")
+    demo.add_argument("--contrast", type=_contrast,
+                      help="T1w | T2w | FLAIR (default: the contrast the bundle's weights were trained on)")
     demo.set_defaults(func=cmd_demo)
 
     benchmark = commands.add_parser("benchmark", help="evaluate bundles on one cohort; tables and an HTML report")
     benchmark.add_argument("--bundles", nargs="+", help="names or folders (default: every bundle found; those "
                            "without weights or an evaluate config are listed as such)")
     benchmark.add_argument("--cohort", default="demo", help="tiny | demo | full | a datalist JSON")
+    benchmark.add_argument("--contrast", help="T1w | T2w | FLAIR | all (one after the other): the cohort's datalist "
+                           "of that contrast, and the bundles' `contrast` override (default: T1w; for a datalist "
+                           "JSON its own top-level \"contrast\")")
     benchmark.add_argument("--output-dir", default="outputs/benchmark")
     benchmark.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     scale = benchmark.add_mutually_exclusive_group()

@@ -9,7 +9,8 @@ import numpy as np
 
 from medanomaly import io
 from medanomaly.bundles import find_bundle
-from medanomaly.data import axial_axis, ensure_cohort, load_datalist
+from medanomaly.bundles.registry import weights_contrasts
+from medanomaly.data import DEFAULT_CONTRAST, axial_axis, check_contrast, ensure_cohort, load_datalist
 from medanomaly.metrics import ScoreHistogram
 from medanomaly.visualize import save_detection_panels
 
@@ -34,20 +35,23 @@ def volume_metrics(heatmap: np.ndarray, label: np.ndarray, brain: np.ndarray, th
 
 
 def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), device: str | None = None,
-             cohort: str = "demo") -> dict:
+             cohort: str = "demo", contrast: str | None = None) -> dict:
+    """Runs `bundle` on one scan of the synthetic `cohort` and on its test split, in `contrast`
+    (default: the contrast the shipped weights were trained on, else T1w)."""
     from medanomaly.cli import format_metrics, run_workflow
 
     bundle_info = find_bundle(bundle)
     if not bundle_info.has_weights:
         raise SystemExit(f"Bundle '{bundle}' has no weights in {bundle_info.model_dir}: train it first.")
+    contrast = check_contrast(contrast or next(iter(weights_contrasts(bundle_info.model_dir)), DEFAULT_CONTRAST))
     output_dir = Path(output_dir).resolve()
-    datalist = ensure_cohort(cohort)
+    datalist = ensure_cohort(cohort, contrast=contrast)
     subject = pick_demo_subject(datalist)
-    print(f"Demo subject {subject['subject']} ({subject.get('family')}, "
+    print(f"Demo subject {subject['subject']} ({subject.get('family')}, {contrast}, "
           f"{subject.get('lesion_ml', 0):.1f} ml lesion): {subject['image']}")
 
     detection_dir = output_dir / "detection"
-    run_workflow(bundle, "inference", {"input": subject["image"], "mask": subject["mask"],
+    run_workflow(bundle, "inference", {"input": subject["image"], "mask": subject["mask"], "contrast": contrast,
                                        "output_dir": str(detection_dir), "device": device}, demo=None, quiet=True)
     record = json.loads((detection_dir / "detections.json").read_text())[0]
     image = io.read_volume(subject["image"])
@@ -66,11 +70,11 @@ def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), devic
     print(f"Outputs: {detection_dir}\nPicture: {picture}")
 
     evaluation_dir = output_dir / "evaluation"
-    run_workflow(bundle, "evaluate", {"datalist": str(datalist), "output_dir": str(evaluation_dir), "device": device,
-                                      "n_bootstrap": 200}, demo=None, quiet=True)
+    run_workflow(bundle, "evaluate", {"datalist": str(datalist), "contrast": contrast, "device": device,
+                                      "output_dir": str(evaluation_dir), "n_bootstrap": 200}, demo=None, quiet=True)
     cohort_metrics = json.loads((evaluation_dir / "metrics.json").read_text())
     print(f"\nThe '{cohort}' cohort's test split:\n" + format_metrics(bundle, cohort_metrics))
     print(f"Metrics and plots: {evaluation_dir}")
-    summary = {"subject": subject["subject"], "volume": metrics, "cohort": cohort_metrics}
+    summary = {"subject": subject["subject"], "contrast": contrast, "volume": metrics, "cohort": cohort_metrics}
     (output_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

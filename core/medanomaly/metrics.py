@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 logger = logging.getLogger(__name__)
@@ -407,6 +408,18 @@ def detection_metrics(scores: Any, labels: Any) -> dict[str, Any]:
     return result
 
 
+def rank_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC by the Mann-Whitney rank sum (ties count one half, as sklearn's), nan when a class
+    is missing: cheap enough for bootstrap resamples."""
+    labels = np.asarray(labels) > 0
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def _as_volume(array: Any, name: str) -> np.ndarray:
     """3D numpy volume from (X, Y, Z) or channel-first (1, X, Y, Z)."""
     volume = _to_numpy(array)
@@ -428,14 +441,26 @@ def _brain_mask(mask: Any, shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
-def _reduce(values: np.ndarray, reduction: str) -> float:
+def top_percentile_mean(values: np.ndarray, percentile: float = 99.0) -> float:
+    """Mean of the values at or above their ``percentile``-th percentile (e.g. the top 1 %):
+    a robust maximum, comparable between sets of different sizes, that small lesions still move."""
+    cutoff = np.percentile(values, percentile)
+    return float(values[values >= cutoff].mean())
+
+
+SLICE_REDUCTIONS = ("top_percentile", "mean", "max", "p99")
+
+
+def _reduce(values: np.ndarray, reduction: str, percentile: float = 99.0) -> float:
+    if reduction == "top_percentile":
+        return top_percentile_mean(values, percentile)
     if reduction == "mean":
         return float(values.mean())
     if reduction == "max":
         return float(values.max())
     if reduction == "p99":
         return float(np.percentile(values, 99.0))
-    raise ValueError(f"unknown slice reduction {reduction!r}; use 'mean', 'max' or 'p99'.")
+    raise ValueError(f"unknown slice reduction {reduction!r}; use one of {SLICE_REDUCTIONS}.")
 
 
 def slice_scores_and_labels(
@@ -443,14 +468,18 @@ def slice_scores_and_labels(
     label: Any,
     mask: Any = None,
     axis: int = -1,
-    reduction: str = "mean",
+    reduction: str = "top_percentile",
+    percentile: float = 99.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice anomaly score and label of one 3D volume.
 
     Slices along ``axis`` of the 3D volume (``-1`` = axial after RAS orientation) that
-    contain no brain voxel are skipped.  The score reduces the slice's brain voxels
-    (``mean``, ``max`` or 99th percentile ``p99``); the label is 1 when the slice has a
-    lesion voxel inside the brain mask.  ``label=None`` means a healthy volume.
+    contain no brain voxel are skipped.  The score reduces the slice's brain voxels:
+    ``top_percentile`` (default) is the mean of the scores at or above the slice's
+    ``percentile``-th percentile, like the volume score of the same name, so a small edge
+    slice does not outscore a large slice with a lesion as its ``mean`` would; ``mean``,
+    ``max`` and 99th percentile ``p99`` remain available.  The label is 1 when the slice
+    has a lesion voxel inside the brain mask.  ``label=None`` means a healthy volume.
     """
     heatmap = _as_volume(heatmap, "heatmap")
     if not -3 <= axis <= 2:
@@ -465,7 +494,7 @@ def slice_scores_and_labels(
 
     heatmap, mask, lesion = (np.moveaxis(a, axis, 0) for a in (heatmap, mask, lesion))
     brain_slices = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
-    scores = np.array([_reduce(heatmap[i][mask[i]], reduction) for i in brain_slices])
+    scores = np.array([_reduce(heatmap[i][mask[i]], reduction, percentile) for i in brain_slices])
     labels = np.array([int(lesion[i][mask[i]].any()) for i in brain_slices], dtype=np.int64)
     return scores.astype(np.float64), labels
 
@@ -488,8 +517,7 @@ def volume_score(
     if reduction == "mean":
         return float(values.mean())
     if reduction == "top_percentile":
-        cutoff = np.percentile(values, percentile)
-        return float(values[values >= cutoff].mean())
+        return top_percentile_mean(values, percentile)
     raise ValueError(f"unknown volume reduction {reduction!r}; use 'mean' or 'top_percentile'.")
 
 
@@ -613,14 +641,16 @@ class CohortEvaluator:
         n_bins: int = 10000,
         value_range: tuple[float, float] = (0.0, 1.0),
         volume_reduction: str = "mean",
-        slice_reduction: str = "mean",
+        slice_reduction: str = "top_percentile",
         volume_percentile: float = 99.0,
+        slice_percentile: float = 99.0,
     ):
         self.n_bins = n_bins
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.volume_reduction = volume_reduction
         self.slice_reduction = slice_reduction
         self.volume_percentile = volume_percentile
+        self.slice_percentile = slice_percentile
         self.records: list[VolumeRecord] = []
         self._n_voxels = 0
         self._n_clipped = 0
@@ -649,7 +679,7 @@ class CohortEvaluator:
         histogram = ScoreHistogram(self.n_bins, self.value_range, warn_clipped=False)
         histogram.update(heatmap, lesion, brain)
         slice_scores, slice_labels = slice_scores_and_labels(
-            heatmap, lesion, brain, axis=axis, reduction=self.slice_reduction
+            heatmap, lesion, brain, axis=axis, reduction=self.slice_reduction, percentile=self.slice_percentile
         )
         record = VolumeRecord(
             subject=str(subject),
@@ -765,6 +795,7 @@ class CohortEvaluator:
             n_bins=self.n_bins, value_range=np.array(self.value_range),
             reductions=np.array([self.volume_reduction, self.slice_reduction]),
             volume_percentile=self.volume_percentile,
+            slice_percentile=self.slice_percentile,
             subjects=np.array([r.subject for r in self.records], dtype=str),
             families=np.array(["" if r.family is None else r.family for r in self.records], dtype=str),
             meta=np.array([json.dumps(_json_safe(r.meta)) for r in self.records], dtype=str),
@@ -785,8 +816,10 @@ class CohortEvaluator:
 
         with np.load(path, allow_pickle=False) as data:
             volume_reduction, slice_reduction = (str(x) for x in data["reductions"])
+            # files written before the slice percentile was stored: the default
+            slice_percentile = float(data["slice_percentile"]) if "slice_percentile" in data.files else 99.0
             evaluator = cls(int(data["n_bins"]), tuple(data["value_range"]), volume_reduction, slice_reduction,
-                            float(data["volume_percentile"]))
+                            float(data["volume_percentile"]), slice_percentile)
             offsets = data["slice_offsets"]
             for i, subject in enumerate(data["subjects"]):
                 histogram = ScoreHistogram.from_counts(data["pos_counts"][i], data["neg_counts"][i],
@@ -831,6 +864,19 @@ class CohortEvaluator:
             # CI of the best Dice, threshold re-optimised in every resample.
             summary["max_dice"]["ci"] = ci["max_dice"]
         return summary
+
+    def _volume_summary(self, n_boot: int, alpha: float, seed: int) -> dict[str, Any]:
+        """Volume detection AUROC / AP (lesion vs healthy volumes) with, for ``n_boot > 0``, a
+        percentile-bootstrap CI of the AUROC over volumes (seeded; resamples lacking a class dropped)."""
+        scores = np.array([r.volume_score for r in self.records], dtype=np.float64)
+        labels = np.array([r.is_lesion for r in self.records])
+        result = detection_metrics(scores, labels)
+        result.update(reduction=self.volume_reduction, percentile=self.volume_percentile)
+        if n_boot > 0 and "reason" not in result:
+            result["auroc_ci"] = list(bootstrap_ci(lambda idx: rank_auroc(scores[idx], labels[idx]),
+                                                   scores.size, n_boot, alpha, seed))
+            result["ci_method"] = f"percentile bootstrap over volumes ({n_boot} resamples, seed {seed})"
+        return result
 
     def _per_volume_dice(self, threshold: float) -> dict[str, Any]:
         if math.isnan(threshold) or not self.lesion_records:
@@ -916,7 +962,9 @@ class CohortEvaluator:
         - ``dice_per_volume``: mean ± std over lesion volumes at the pooled best threshold;
         - ``max_dice_per_volume``: mean ± std of each lesion volume's own [Dice], with a
           percentile-bootstrap CI over volumes;
-        - ``volume`` / ``slice``: detection AUROC / AP (lesion vs healthy);
+        - ``volume`` / ``slice``: detection AUROC / AP (lesion vs healthy), with the score's
+          ``reduction`` and ``percentile``; ``volume["auroc_ci"]`` is ``[low, high]``, a
+          percentile-bootstrap CI over volumes (``ci_method`` says how);
         - ``at_threshold``: metrics at a given threshold (e.g. a calibrated one);
         - ``at_target_fpr``: the threshold reaching ``target_fpr`` on healthy volumes
           and the metrics there;
@@ -936,7 +984,7 @@ class CohortEvaluator:
             "pixel": pixel,
             "dice_per_volume": self._per_volume_dice(pixel["max_dice"]["threshold"]),
             "max_dice_per_volume": self._max_dice_per_volume(n_boot=n_boot, alpha=alpha, seed=seed),
-            "volume": detection_metrics([r.volume_score for r in self.records], is_lesion),
+            "volume": self._volume_summary(n_boot, alpha, seed),
             "slice": detection_metrics(
                 np.concatenate([r.slice_scores for r in self.records]),
                 np.concatenate([r.slice_labels for r in self.records]),
@@ -944,8 +992,7 @@ class CohortEvaluator:
             "families": self._family_summary(),
             "sizes": self._size_summary(),
         }
-        result["volume"]["reduction"] = self.volume_reduction
-        result["slice"]["reduction"] = self.slice_reduction
+        result["slice"].update(reduction=self.slice_reduction, percentile=self.slice_percentile)
         if threshold is not None:
             result["at_threshold"] = self._at_threshold(float(threshold))
         if target_fpr is not None:

@@ -1,8 +1,10 @@
-"""The benchmark's report: one HTML page (opens from disk, no network) with the results
-table, the breakdown by lesion family and size, ROC / PR / Dice-vs-threshold curves per
-method and of all methods together, and montages of a few subjects (input, pseudo-healthy
-image, heatmap, ground truth) per method, each with an interactive NiiVue page of the whole
-volume (`viewer_<subject>.html`, volumes inlined); every figure is also a PNG in `figures/`.
+"""The benchmark's report: one HTML page (opens from disk, no network) with, per contrast, the
+results table (floor and ceiling labelled, gap closed between them), the breakdown by lesion
+family and size, ROC / PR / Dice-vs-threshold curves per method and of all methods together,
+and montages of a few subjects (input, pseudo-healthy image, heatmap, ground truth) per method,
+each with an interactive NiiVue page of the whole volume (`viewer_<contrast>_<subject>.html`,
+volumes inlined); every figure is also a PNG in `figures/<contrast>/`. A section that cannot be
+drawn says why.
 
 `update_readme` renders the results as a markdown table, with the papers' own numbers
 (`paper_results.json`) in separate columns, between two markers of the README.
@@ -18,6 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medanomaly.benchmark import ROLES, contrast_view, display_order, method_label
+from medanomaly.bundles.outputs import subject_name
 from medanomaly.metrics import CohortEvaluator, plot_curves
 from medanomaly.visualize import _display, lesion_slice
 
@@ -27,10 +31,16 @@ README_START, README_END = "<!-- benchmark-results:start -->", "<!-- benchmark-r
 CURVES = (("roc", "ROC (voxels)"), ("pr", "precision-recall (voxels)"), ("dice", "Dice vs threshold"))
 SYNTHETIC_VS_REAL = (
     "Synthetic and published figures are not comparable: the cohort is built from one template with "
-    "drawn-in lesions, T1-like contrast and 1.5 mm slices, scored here in 3D on the scans' own grids with "
+    "drawn-in lesions, simulated contrasts and 1.5 mm slices, scored here in 3D on the scans' own grids with "
     "demo weights (short schedules, thin networks), while the papers train at full scale on real "
-    "healthy cohorts and test on real BraTS / ATLAS scans (other contrasts, 2D slice protocols). The "
+    "healthy cohorts and test on real BraTS / ATLAS scans (2D slice protocols). The "
     "benchmark exists to compare methods with each other on identical data and metrics."
+)
+REFERENCES = (
+    f"The {ROLES['floor']} is a documented rule without learning; the {ROLES['ceiling']} is a segmentation "
+    "network trained with lesion labels on other subjects: an upper reference on this synthetic data, not an "
+    "anomaly detector, never ranked with the methods. Gap closed = (metric - floor) / (ceiling - floor) within a contrast: 0 is the floor, "
+    "1 the ceiling; n/a without a finished floor and ceiling run of that contrast, or when they are equal."
 )
 
 
@@ -57,14 +67,16 @@ def _seconds(value) -> str:
 
 # Headline table: (header, function of a results row)
 TABLE = (
-    ("method", lambda r: r["bundle"]),
+    ("method", method_label),
     ("status", lambda r: r["status"] + (f" ({r['variant']} weights)" if r.get("variant") else "")),
-    ("volume AUROC", lambda r: _number(r["volume_auroc"])),
+    ("volume AUROC", lambda r: _with_ci(r["volume_auroc"], r.get("volume_auroc_ci_low"), r.get("volume_auroc_ci_high"))),
     ("volume AP", lambda r: _number(r["volume_ap"])),
     ("slice AUROC", lambda r: _number(r["slice_auroc"])),
     ("slice AP", lambda r: _number(r["slice_ap"])),
     ("pixel AP", lambda r: _with_ci(r["pixel_ap"], r["pixel_ap_ci_low"], r["pixel_ap_ci_high"])),
     ("pooled [Dice]", lambda r: _with_ci(r["pooled_dice"], r["pooled_dice_ci_low"], r["pooled_dice_ci_high"])),
+    ("gap closed: pixel AP", lambda r: _number(r.get("pixel_ap_gap_closed"), 2)),
+    ("gap closed: [Dice]", lambda r: _number(r.get("pooled_dice_gap_closed"), 2)),
     ("per-volume [Dice]", lambda r: _with_ci(r["dice_per_volume"], r["dice_per_volume_ci_low"],
                                              r["dice_per_volume_ci_high"])),
     ("Dice at calibrated threshold", lambda r: _number(r["dice_at_threshold"])),
@@ -112,24 +124,43 @@ def _group_figure(results: dict, path: Path) -> Path | None:
     return path
 
 
-def pick_subjects(results: dict, datalist: Path) -> list[dict]:
-    """Montage subjects: the largest lesion of each family, and one healthy volume."""
+def subjects_of(datalist: Path) -> dict[str, dict]:
+    """The datalist's test entries by subject name (`outputs.subject_name`: the entry's `subject`,
+    else its image file's name, as the per-volume records and detections are named)."""
     from medanomaly.data import load_datalist
 
     items = {}
     for key in ("test_lesion", "test_healthy"):
         try:
-            items.update({str(i.get("subject")): i for i in load_datalist(datalist, key)})
-        except (KeyError, ValueError):
+            entries = load_datalist(datalist, key)
+        except (KeyError, ValueError, FileNotFoundError):
             continue
+        items.update({subject_name(i.get("subject"), i["image"]): i for i in entries})
+    return items
+
+
+def pick_subjects(results: dict, datalist: Path) -> list[dict]:
+    """Montage subjects: the largest lesion of each family, and one healthy volume; each with
+    its `subject` name as the per-volume records give it."""
+    items = subjects_of(datalist)
     records = next((e["per_volume"] for e in results["bundles"] if e.get("per_volume")), [])
     chosen: dict[str, dict] = {}
     for record in sorted(records, key=lambda r: -(r.get("lesion_ml") or 0.0)):
         family = record.get("family") or ("lesion" if record.get("n_lesion_voxels") else "healthy")
         if family not in chosen and record["subject"] in items:
-            chosen[family] = {**items[record["subject"]], "family": family}
+            chosen[family] = {**items[record["subject"]], "subject": record["subject"], "family": family}
     healthy = chosen.pop("healthy", None)
     return list(chosen.values()) + ([healthy] if healthy else [])
+
+
+def _no_subjects_reason(results: dict, datalist: Path) -> str:
+    records = next((e["per_volume"] for e in results["bundles"] if e.get("per_volume")), [])
+    if not records:
+        return "no method wrote per-volume records (per_volume.json)"
+    names = sorted(subjects_of(datalist))
+    return (f"none of the {len(records)} per-volume records (e.g. '{records[0]['subject']}') names a test entry of "
+            f"{datalist} ({len(names)} entries{f', e.g. {names[0]!r}' if names else ''}); subjects are named by "
+            "their datalist `subject` key, else by their image file's name")
 
 
 def _detections(run_dir: str) -> dict[str, dict]:
@@ -193,23 +224,39 @@ def save_subject_montage(subject: dict, runs: dict[str, str], path: Path) -> Pat
 
 
 def write_figures(results: dict, output_dir: Path) -> dict:
-    """All PNGs of the report under `output_dir/figures`; returns their paths by role."""
-    figures = output_dir / "figures"
+    """All PNGs of one contrast's report (`results`: a `benchmark.contrast_view`) under
+    `output_dir/figures/<contrast>`, and its viewer pages; returns their paths by role, with
+    `notes`: per section, why something could not be drawn."""
+    contrast = results["contrast"]
+    figures = output_dir / "figures" / contrast
     figures.mkdir(parents=True, exist_ok=True)
     evaluators = _evaluators(results)
-    out: dict = {"methods": {}, "montages": [], "viewers": []}
+    out: dict = {"methods": {}, "subjects": [], "notes": {"curves": [], "groups": [], "subjects": []}}
+    runs = {e["row"]["bundle"]: e["run_dir"] for e in results["bundles"] if e["row"]["status"] == "ok"}
     if evaluators:
         out["compare"] = plot_curves({name: ev.pooled_histogram() for name, ev in evaluators.items()}, figures,
-                                     title="all methods", prefix="compare_", relative_thresholds=True)
+                                     title=f"all methods, {contrast}", prefix="compare_", relative_thresholds=True)
+    else:
+        out["notes"]["curves"].append("no curves: " + ("no method finished" if not runs else
+                                                       "no finished method left its histograms.npz"))
     for name, evaluator in evaluators.items():
-        out["methods"][name] = plot_curves(evaluator, figures, title=name, prefix=f"{name}_")
+        out["methods"][name] = plot_curves(evaluator, figures, title=f"{name}, {contrast}", prefix=f"{name}_")
     out["groups"] = _group_figure(results, figures / "groups.png")
-    runs = {e["row"]["bundle"]: e["run_dir"] for e in results["bundles"] if e["row"]["status"] == "ok"}
-    for subject in pick_subjects(results, Path(results["datalist"])) if runs else []:
-        montage = save_subject_montage(subject, runs, figures / f"montage_{subject['subject']}.png")
-        if montage is not None:
-            out["montages"].append(montage)
-            out["viewers"].append(save_subject_viewer(subject, runs, output_dir / f"viewer_{subject['subject']}.html"))
+    if out["groups"] is None:
+        out["notes"]["groups"].append("no breakdown: no finished method has lesion volumes with a family or size group")
+    subjects = pick_subjects(results, Path(results["datalist"])) if runs else []
+    if not subjects:
+        out["notes"]["subjects"].append("no subject montages or viewers: " + (
+            "no method finished" if not runs else _no_subjects_reason(results, Path(results["datalist"]))))
+    for subject in subjects:
+        name = subject["subject"]
+        montage = save_subject_montage(subject, runs, figures / f"montage_{name}.png")
+        if montage is None:
+            out["notes"]["subjects"].append(f"no montage of {name}: no finished method's detections.json names it")
+            continue
+        viewer = save_subject_viewer(subject, runs, output_dir / f"viewer_{contrast}_{name}.html")
+        out["subjects"].append({"name": name, "montage": montage, "viewer": viewer,
+                                "viewer_note": None if viewer else _viewer_unavailable(subject, runs)})
     return out
 
 
@@ -234,26 +281,41 @@ def _nifti_data_url(image) -> str:
     return "data:application/octet-stream;base64," + base64.b64encode(gzip.compress(image.to_bytes(), 6)).decode()
 
 
+def _nifti(path) -> bool:
+    return str(path).endswith((".nii", ".nii.gz"))
+
+
+def _viewer_unavailable(subject: dict, runs: dict[str, str]) -> str | None:
+    """Why no interactive viewer of `subject` can be written, or None when one can."""
+    if _niivue_source() is None:
+        return "NiiVue's JavaScript was not found (it ships with nilearn)"
+    if not _nifti(subject["image"]):
+        return f"the viewer reads NIfTI volumes and the input is {Path(subject['image']).name}"
+    if not any(_nifti(r["heatmap"]) for r in (_detections(d).get(str(subject.get("subject"))) for d in runs.values())
+               if r):
+        return "no method wrote a NIfTI heatmap of it"
+    return None
+
+
 def save_subject_viewer(subject: dict, runs: dict[str, str], path: Path) -> Path | None:
     """An interactive NiiVue page of one subject: the input with each method's heatmap (8-bit,
     from half the calibrated threshold up) and the ground truth as switchable layers. The
     volumes are inlined, so the page opens from disk; None when NiiVue or NIfTI files are missing."""
     import nibabel as nib
 
-    source = _niivue_source()
-    nifti = lambda f: str(f).endswith((".nii", ".nii.gz"))  # noqa: E731
-    if source is None or not nifti(subject["image"]):
+    if _viewer_unavailable(subject, runs):
         return None
+    source = _niivue_source()
     image = nib.load(subject["image"])
     layers = [{"name": "input.nii.gz", "url": _nifti_data_url(image), "colormap": "gray", "opacity": 1.0}]
-    if subject.get("label") and nifti(subject["label"]):
+    if subject.get("label") and _nifti(subject["label"]):
         label = nib.load(subject["label"])
         truth = nib.Nifti1Image((np.asanyarray(label.dataobj) > 0).astype(np.uint8), label.affine)
         layers.append({"name": "truth.nii.gz", "url": _nifti_data_url(truth), "colormap": "red", "opacity": 0.0,
                        "cal_min": 0.5, "cal_max": 1.0, "method": "ground truth"})
     for name, run_dir in runs.items():
         record = _detections(run_dir).get(str(subject.get("subject")))
-        if not record or not nifti(record["heatmap"]):
+        if not record or not _nifti(record["heatmap"]):
             continue
         heat = nib.load(record["heatmap"])
         values = np.asarray(heat.dataobj, dtype=np.float32)
@@ -303,6 +365,8 @@ table { border-collapse: collapse; margin: 8px 0 20px; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #eef; } td:first-child, th:first-child { text-align: left; }
 tr.failed td { background: #fee; }
+tr.floor td, tr.ceiling td { background: #f4f4f4; font-style: italic; }
+.missing { color: #a40; font-size: 13px; }
 .figures img { width: 32%; margin: 0.5%; border: 1px solid #ddd; }
 .montage img { max-width: 100%; margin: 8px 0; border: 1px solid #ddd; }
 .figures img.wide { width: 60%; }
@@ -329,7 +393,7 @@ def _group_tables(results: dict) -> str:
         for entry in results["bundles"]:
             values = {g["group"]: g for g in entry.get("groups", []) if g["kind"] == kind}
             if values:
-                rows.append([entry["row"]["bundle"]] + [_number(values.get(g, {}).get(m)) for g in groups
+                rows.append([method_label(entry["row"])] + [_number(values.get(g, {}).get(m)) for g in groups
                                                         for m in ("pixel_ap", "max_dice", "max_dice_per_volume")])
         counts = next((e["metrics"].get("families" if kind == "family" else "sizes") for e in results["bundles"]
                        if e.get("metrics")), {})
@@ -339,11 +403,15 @@ def _group_tables(results: dict) -> str:
     return "".join(parts)
 
 
-def write_report(results: dict, output_dir: Path) -> Path:
-    """Writes `report.html` and its figures; returns the page's path."""
-    output_dir = Path(output_dir)
+def _missing(notes: list[str]) -> str:
+    return "".join(f"<p class='missing'>Not drawn: {html.escape(n)}.</p>" for n in notes)
+
+
+def _contrast_sections(results: dict, output_dir: Path) -> list[str]:
+    """The report of one contrast (`results`: a `benchmark.contrast_view`)."""
     figures = write_figures(results, output_dir)
-    rows = [entry["row"] for entry in results["bundles"]]
+    rows = display_order([entry["row"] for entry in results["bundles"]])
+    contrast = html.escape(results["contrast"])
 
     def rel(path) -> str:
         return html.escape(Path(path).relative_to(output_dir).as_posix())
@@ -351,41 +419,57 @@ def write_report(results: dict, output_dir: Path) -> Path:
     errors = "".join(f"<li><b>{html.escape(r['bundle'])}</b> ({html.escape(r['status'])}): "
                      f"{html.escape(r['error'] or '')}</li>" for r in rows if r["status"] != "ok")
     sections = [
-        f"<h1>MedAnomaly benchmark</h1><p class='note'>{html.escape(results['date'])} &middot; cohort "
-        f"<code>{html.escape(results['cohort'])}</code> ({html.escape(results['datalist'])}) &middot; "
-        f"<code>{html.escape(str(results.get('command')))}</code> &middot; total {_seconds(results.get('wall_seconds'))}"
-        f" &middot; {html.escape(results.get('machine', ''))}</p>",
-        "<h2>Results</h2>",
+        f"<h2 id='{contrast}'>{contrast}</h2><p class='note'>Datalist {html.escape(str(results['datalist']))}.</p>",
         _html_table([h for h, _ in TABLE], [[f(r) for _, f in TABLE] for r in rows],
-                    ["failed" if r["status"] != "ok" else "" for r in rows]),
+                    ["failed" if r["status"] != "ok" else r.get("role") or "" for r in rows]),
+        f"<ul>{errors}</ul>" if errors else "",
+        f"<h3>Breakdown ({contrast})</h3>" + _group_tables(results) + _missing(figures["notes"]["groups"])
+        + (f"<div class='figures'><img class='wide' src='{rel(figures['groups'])}' alt='groups'></div>"
+           if figures.get("groups") else ""),
+        f"<h3>All methods ({contrast})</h3>" + _missing(figures["notes"]["curves"]),
+    ]
+    if figures.get("compare"):
+        sections.append("<p class='note'>Pooled lesion-volume voxels; Dice against the threshold's position in "
+                        "each method's score range.</p><div class='figures'>"
+                        + "".join(f"<img src='{rel(figures['compare'][k])}' alt='{k}'>" for k, _ in CURVES)
+                        + "</div>")
+    for name, paths in figures["methods"].items():
+        sections.append(f"<h3>{html.escape(name)} ({contrast})</h3><div class='figures'>"
+                        + "".join(f"<img src='{rel(paths[k])}' alt='{name} {title}'>" for k, title in CURVES)
+                        + "</div>")
+    sections.append(f"<h3>Subjects ({contrast})</h3>" + _missing(figures["notes"]["subjects"]))
+    if figures["subjects"]:
+        sections.append("<p class='note'>Each subject's slice with the largest lesion; the interactive viewer "
+                        "(NiiVue, runs from disk) shows the whole volume with each method's heatmap.</p>"
+                        "<div class='montage'>" + "".join(
+                            f"<img src='{rel(s['montage'])}' alt='{rel(s['montage'])}'>"
+                            + (f"<p><a href='{rel(s['viewer'])}'>interactive viewer of {html.escape(s['name'])}</a></p>"
+                               if s["viewer"] else _missing([f"viewer of {s['name']}: {s['viewer_note']}"]))
+                            for s in figures["subjects"]) + "</div>")
+    return sections
+
+
+def write_report(results: dict, output_dir: Path) -> Path:
+    """Writes `report.html` (a section per contrast) and its figures; returns the page's path."""
+    output_dir = Path(output_dir)
+    contrasts = list(results["contrasts"])
+    rows = [entry["row"] for run in results["contrasts"].values() for entry in run["bundles"]]
+    sections = [
+        f"<h1>MedAnomaly benchmark</h1><p class='note'>{html.escape(results['date'])} &middot; cohort "
+        f"<code>{html.escape(results['cohort'])}</code> &middot; contrasts "
+        + ", ".join(f"<a href='#{html.escape(c)}'>{html.escape(c)}</a>" for c in contrasts)
+        + f" &middot; <code>{html.escape(str(results.get('command')))}</code> &middot; total "
+        f"{_seconds(results.get('wall_seconds'))} &middot; {html.escape(results.get('machine', ''))}</p>",
         f"<p class='note'>Brackets: {html.escape(results.get('ci_method', ''))}, "
         f"{results.get('n_bootstrap')} resamples. Pixel metrics pool the voxels of all lesion volumes inside the "
         "brain; [Dice] is the best Dice over all thresholds (pooled, or each volume at its own best); the "
         "calibrated threshold is the bundle's (healthy validation voxels, 1 % FPR), and the healthy FPR is the "
         "fraction of healthy test-volume brain voxels above it. Volume and slice AUROC / AP separate lesion "
         "from healthy volumes and lesion from lesion-free slices.</p>",
-        f"<ul>{errors}</ul>" if errors else "",
-        "<h2>Breakdown</h2>" + _group_tables(results)
-        + (f"<div class='figures'><img class='wide' src='{rel(figures['groups'])}' alt='groups'></div>"
-           if figures.get("groups") else ""),
+        f"<p class='note'>{html.escape(REFERENCES)}</p>" if any(r.get("role") for r in rows) else "",
     ]
-    if figures.get("compare"):
-        sections.append("<h2>All methods</h2><p class='note'>Pooled lesion-volume voxels; Dice against the "
-                        "threshold's position in each method's score range.</p><div class='figures'>"
-                        + "".join(f"<img src='{rel(figures['compare'][k])}' alt='{k}'>" for k, _ in CURVES)
-                        + "</div>")
-    for name, paths in figures["methods"].items():
-        sections.append(f"<h2>{html.escape(name)}</h2><div class='figures'>"
-                        + "".join(f"<img src='{rel(paths[k])}' alt='{name} {title}'>" for k, title in CURVES)
-                        + "</div>")
-    if figures["montages"]:
-        sections.append("<h2>Subjects</h2><p class='note'>Each subject's slice with the largest lesion; the "
-                        "interactive viewer (NiiVue, runs from disk) shows the whole volume with each method's "
-                        "heatmap.</p><div class='montage'>" + "".join(
-                            f"<img src='{rel(p)}' alt='{rel(p)}'>"
-                            + (f"<p><a href='{rel(v)}'>interactive viewer of {html.escape(Path(v).stem[7:])}</a></p>"
-                               if v else "")
-                            for p, v in zip(figures["montages"], figures["viewers"])) + "</div>")
+    for contrast in contrasts:
+        sections += _contrast_sections(contrast_view(results, contrast), output_dir)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>MedAnomaly benchmark</title>"
             f"<style>{_CSS}</style></head><body>{''.join(sections)}</body></html>")
     path = output_dir / REPORT_FILE
@@ -415,27 +499,40 @@ def _paper_cell(entries: list[dict], key: str) -> str:
     return "; ".join(values) or "–"
 
 
-def markdown_table(results: dict) -> str:
-    rows = [entry["row"] for entry in results["bundles"]]
+MARKDOWN = (
+    ("method", method_label),
+    ("status", lambda r: (r["status"] + (f" ({r['variant']} weights)" if r.get("variant") else "")
+                          + ("" if r["status"] == "ok" else f": {r['error']}")).replace("|", "/")),
+    ("volume AUROC", lambda r: _with_ci(r["volume_auroc"], r.get("volume_auroc_ci_low"), r.get("volume_auroc_ci_high"))),
+    ("pixel AP", lambda r: _with_ci(r["pixel_ap"], r["pixel_ap_ci_low"], r["pixel_ap_ci_high"])),
+    ("pooled [Dice]", lambda r: _with_ci(r["pooled_dice"], r["pooled_dice_ci_low"], r["pooled_dice_ci_high"])),
+    ("gap closed: pixel AP", lambda r: _number(r.get("pixel_ap_gap_closed"), 2)),
+    ("gap closed: [Dice]", lambda r: _number(r.get("pooled_dice_gap_closed"), 2)),
+    ("per-volume [Dice]", lambda r: _with_ci(r["dice_per_volume"], r["dice_per_volume_ci_low"],
+                                             r["dice_per_volume_ci_high"])),
+    ("Dice at threshold", lambda r: _number(r["dice_at_threshold"])),
+    ("healthy FPR", lambda r: _number(r["healthy_fpr"], 4)),
+    ("s / volume", lambda r: _number(r["seconds_per_volume"], 1)),
+    ("train", lambda r: _seconds(r["train_seconds"])),
+)
+PAPER_COLUMNS = (("paper: volume AUROC", "volume_auroc"), ("paper: pixel AP", "pixel_ap"), ("paper: [Dice]", "pooled_dice"))
+
+
+def _markdown_rows(rows: list[dict]) -> list[str]:
     papers = paper_results([r["bundle"] for r in rows])
-    headers = ["method", "status", "volume AUROC", "pixel AP", "pooled [Dice]", "per-volume [Dice]",
-               "Dice at threshold", "healthy FPR", "s / volume", "train",
-               "paper: volume AUROC", "paper: pixel AP", "paper: [Dice]"]
+    headers = [h for h, _ in MARKDOWN] + [h for h, _ in PAPER_COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-    for r in rows:
-        ok = r["status"] == "ok"
-        status = r["status"] + (f" ({r['variant']} weights)" if r.get("variant") else "")
-        if not ok:
-            status += f": {r['error']}"
-        cells = [r["bundle"], status.replace("|", "/"), _number(r["volume_auroc"]),
-                 _with_ci(r["pixel_ap"], r["pixel_ap_ci_low"], r["pixel_ap_ci_high"]),
-                 _with_ci(r["pooled_dice"], r["pooled_dice_ci_low"], r["pooled_dice_ci_high"]),
-                 _with_ci(r["dice_per_volume"], r["dice_per_volume_ci_low"], r["dice_per_volume_ci_high"]),
-                 _number(r["dice_at_threshold"]), _number(r["healthy_fpr"], 4), _number(r["seconds_per_volume"], 1),
-                 _seconds(r["train_seconds"])]
-        cells += [_paper_cell(papers[r["bundle"]], k) for k in ("volume_auroc", "pixel_ap", "pooled_dice")]
+    for r in display_order(rows):
+        cells = [f(r) for _, f in MARKDOWN] + [_paper_cell(papers[r["bundle"]], k) for _, k in PAPER_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    counts = next((e["metrics"] for e in results["bundles"] if e.get("metrics")), {})
+    return lines
+
+
+def markdown_table(results: dict) -> str:
+    """The README's results: a header, one table per contrast, the notes."""
+    runs = results["contrasts"]
+    rows = [entry["row"] for run in runs.values() for entry in run["bundles"]]
+    counts = next((e["metrics"] for run in runs.values() for e in run["bundles"] if e.get("metrics")), {})
     cohort = (f"{counts.get('n_lesion_volumes', '?')} lesion + {counts.get('n_healthy_volumes', '?')} healthy test "
               f"volumes" if counts else "")
     devices = ", ".join(sorted({str(r["device"]) for r in rows if r.get("device")})) or "no"
@@ -443,7 +540,12 @@ def markdown_table(results: dict) -> str:
               f"`{results.get('command')}`, {results['date']}, {_seconds(results.get('wall_seconds'))} in all. "
               f"Brackets: {results.get('ci_method')}. The full report (curves, breakdown by lesion family and "
               "size, subject montages): `outputs/benchmark/report.html`.")
-    return "\n".join([header, "", *lines, "", SYNTHETIC_VS_REAL])
+    lines = [header]
+    for contrast, run in runs.items():
+        lines += ["", f"**{contrast}**", "", *_markdown_rows([entry["row"] for entry in run["bundles"]])]
+    if any(r.get("role") for r in rows):
+        lines += ["", REFERENCES]
+    return "\n".join([*lines, "", SYNTHETIC_VS_REAL])
 
 
 def update_readme(readme: Path, results: dict) -> Path:

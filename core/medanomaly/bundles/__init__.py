@@ -31,9 +31,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `medanomaly.bundles.engine` (torch) loads only when a bundle config asks for it.
-    if name == "engine":
+    # `medanomaly.bundles.engine` and `.contrast` (torch) load only when a bundle config asks for them.
+    if name in ("engine", "contrast"):
         import importlib
 
-        return importlib.import_module(f"{__name__}.engine")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

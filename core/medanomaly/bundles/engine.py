@@ -27,11 +27,12 @@ from monai.inferers import SliceInferer
 from monai.transforms import MapTransform
 
 from medanomaly import io, scoring
-from medanomaly.bundles.outputs import SUMMARY_FILE, VOLUME_SUFFIXES, output_paths, volume_name
+from medanomaly.bundles.outputs import SUMMARY_FILE, VOLUME_SUFFIXES, output_paths, subject_name
 from medanomaly.bundles.progress import VolumeProgress
 from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE, read_model_info
-from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, intensity_window, load_datalist
-from medanomaly.data.synth import PRESETS, ensure_cohort
+from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, brain_mask_from_image, intensity_window, load_datalist
+from medanomaly.data import resolve_datalist
+from medanomaly.data.datalist import read_datalist
 
 logger = logging.getLogger(__name__)
 PRED = "pred"
@@ -120,19 +121,19 @@ class ProgressHandler:
 
 
 def _subject_name(item: Mapping, index: int | None = None) -> str:
-    """The datalist's subject id, else the image file's name."""
+    """`outputs.subject_name` of a (batched, when `index` is given) dictionary item."""
     subject = item.get("subject")
-    if subject is not None:
-        return str(subject[index] if index is not None and isinstance(subject, (list, tuple)) else subject)
+    if index is not None and isinstance(subject, (list, tuple)):
+        subject = subject[index]
     image = item[IMAGE]
     source = image.meta.get("filename_or_obj", "volume") if isinstance(image, MetaTensor) else "volume"
     if index is not None and isinstance(source, (list, tuple)):
         source = source[index]
-    return volume_name(source)
+    return subject_name(subject, source)
 
 
-def _source_file(item: Mapping) -> str:
-    source = item[IMAGE].meta["filename_or_obj"]
+def _source_file(item: Mapping, key: str = IMAGE) -> str:
+    source = item[key].meta["filename_or_obj"]
     return source[0] if isinstance(source, (list, tuple)) else source
 
 
@@ -155,8 +156,8 @@ class SaveAnomalyOutputsd(MapTransform):
         if not self.enabled:
             return d
         source, name = _source_file(d), _subject_name(d)
-        brain = _to_numpy(d[MASK][0]) > 0.5
-        heatmap = _to_numpy(d[PRED][0]).astype(np.float32) * brain
+        brain = supplied_brain_mask(d)
+        heatmap = scored_heatmap(d) * brain
         paths = output_paths(self.output_dir, name, self.extension)
         io.write_heatmap(heatmap, source, paths["heatmap"])
         written = {"heatmap": str(paths["heatmap"])}
@@ -198,25 +199,48 @@ class OutputSummaryHandler:
         logger.info("Wrote %d detection(s) to %s", len(self.records), self.output_dir)
 
 
-def _label_array(item: Mapping, shape: tuple) -> np.ndarray:
-    """Ground-truth lesion mask on the input grid; all zeros for a healthy subject."""
-    label = item.get(LABEL)
-    if label is None:
-        return np.zeros(shape, dtype=bool)
-    array = io.volume_array(io.read_volume(label, allow_constant=True)) > 0.5
+def _input_grid_mask(path, shape: tuple, what: str) -> np.ndarray:
+    """A binary volume file (> 0.5) that must lie on the input image's grid of `shape`."""
+    array = io.volume_array(io.read_volume(path, allow_constant=True)) > 0.5
     if array.shape != shape:
-        raise io.VolumeError(f"Label {label} has shape {array.shape}, the image {shape}: they must share one grid.")
+        raise io.VolumeError(f"{what} {path} has shape {array.shape}, the image {shape}: they must share one grid.")
     return array
 
 
+def _label_array(item: Mapping, shape: tuple) -> np.ndarray:
+    """Ground-truth lesion mask on the input grid; all zeros for a healthy subject."""
+    label = item.get(LABEL)
+    return np.zeros(shape, dtype=bool) if label is None else _input_grid_mask(label, shape, "Label")
+
+
+def scored_heatmap(item: Mapping) -> np.ndarray:
+    """The inverted anomaly map on the input grid; voxels the method did not score (NaN or
+    infinite) are 0, as are those outside its crop (the inverse transforms pad with 0)."""
+    heatmap = _to_numpy(item[PRED][0]).astype(np.float32)
+    return np.where(np.isfinite(heatmap), heatmap, np.float32(0.0))
+
+
+def supplied_brain_mask(item: Mapping) -> np.ndarray:
+    """The brain mask every method is scored on, on the input grid: the mask file the item
+    supplies, else the image's foreground as `BrainMaskd` derives it (which then stores the
+    image as the mask's source). Never the mask after its round trip through a method's model
+    grid (`Invertd`), which loses edge voxels differently for each pixdim and crop."""
+    image_file, shape = _source_file(item), tuple(item[PRED].shape[1:])
+    mask_file = _source_file(item, MASK) if isinstance(item.get(MASK), MetaTensor) else image_file
+    if mask_file != image_file:
+        return _input_grid_mask(mask_file, shape, "Brain mask")
+    return brain_mask_from_image(io.volume_array(io.read_volume(image_file)))
+
+
 def collect_volume(evaluator, item: Mapping) -> None:
-    """Adds one inverted prediction to a `medanomaly.metrics.CohortEvaluator`, with the
-    lesion volume in ml (from the label on the input grid) for the size breakdown."""
-    heatmap = _to_numpy(item[PRED][0])
+    """Adds one inverted prediction to a `medanomaly.metrics.CohortEvaluator`: its heatmap
+    (`scored_heatmap`) on the supplied brain mask and label on the input grid, so every method
+    is scored on the same voxels, with the lesion volume in ml for the size breakdown."""
+    heatmap = scored_heatmap(item)
     label = _label_array(item, heatmap.shape)
     voxel_ml = abs(float(np.linalg.det(np.asarray(item[PRED].affine, dtype=np.float64)[:3, :3]))) / 1000.0
     evaluator.add_volume(
-        _subject_name(item), heatmap, label, _to_numpy(item[MASK][0]) > 0.5,
+        _subject_name(item), heatmap, label, supplied_brain_mask(item),
         axis=axial_axis(item[PRED].affine), family=item.get("family"),
         meta={"lesion_ml": round(int(label.sum()) * voxel_ml, 4)},
     )
@@ -392,15 +416,18 @@ def _is_dicom_folder(folder: Path) -> bool:
 
 
 def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | None = None,
-                   keys: str | Sequence[str] = "test_lesion", mask: str | None = None) -> list[dict]:
-    """Items `{"image", "mask"?, "label"?, "subject"?}` to run on.
+                   keys: str | Sequence[str] = "test_lesion", mask: str | None = None,
+                   contrast: str | None = None, input_contrast: str | None = None) -> list[dict]:
+    """Items `{"image", "mask"?, "label"?, "subject"?, "contrast"?}` to run on.
 
     `input`: a volume file, a DICOM series folder, a folder or glob of volumes, or a list of
-    them. Without `input`, the `keys` of `datalist` (a Decathlon-style JSON file, or the
-    name of a synthetic cohort preset, generated on first use).
+    them (`input_contrast`, if given, is their contrast). Without `input`, the `keys` of
+    `datalist` (a Decathlon-style JSON file, or the name of a synthetic cohort preset, generated
+    on first use, in `contrast`); a datalist's top-level "contrast" is copied into its entries.
     """
     if input:
-        items = [{IMAGE: str(p)} for p in _expand_inputs(input)]
+        items = [{IMAGE: str(p), **({"contrast": input_contrast} if input_contrast else {})}
+                 for p in _expand_inputs(input)]
         for item in items:
             io.check_volume_file(item[IMAGE])  # fail before any model is loaded
         if mask:
@@ -410,9 +437,10 @@ def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | Non
         return items
     if not datalist:
         raise ValueError("Nothing to run on: give an input volume (--input) or a datalist (--datalist).")
-    path = ensure_cohort(datalist) if str(datalist) in PRESETS else Path(datalist)
+    path = resolve_datalist(datalist, contrast)
+    declared = read_datalist(path).get("contrast")
     keys = [keys] if isinstance(keys, str) else list(keys)
-    return [item for key in keys for item in load_datalist(path, key)]
+    return [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
 
 
 def _expand_inputs(input: str | Sequence[str]) -> list[Path]:

@@ -17,6 +17,12 @@ def volume_name(path: str | Path) -> str:
     return name
 
 
+def subject_name(subject, image_file) -> str:
+    """The one name of a subject everywhere (outputs, per-volume records, the benchmark report):
+    the datalist entry's `subject` id when it has one, else the image file's name."""
+    return str(subject) if subject is not None else volume_name(image_file)
+
+
 def output_paths(output_dir: str | Path, name: str, extension: str = ".nii.gz") -> dict[str, Path]:
     """Heatmap, segmentation and pseudo-healthy volume of one input."""
     output_dir = Path(output_dir)

@@ -63,6 +63,11 @@ class BundleInfo:
         return read_model_info(self.model_dir)
 
     @property
+    def weights_contrast(self) -> str | None:
+        """The contrast(s) the shipped weights expect, e.g. ``T1w`` or ``T1w/T2w``; None when unknown."""
+        return "/".join(weights_contrasts(self.model_dir)) or None
+
+    @property
     def weights_need_demo_config(self) -> bool:
         """True when the shipped weights come from the demo overlay (its smaller network)."""
         return trained_with_demo_config(self.model_dir)
@@ -82,6 +87,7 @@ class BundleInfo:
             "root": str(self.root),
             "has_weights": self.has_weights,
             "demo_weights": self.weights_need_demo_config,
+            "contrast": self.weights_contrast,
         }
 
 
@@ -89,6 +95,15 @@ def read_model_info(model_dir: str | os.PathLike) -> dict:
     """`model_dir/model_info.json` (what those weights were trained with), or {} when absent."""
     path = Path(model_dir) / MODEL_INFO_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def weights_contrasts(model_dir: str | os.PathLike) -> tuple[str, ...]:
+    """The MR contrast(s) the weights in `model_dir` were trained on (model_info.json "contrast",
+    one name or a list, as recorded), or () when unknown."""
+    recorded = read_model_info(model_dir).get("contrast")
+    if not recorded:
+        return ()
+    return (str(recorded),) if isinstance(recorded, str) else tuple(str(c) for c in recorded)
 
 
 def trained_with_demo_config(model_dir: str | os.PathLike) -> bool:

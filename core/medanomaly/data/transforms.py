@@ -86,6 +86,26 @@ class BrainMaskd(MapTransform):
         return d
 
 
+class EmptyLabeld(MapTransform):
+    """Adds an all-zero lesion mask shaped like `like` to an entry without one (a healthy subject);
+    a given lesion mask is binarised."""
+
+    def __init__(self, label_key: str = LABEL, like: str = MASK):
+        super().__init__(keys=[label_key])
+        self.label_key, self.like = label_key, like
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        if isinstance(d.get(self.label_key), torch.Tensor):
+            if d[self.label_key].shape[1:] != d[self.like].shape[1:]:
+                raise io.VolumeError(f"The lesion mask has shape {tuple(d[self.label_key].shape[1:])} but the "
+                                     f"image {tuple(d[self.like].shape[1:])}: they must share one grid.")
+            d[self.label_key] = (d[self.label_key] > 0.5).to(torch.float32)
+        else:
+            d[self.label_key] = torch.zeros_like(d[self.like])
+        return d
+
+
 class NormaliseBrainIntensityd(MapTransform):
     """Maps the brain's [lower, upper] intensity percentiles to [0, 1], clips, zeroes the
     background. Percentiles over brain voxels only: background zeros would shift them."""
@@ -115,12 +135,14 @@ def preprocessing(
     lower_percentile: float = 0.5,
     upper_percentile: float = 99.5,
     reader: str = "ITKReader",
+    label: bool = False,
 ) -> Compose:
     """Deterministic chain from file paths `{"image", "mask"?}` to a brain-centred volume
     `(1, H, W, Z)` in RAS at `pixdim`, intensities in [0, 1], with its brain mask.
     ITK reads every format (NIfTI, NRRD, MHA, DICOM series); "NibabelReader" needs no ITK
-    but reads NIfTI only."""
-    keys = [IMAGE, MASK]
+    but reads NIfTI only. `label=True` brings the lesion mask `"label"` along on the same grid
+    (all zeros for an entry without one: a healthy subject), for supervised training."""
+    keys = [IMAGE, MASK, LABEL] if label else [IMAGE, MASK]
     return Compose(
         [
             CheckVolumed(keys=keys, allow_missing_keys=True),
@@ -128,8 +150,9 @@ def preprocessing(
                        allow_missing_keys=True),
             EnsureTyped(keys=keys, dtype=torch.float32, allow_missing_keys=True),
             BrainMaskd(IMAGE, MASK),
+            *([EmptyLabeld(LABEL, like=MASK)] if label else []),
             Orientationd(keys=keys, axcodes="RAS"),
-            Spacingd(keys=keys, pixdim=pixdim, mode=("bilinear", "nearest")),
+            Spacingd(keys=keys, pixdim=pixdim, mode=("bilinear", *["nearest"] * (len(keys) - 1))),
             NormaliseBrainIntensityd(IMAGE, MASK, lower_percentile, upper_percentile),
             CropForegroundd(keys=keys, source_key=MASK, allow_smaller=True),
             ResizeWithPadOrCropd(keys=keys, spatial_size=(*image_size, -1)),
@@ -148,6 +171,19 @@ def random_axial_slices(num_samples: int) -> list:
         RandCropByPosNegLabeld(keys=keys, label_key=MASK, spatial_size=(-1, -1, 1), pos=1, neg=0,
                                num_samples=num_samples, fg_indices_key=f"{MASK}_brain_indices",
                                bg_indices_key=f"{MASK}_background_indices"),
+        SqueezeDimd(keys=keys, dim=-1),
+    ]
+
+
+def lesion_balanced_axial_slices(num_samples: int, lesion_weight: float = 1.0, brain_weight: float = 1.0) -> list:
+    """Random axial slices `(1, H, W)` of image, brain mask and lesion mask for supervised training:
+    a slice centre is a lesion voxel with probability lesion_weight / (lesion_weight + brain_weight),
+    else a brain voxel outside the lesion (a subject without lesion gives brain slices only).
+    Needs `preprocessing(label=True)`."""
+    keys = [IMAGE, MASK, LABEL]
+    return [
+        RandCropByPosNegLabeld(keys=keys, label_key=LABEL, spatial_size=(-1, -1, 1), pos=lesion_weight,
+                               neg=brain_weight, num_samples=num_samples, image_key=MASK, image_threshold=0.5),
         SqueezeDimd(keys=keys, dim=-1),
     ]
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from medanomaly.bundles.engine import SliceAnomalyMethod
 from medanomaly.scoring import volume_score
 from medanomaly.bundles.registry import MODEL_FILE
-from medanomaly.data import IMAGE, MASK, PRESETS, cohort_root, ensure_cohort, load_datalist
+from medanomaly.data import IMAGE, MASK, load_datalist, resolve_datalist
 from medanomaly.data.datalist import read_datalist
+from medanomaly.data.companion import companion_lesion_subjects, synthetic_provenance
 
 logger = logging.getLogger(__name__)
 CORRUPTED = "corrupted"
@@ -76,30 +77,13 @@ class SaganMethod(SliceAnomalyMethod):
 
 
 # --------------------------------------------------------------------------- data: healthy and unlabeled sets
-def _datalist_path(datalist) -> Path:
-    return ensure_cohort(str(datalist)) if str(datalist) in PRESETS else Path(datalist)
-
-
-def _synthetic_provenance(path: Path) -> dict | None:
-    meta = read_datalist(path).get("medanomaly")
-    return meta if isinstance(meta, Mapping) and meta.get("generator") == "medanomaly.data.synth" else None
-
-
-def synthetic_lesion_subjects(path: Path, n: int) -> list[dict]:
-    """`n` lesion subjects of a companion synthetic cohort for the unlabeled set: same generator, another
-    cohort seed (so never a test subject), cached under $MEDANOMALY_HOME/cohorts."""
-    if n <= 0:
-        return []
-    provenance = _synthetic_provenance(path)
-    seed = 7919 + int(provenance.get("seed", 0))
-    root = cohort_root(f"sagan-unlabeled-{provenance.get('preset', 'custom')}-seed{seed}-n{n}")
-    companion = ensure_cohort({"validation_lesion": n}, seed=seed, root=root)
-    return load_datalist(companion, "validation_lesion")
+def _datalist_path(datalist, contrast: str | None = None) -> Path:
+    return resolve_datalist(datalist, contrast)
 
 
 def semi_supervised_sets(datalist, healthy_key: str = "training", unlabeled_key: str | None = None,
                          lesion_key: str | None = None, anomaly_ratio: float = 0.6, healthy_fraction: float = 0.5,
-                         seed: int = 0) -> tuple[list[dict], list[dict]]:
+                         seed: int = 0, contrast: str | None = None) -> tuple[list[dict], list[dict]]:
     """(healthy set, unlabeled set) for semi-supervised training.
 
     With `unlabeled_key` in the datalist, the unlabeled set is that split as it is and the healthy
@@ -107,9 +91,10 @@ def semi_supervised_sets(datalist, healthy_key: str = "training", unlabeled_key:
     `healthy_fraction` of them form the healthy set, the rest the healthy part of the unlabeled set,
     to which lesion subjects are added so that they make up `anomaly_ratio` of it -- from the
     `lesion_key` split, or, for a synthetic cohort, from a companion synthetic cohort (another seed:
-    never a validation or test subject). Lesion masks are never read.
+    never a validation or test subject). Lesion masks are never read. A synthetic preset is read in
+    `contrast`, and the companion cohort rendered in the datalist's contrast.
     """
-    path = _datalist_path(datalist)
+    path = _datalist_path(datalist, contrast)
     healthy = load_datalist(path, healthy_key)
     if unlabeled_key:
         return healthy, load_datalist(path, unlabeled_key)
@@ -126,8 +111,8 @@ def semi_supervised_sets(datalist, healthy_key: str = "training", unlabeled_key:
             logger.warning("Split '%s' has %d subjects; %d would give anomaly_ratio %.2f.", lesion_key, len(lesions),
                            n_lesion, anomaly_ratio)
         lesions = [lesions[i] for i in np.random.default_rng(seed + 1).permutation(len(lesions))[:n_lesion]]
-    elif _synthetic_provenance(path) is not None:
-        lesions = synthetic_lesion_subjects(path, n_lesion)
+    elif synthetic_provenance(path) is not None:
+        lesions = companion_lesion_subjects(path, n_lesion, contrast=read_datalist(path).get("contrast") or contrast)
     else:
         raise ValueError(f"Datalist {path} gives no unlabeled data: name a split of unlabeled subjects "
                          "(--unlabeled_key) or one of lesion subjects to mix in (--lesion_key).")
@@ -143,9 +128,9 @@ def training_sets(datalist, **kwargs) -> dict:
 
 
 def validation_items(datalist, healthy_keys: str | Sequence[str] = "validation_healthy",
-                     unlabeled_keys: str | Sequence[str] = "validation_lesion") -> list[dict]:
+                     unlabeled_keys: str | Sequence[str] = "validation_lesion", contrast: str | None = None) -> list[dict]:
     """Validation volumes for AUCp: healthy ones (flag 0) and unlabeled ones (flag 1); labels are dropped."""
-    path = _datalist_path(datalist)
+    path = _datalist_path(datalist, contrast)
     items = []
     for flag, keys in ((0, healthy_keys), (1, unlabeled_keys)):
         for key in [keys] if isinstance(keys, str) else keys:
