@@ -2,7 +2,7 @@
 # Trains a bundle's demo weights the way the committed ones were made (`medanomaly train` also runs
 # the bundle's post-train workflows, e.g. scrps' latent repository, and calibrates), then installs them
 # into the bundle (models/model.pt + models/model_info.json) and evaluates them.
-#   benchmarks/train_demo_weights.sh dae [--set num_iterations=6000 ...]
+#   benchmarks/train_demo_weights.sh dae [--contrast T2w] [--set num_iterations=6000 ...]
 # A variant of a bundle with its own shipped weights (e.g. sagan's brainomaly switch) installs
 # into a subfolder of models/ and is evaluated with the same switch:
 #   INSTALL_SUBDIR=brainomaly benchmarks/train_demo_weights.sh sagan --set model=brainomaly
@@ -14,10 +14,10 @@ python=${PYTHON:-python}
 run_dir=${RUN_DIR:-runs/${bundle}${INSTALL_SUBDIR:+-$INSTALL_SUBDIR}-demo}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 install_dir="$repo/monai_bundles/$bundle/models${INSTALL_SUBDIR:+/$INSTALL_SUBDIR}"
-# the --set switches of the training also select the variant for evaluation
+# the --set switches (and --contrast) of the training also select the variant (and datalist) for evaluation
 switches=()
 for ((i = 1; i <= $#; i++)); do
-  if [[ "${!i}" == "--set" ]]; then j=$((i + 1)); switches+=(--set "${!j}"); fi
+  if [[ "${!i}" == "--set" || "${!i}" == "--contrast" ]]; then j=$((i + 1)); switches+=("${!i}" "${!j}"); fi
 done
 
 $python -m medanomaly.cli synth --preset demo

@@ -31,15 +31,17 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 def run(tiny, tmp_path_factory):
     """dae, a cheaper copy of it (3 mm voxels, 64 px slices: a second bundle, found through its
     folder, playing the floor) and a bundle without weights, on two lesion volumes and one
-    healthy volume of the tiny cohort, listed without `subject` keys (named by their files)."""
+    healthy volume of the tiny cohort's T2w datalist, listed without `subject` keys (named by their files)."""
     if not HAS_WEIGHTS:
         pytest.skip("the dae demo weights are not committed")
     tmp = tmp_path_factory.mktemp("benchmark")
-    items = {key: load_datalist(tiny, key) for key in ("test_lesion", "test_healthy")}
+    t2w = tiny.parent / "datalist_T2w.json"  # the contrast of dae's demo weights
+    items = {key: load_datalist(t2w, key) for key in ("test_lesion", "test_healthy")}
     anonymous = lambda entries: [{k: v for k, v in i.items() if k != "subject"} for i in entries]  # noqa: E731
     lesion = anonymous(i for i in items["test_lesion"] if i["family"] in ("tumour", "stroke"))
     datalist = tmp / "cohort.json"
-    datalist.write_text(json.dumps({"test_lesion": lesion, "test_healthy": anonymous(items["test_healthy"][:1])}))
+    datalist.write_text(json.dumps({"contrast": "T2w", "test_lesion": lesion,
+                                    "test_healthy": anonymous(items["test_healthy"][:1])}))
     copy = shutil.copytree(find_bundle("dae").root, tmp / "bundles" / "dae_copy",
                            ignore=shutil.ignore_patterns("__pycache__"))
     with open(copy / "configs" / "demo.yaml", "a") as f:
@@ -57,8 +59,8 @@ def run(tiny, tmp_path_factory):
 def test_results_cover_every_bundle_and_match_sklearn(run):
     out, datalist = run
     results = json.loads((out / "results.json").read_text())
-    assert list(results["contrasts"]) == ["T1w"]  # a datalist without "contrast": the default
-    entries = {e["row"]["bundle"]: e for e in results["contrasts"]["T1w"]["bundles"]}
+    assert list(results["contrasts"]) == ["T2w"]  # the contrast the datalist declares
+    entries = {e["row"]["bundle"]: e for e in results["contrasts"]["T2w"]["bundles"]}
     assert list(entries) == ["dae", "dae_copy", "unweighted"]
     missing = entries["unweighted"]["row"]
     assert missing["status"] == "no weights" and "model.pt" in missing["error"]
@@ -69,10 +71,10 @@ def test_results_cover_every_bundle_and_match_sklearn(run):
     with open(out / "results.csv") as f:
         rows = {r["bundle"]: r for r in csv.DictReader(f)}
     assert set(rows) == set(entries) and rows["unweighted"]["status"] == "no weights"
-    assert {r["contrast"] for r in rows.values()} == {"T1w"}
+    assert {r["contrast"] for r in rows.values()} == {"T2w"}
     assert float(rows["dae"]["pixel_ap"]) == pytest.approx(entries["dae"]["row"]["pixel_ap"])
     with open(out / "results_by_group.csv") as f:
-        assert {r["contrast"] for r in csv.DictReader(f)} == {"T1w"}
+        assert {r["contrast"] for r in csv.DictReader(f)} == {"T2w"}
 
     for name in ("dae", "dae_copy"):
         entry, row = entries[name], entries[name]["row"]
@@ -104,7 +106,7 @@ def test_results_cover_every_bundle_and_match_sklearn(run):
     assert entries["dae"]["row"]["healthy_fpr"] <= 0.05  # its threshold flags ~1 % of healthy voxels
 
     # pooled pixel AP against sklearn on the voxels (the histogram ties scores within 1e-4 bins)
-    record = {r["subject"]: r for r in json.loads((out / "T1w" / "dae" / "detections.json").read_text())}
+    record = {r["subject"]: r for r in json.loads((out / "T2w" / "dae" / "detections.json").read_text())}
     from medanomaly import io
     from medanomaly.bundles.outputs import subject_name
 
@@ -119,7 +121,7 @@ def test_results_cover_every_bundle_and_match_sklearn(run):
                                                    allow_constant=True))[brain])
     sklearn_ap = average_precision_score(np.concatenate(labels), np.concatenate(heat))
     assert entries["dae"]["row"]["pixel_ap"] == pytest.approx(sklearn_ap, abs=0.02)
-    pooled = CohortEvaluator.load(out / "T1w" / "dae" / "histograms.npz").pooled_histogram()
+    pooled = CohortEvaluator.load(out / "T2w" / "dae" / "histograms.npz").pooled_histogram()
     assert pooled.average_precision() == pytest.approx(entries["dae"]["row"]["pixel_ap"])
 
 
@@ -131,7 +133,7 @@ def test_every_bundle_is_scored_on_the_same_voxels(run):
 
     out, datalist = run
     results = json.loads((out / "results.json").read_text())
-    entries = {e["row"]["bundle"]: e for e in results["contrasts"]["T1w"]["bundles"]}
+    entries = {e["row"]["bundle"]: e for e in results["contrasts"]["T2w"]["bundles"]}
     supplied = {}
     for item in load_datalist(datalist, "test_lesion") + load_datalist(datalist, "test_healthy"):
         brain = io.volume_array(io.read_volume(item["mask"])) > 0.5
@@ -146,18 +148,18 @@ def test_report_references_its_figures(run):
     out, _ = run
     page = (out / "report.html").read_text()
     assert "<table>" in page and "no weights" in page and "http" not in page
-    assert "<h2 id='T1w'>T1w</h2>" in page and "dae_copy: floor (non-learned)" in page
+    assert "<h2 id='T2w'>T2w</h2>" in page and "dae_copy: floor (non-learned)" in page
     assert "Not drawn" not in page  # subjects without `subject` keys are found by their file names
     images = re.findall(r"<img [^>]*src='([^']+)'", page)
     for name in ("compare_roc.png", "compare_pr.png", "compare_dice.png", "dae_roc.png", "dae_copy_dice.png",
                  "groups.png"):
-        assert f"figures/T1w/{name}" in images
+        assert f"figures/T2w/{name}" in images
     montages = [i for i in images if "montage_" in i]
     assert len(montages) == 3  # tumour, stroke, healthy
     for image in images:
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     viewers = re.findall(r"<a href='(viewer_[^']+)'", page)
-    assert len(viewers) == 3 and all(v.startswith("viewer_T1w_") for v in viewers)
+    assert len(viewers) == 3 and all(v.startswith("viewer_T2w_") for v in viewers)
     assert (out / "niivue.umd.js").is_file()
     assert "data:application/octet-stream;base64," in (out / viewers[0]).read_text()  # opens from disk
 

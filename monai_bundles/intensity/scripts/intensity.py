@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines import Workflow
 
-from medanomaly.bundles.engine import SliceAnomalyMethod, update_model_info
+from medanomaly.bundles.engine import ModelInfoHandler, SliceAnomalyMethod, update_model_info
 from medanomaly.bundles.registry import MODEL_FILE
 from medanomaly.data import DEFAULT_CONTRAST, IMAGE, MASK, check_contrast
 
@@ -141,25 +141,20 @@ class HealthyIntensityFitter(Workflow):
         return {"brain_voxels": int((mask > 0.5).sum())}
 
 
-class SaveHealthyIntensity:
+class SaveHealthyIntensity(ModelInfoHandler):
     """Writes the histogram as `model_dir/model.pt` and what it is (contrast, data, volumes,
     voxels, seconds) into `model_info.json` when the fitter completes."""
 
     def __init__(self, density: HealthyIntensityDensity, model_dir: str, fields: dict | None = None):
-        self.density, self.model_dir, self.fields = density, Path(model_dir), dict(fields or {})
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._start)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _start(self, engine: Engine) -> None:
-        self.started = time.perf_counter()
+        super().__init__(str(model_dir), fields)
+        self.density = density
 
     def _write(self, engine: Engine) -> None:
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.density.state_dict(), self.model_dir / MODEL_FILE)
-        update_model_info(self.model_dir, **self.fields, n_bins=self.density.n_bins,
+        model_dir = Path(self.model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.density.state_dict(), model_dir / MODEL_FILE)
+        update_model_info(model_dir, **self.fields, n_bins=self.density.n_bins,
                           training_volumes=engine.state.iteration, training_voxels=int(self.density.counts.sum()),
                           train_seconds=round(time.perf_counter() - self.started, 1))
         logger.info("Healthy intensity histogram of %d volumes written to %s",
-                    engine.state.iteration, self.model_dir / MODEL_FILE)
+                    engine.state.iteration, model_dir / MODEL_FILE)

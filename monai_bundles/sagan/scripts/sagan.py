@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from medanomaly.bundles.engine import SliceAnomalyMethod
 from medanomaly.scoring import volume_score
-from medanomaly.bundles.registry import MODEL_FILE
 from medanomaly.data import IMAGE, MASK, load_datalist, resolve_datalist
 from medanomaly.data.datalist import read_datalist
 from medanomaly.data.companion import companion_lesion_subjects, synthetic_provenance
