@@ -18,12 +18,14 @@ from medanomaly.anomalies import (
     foreign_patch_interpolation,
     inside_fraction,
     poisson_blend,
+    poisson_blending,
     sample_region,
     sink_deformation,
     source_deformation,
     task_folds,
     warp_source,
 )
+from medanomaly.anomalies.poisson import dirichlet_rectangle
 from medanomaly.anomalies.sources import SourcePool
 
 SIZE = 128
@@ -121,6 +123,85 @@ def test_mixed_gradients_keep_stronger_target_detail(brain_slice):
     flat_source = np.full(target.shape, 0.5)  # no gradient: the target's always wins
     blended = poisson_blend(target, flat_source, region, brain, mixed_gradients=True)
     assert np.allclose(blended, target, atol=1e-3)
+
+
+def random_rectangle(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A random full rectangle whose one-pixel ring lies in the image (often touching its edge)."""
+    mask = np.zeros(shape, dtype=bool)
+    corners = []
+    for size in shape:
+        extent = int(rng.integers(1, size - 1))
+        start = int(rng.choice([1, size - 1 - extent, rng.integers(1, size - extent)]))  # near a border, or anywhere
+        corners.append(slice(start, start + extent))
+    mask[tuple(corners)] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dst_poisson_solver_equals_conjugate_gradients(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(8, 100, size=2))
+    target, source = rng.random(shape), rng.random(shape)
+    region = random_rectangle(rng, shape)
+    brain = ndimage.binary_dilation(region, iterations=1) | (rng.random(shape) < 0.5)  # holds the ring
+    for mixed in (False, True):
+        direct = poisson_blend(target, source, region, brain, mixed, solver="dst")
+        iterative = poisson_blend(target, source, region, brain, mixed, tolerance=1e-10, solver="cg")
+        assert np.abs(direct - iterative).max() < 1e-4
+        assert np.array_equal(poisson_blend(target, source, region, brain, mixed), direct)  # "auto" takes the DST
+
+
+def test_dst_poisson_matches_todays_solver_on_a_brain_slice(brain_slice):
+    target, brain = brain_slice[0].astype(float), brain_slice[1]
+    source = warp_source(synthetic_brain(3)[0], np.array([60.0, 66.0]), np.array([64.0, 60.0]), target.shape, 0.3)
+    region = np.zeros(target.shape, dtype=bool)
+    region[40:90, 45:80] = True
+    for mixed in (False, True):  # today's solver at its default tolerance
+        todays = poisson_blend(target, source, region, brain, mixed, solver="cg")
+        assert np.abs(poisson_blend(target, source, region, brain, mixed) - todays).max() < 1e-4
+
+
+def test_dst_poisson_solution_solves_the_equation_with_the_boundary_values():
+    rng = np.random.default_rng(11)
+    target, source = rng.random((40, 50)), ndimage.gaussian_filter(rng.random((40, 50)), 1.0)
+    region = np.zeros(target.shape, dtype=bool)
+    region[1:30, 7:49] = True  # ring on the image's first row and last column
+    blended = poisson_blend(target, source, region, solver="dst")
+    assert np.array_equal(blended[~region], target[~region])
+    # 4 f_p - sum_q f_q = sum_q (g_p - g_q) (+ the tiny pull towards the target) on every pixel of the region.
+    neg_laplacian = -ndimage.convolve(blended, np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float), mode="constant")
+    guidance = -ndimage.convolve(source, np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float), mode="constant")
+    residual = neg_laplacian + 1e-4 * (blended - target) - guidance
+    assert np.abs(residual[region]).max() < 1e-10
+
+
+def test_regions_that_are_no_dirichlet_rectangle_keep_conjugate_gradients(brain_slice):
+    target = brain_slice[0].astype(float)
+    source = np.roll(target, 7, axis=1)
+    brain = np.ones(target.shape, dtype=bool)
+    brain[60, 40] = False  # on the top ring of `box`: that edge has no Dirichlet value
+    ellipse = AnomalyRegion(centre=(64.0, 64.0), semi_axes=(12.0, 9.0)).mask(target.shape)
+    on_border, box = np.zeros((2, *target.shape), dtype=bool)
+    on_border[0:20, 30:60] = True  # a zero-flux edge on the image border
+    box[61:80, 30:60] = True
+    assert dirichlet_rectangle(np.roll(box, 2, axis=0), brain) is not None  # the same box elsewhere is one
+    for region in (ellipse, on_border, box):
+        assert dirichlet_rectangle(region & brain, brain) is None
+        auto = poisson_blend(target, source, region, brain)
+        assert np.array_equal(auto, poisson_blend(target, source, region, brain, solver="cg"))
+        with pytest.raises(ValueError, match="rectangle"):
+            poisson_blend(target, source, region, brain, solver="dst")
+
+
+def test_poisson_task_output_is_unchanged_by_the_direct_solver(brain_slice):
+    image, brain = brain_slice[0].astype(float), brain_slice[1]
+    # A steep axis-aligned super-ellipse at a pixel centre is exactly a 15 x 19 rectangle.
+    region = AnomalyRegion(centre=(60.0, 70.0), semi_axes=(9.5, 7.5), exponent=40.0)
+    assert dirichlet_rectangle(region.mask(image.shape) & brain, brain) == (slice(53, 68), slice(61, 80))
+    for source in (None, (synthetic_brain(2, invert=True)[0].astype(float), brain)):
+        direct = poisson_blending(image, brain, region, np.random.default_rng(3), source=source)
+        todays = poisson_blending(image, brain, region, np.random.default_rng(3), source=source, solver="cg")
+        assert np.abs(direct - todays).max() < 1e-4 and np.abs(direct - image).max() > 0.01
 
 
 def ring_slice(radius: float = 12.0):

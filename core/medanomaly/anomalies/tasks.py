@@ -37,8 +37,9 @@ _MAX_BEND = 2.5  # keeps the radial profile strictly monotonic (it folds at a = 
 
 def poisson_blending(image: np.ndarray, brain: np.ndarray, region: AnomalyRegion, rng: np.random.Generator,
                      *, source: tuple[np.ndarray, np.ndarray] | None = None,
-                     mixed_gradients: bool = True) -> np.ndarray:
-    """Blend a random patch of `source` (default: this slice itself) into the region."""
+                     mixed_gradients: bool = True, solver: str = "auto") -> np.ndarray:
+    """Blend a random patch of `source` (default: this slice itself) into the region
+    (`solver`: see `poisson_blend`; the choice changes the result by < 1e-4)."""
     source_image, source_brain = (image, brain) if source is None else source
     candidates = np.argwhere(source_brain)
     if len(candidates) == 0:
@@ -48,7 +49,8 @@ def poisson_blending(image: np.ndarray, brain: np.ndarray, region: AnomalyRegion
     patch = warp_source(source_image, source_centre, np.asarray(region.centre), image.shape,
                         rotation=rng.uniform(-np.pi / 4, np.pi / 4),
                         scale=change if rng.random() < 0.5 else 1.0 / change)
-    blended = poisson_blend(image, patch, region.mask(image.shape), brain, mixed_gradients=mixed_gradients)
+    blended = poisson_blend(image, patch, region.mask(image.shape), brain, mixed_gradients=mixed_gradients,
+                            solver=solver)
     return np.clip(blended, 0.0, 1.0)
 
 
