@@ -2,7 +2,7 @@
 
 The file is committed under ``Resources/SampleData`` (Slicer installs it with the module) and
 registered in the Sample Data module with its SHA256 checksum and a ``file://`` URI. It is
-not patient data: it is subject ``sub-0012`` of MedAnomaly's seeded synthetic ``tiny``
+not patient data: it is subject ``sub-0012`` (T2w) of MedAnomaly's seeded synthetic ``tiny``
 cohort (its tumour test subject), resampled to 2 mm with its own oblique axes and cropped to
 the brain, so it is small (< 1 MB) and the same on every machine.
 
@@ -31,13 +31,15 @@ SAMPLE_NAME = "MedAnomalyTumour"
 SAMPLE_FILE = "MedAnomalyTumour2mm.nrrd"
 SAMPLE_LESION_FILE = "MedAnomalyTumour2mm_lesion.nrrd"
 SAMPLE_THUMBNAIL = "MedAnomalyTumour.png"
-SAMPLE_SHA256 = "fdc4af02443fb9934728726bc72224643a9c069138b0c553f8abb7f2fcff5458"
+SAMPLE_SHA256 = "a743e572233902c14add4f4ce3ea0f2eb881a81fa02fed837822f44f57a796b4"
 
 # Which synthetic subject, and how it is made small.
 COHORT_PRESET, COHORT_SEED, SUBJECT_SPLIT, SUBJECT_FAMILY = "tiny", 0, "test_lesion", "tumour"
 SPACING_MM = 2.0
 MARGIN_VOXELS = 2
-DESCRIPTION = ("MedAnomaly sample: synthetic T1-like skull-stripped brain with a tumour-like lesion "
+# The contrast of the shipped dae weights, so the module's self test finds the lesion.
+SAMPLE_CONTRAST = "T2w"
+DESCRIPTION = ("MedAnomaly sample: synthetic T2w skull-stripped brain with a tumour-like lesion "
                "(medanomaly synthetic cohort 'tiny', seed 0, subject sub-0012; not patient data)")
 
 
@@ -157,7 +159,7 @@ def make_sample(spacing_mm: float = SPACING_MM, margin: int = MARGIN_VOXELS) -> 
     from medanomaly.data.synth import synthesize_subject
 
     plan = _tumour_plan()
-    subject = synthesize_subject(plan["seed"], plan["family"], plan["size_u"])
+    subject = synthesize_subject(plan["seed"], plan["family"], plan["size_u"], contrasts=[SAMPLE_CONTRAST])
     affine = np.asarray(subject.affine, dtype=float)
     old_spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     directions = affine[:3, :3] / old_spacing
@@ -170,7 +172,7 @@ def make_sample(spacing_mm: float = SPACING_MM, margin: int = MARGIN_VOXELS) -> 
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
     old_index = (grid + low[:, None, None, None]) * scale[:, None, None, None]
 
-    image = ndimage.map_coordinates(subject.image, old_index, order=1, mode="constant", cval=0.0)
+    image = ndimage.map_coordinates(subject.images[SAMPLE_CONTRAST], old_index, order=1, mode="constant", cval=0.0)
     brain = ndimage.map_coordinates(subject.brain_mask, old_index, order=0, mode="constant", cval=0)
     lesion = ndimage.map_coordinates(subject.lesion, old_index, order=0, mode="constant", cval=0)
     image = np.where(brain > 0, np.rint(image), 0).clip(0, np.iinfo(np.int16).max).astype(np.int16)
