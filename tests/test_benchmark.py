@@ -311,6 +311,7 @@ def test_gap_closed_by_hand():
     assert benchmark.gap_closed(0.3, 0.1, 0.5) == pytest.approx(0.5)
     assert benchmark.gap_closed(0.05, 0.1, 0.5) == pytest.approx(-0.125)  # below the floor
     assert benchmark.gap_closed(0.3, 0.2, 0.2) is None  # floor == ceiling: no gap to close
+    assert benchmark.gap_closed(0.3, 0.2, 0.1) is None  # a ceiling below the floor is no reference
     assert benchmark.gap_closed(0.3, None, 0.5) is None and benchmark.gap_closed(0.3, 0.1, None) is None
     assert benchmark.gap_closed(None, 0.1, 0.5) is None
 

@@ -25,7 +25,6 @@ import contextlib
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -125,8 +124,9 @@ def group_rows(bundle: str, metrics: dict) -> list[dict]:
 
 def gap_closed(value: float | None, floor: float | None, ceiling: float | None) -> float | None:
     """How much of the floor-to-ceiling gap a metric closes: (value - floor) / (ceiling - floor);
-    None when any of them is missing or the ceiling equals the floor."""
-    if value is None or floor is None or ceiling is None or math.isclose(ceiling, floor, rel_tol=0.0, abs_tol=1e-12):
+    None when any of them is missing or the ceiling is not above the floor (no gap to measure
+    against: a ceiling that does not beat the floor is not yet a ceiling)."""
+    if value is None or floor is None or ceiling is None or ceiling - floor <= 1e-12:
         return None
     return (value - floor) / (ceiling - floor)
 
