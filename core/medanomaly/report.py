@@ -40,7 +40,7 @@ REFERENCES = (
     f"The {ROLES['floor']} is a documented rule without learning; the {ROLES['ceiling']} is a segmentation "
     "network trained with lesion labels on other subjects: an upper reference on this synthetic data, not an "
     "anomaly detector, never ranked with the methods. Gap closed = (metric - floor) / (ceiling - floor) within a contrast: 0 is the floor, "
-    "1 the ceiling; n/a without a finished floor and ceiling run of that contrast, or when they are equal."
+    "1 the ceiling; n/a without a finished floor and ceiling run of that contrast, or when the ceiling does not beat the floor."
 )
 
 
