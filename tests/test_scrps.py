@@ -367,6 +367,7 @@ def test_bundle_trains_builds_its_repository_calibrates_infers_and_evaluates(tin
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="demo weights of the generator-1.0 (T1-like) cohort; retrain per contrast")
 def test_demo_weights_find_lesions_better_than_chance_on_whole_volumes(tiny, tmp_path):
     """The committed demo model and repository on the tiny cohort's test split (3 lesion + 2 healthy scans)."""
     if not SCRPS.has_weights:
