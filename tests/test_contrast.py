@@ -256,5 +256,5 @@ def test_detect_strict_stops_on_another_contrast_before_the_model_runs(tmp_path)
                              "--device", "cpu", "--output-dir", str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0
-    assert "trained on T1w" in result.stderr and "is FLAIR" in result.stderr
+    assert "trained on T2w" in result.stderr and "is FLAIR" in result.stderr
     assert not (tmp_path / "out" / "detections.json").exists()
