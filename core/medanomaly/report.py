@@ -65,20 +65,28 @@ def _seconds(value) -> str:
     return f"{value / 60:.0f} min" if value >= 600 else f"{value:.1f} s" if value < 100 else f"{value:.0f} s"
 
 
+def _with_its_ci(key: str):
+    """Cell of a metric with its bootstrap interval (`<key>_ci_low`, `<key>_ci_high`) in brackets."""
+    return lambda r: _with_ci(r[key], r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high"))
+
+
+def _gap_closed(key: str):
+    return lambda r: _number(r.get(f"{key}_gap_closed"), 2)
+
+
 # Headline table: (header, function of a results row)
 TABLE = (
     ("method", method_label),
     ("status", lambda r: r["status"] + (f" ({r['variant']} weights)" if r.get("variant") else "")),
-    ("volume AUROC", lambda r: _with_ci(r["volume_auroc"], r.get("volume_auroc_ci_low"), r.get("volume_auroc_ci_high"))),
+    ("volume AUROC", _with_its_ci("volume_auroc")),
     ("volume AP", lambda r: _number(r["volume_ap"])),
     ("slice AUROC", lambda r: _number(r["slice_auroc"])),
     ("slice AP", lambda r: _number(r["slice_ap"])),
-    ("pixel AP", lambda r: _with_ci(r["pixel_ap"], r["pixel_ap_ci_low"], r["pixel_ap_ci_high"])),
-    ("pooled [Dice]", lambda r: _with_ci(r["pooled_dice"], r["pooled_dice_ci_low"], r["pooled_dice_ci_high"])),
-    ("gap closed: pixel AP", lambda r: _number(r.get("pixel_ap_gap_closed"), 2)),
-    ("gap closed: [Dice]", lambda r: _number(r.get("pooled_dice_gap_closed"), 2)),
-    ("per-volume [Dice]", lambda r: _with_ci(r["dice_per_volume"], r["dice_per_volume_ci_low"],
-                                             r["dice_per_volume_ci_high"])),
+    ("pixel AP", _with_its_ci("pixel_ap")),
+    ("pooled [Dice]", _with_its_ci("pooled_dice")),
+    ("gap closed: pixel AP", _gap_closed("pixel_ap")),
+    ("gap closed: [Dice]", _gap_closed("pooled_dice")),
+    ("per-volume [Dice]", _with_its_ci("dice_per_volume")),
     ("Dice at calibrated threshold", lambda r: _number(r["dice_at_threshold"])),
     ("healthy FPR at threshold", lambda r: _number(r["healthy_fpr"], 4)),
     ("train", lambda r: _seconds(r["train_seconds"])),
@@ -503,13 +511,12 @@ MARKDOWN = (
     ("method", method_label),
     ("status", lambda r: (r["status"] + (f" ({r['variant']} weights)" if r.get("variant") else "")
                           + ("" if r["status"] == "ok" else f": {r['error']}")).replace("|", "/")),
-    ("volume AUROC", lambda r: _with_ci(r["volume_auroc"], r.get("volume_auroc_ci_low"), r.get("volume_auroc_ci_high"))),
-    ("pixel AP", lambda r: _with_ci(r["pixel_ap"], r["pixel_ap_ci_low"], r["pixel_ap_ci_high"])),
-    ("pooled [Dice]", lambda r: _with_ci(r["pooled_dice"], r["pooled_dice_ci_low"], r["pooled_dice_ci_high"])),
-    ("gap closed: pixel AP", lambda r: _number(r.get("pixel_ap_gap_closed"), 2)),
-    ("gap closed: [Dice]", lambda r: _number(r.get("pooled_dice_gap_closed"), 2)),
-    ("per-volume [Dice]", lambda r: _with_ci(r["dice_per_volume"], r["dice_per_volume_ci_low"],
-                                             r["dice_per_volume_ci_high"])),
+    ("volume AUROC", _with_its_ci("volume_auroc")),
+    ("pixel AP", _with_its_ci("pixel_ap")),
+    ("pooled [Dice]", _with_its_ci("pooled_dice")),
+    ("gap closed: pixel AP", _gap_closed("pixel_ap")),
+    ("gap closed: [Dice]", _gap_closed("pooled_dice")),
+    ("per-volume [Dice]", _with_its_ci("dice_per_volume")),
     ("Dice at threshold", lambda r: _number(r["dice_at_threshold"])),
     ("healthy FPR", lambda r: _number(r["healthy_fpr"], 4)),
     ("s / volume", lambda r: _number(r["seconds_per_volume"], 1)),
