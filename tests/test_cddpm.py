@@ -142,14 +142,14 @@ def test_ddim_and_ddpm_sampling_shapes_range_and_seeding():
     ddpm = make_scheduler("ddpm", num_train_timesteps=20)  # DDPM steps through every timestep
     assert ddpm.timesteps.tolist() == list(range(19, -1, -1))
     assert sample(network, ddpm, condition, torch.Generator().manual_seed(0)).shape == condition.shape
-    with pytest.raises(ValueError, match="ddim"):
+    with pytest.raises(ValueError, match="strided"):
         make_scheduler("ddpm", 50)
     with pytest.raises(ValueError, match="divides"):
         make_scheduler("ddim", 30)
 
 
 @pytest.mark.parametrize("sampler, steps, eta", [("ddim", 10, 0.0), ("ddim", 50, 1.0), ("ddim", 1000, 0.0),
-                                                 ("ddpm", 1000, 0.0)])
+                                                 ("ddpm", 1000, 0.0), ("strided", 10, 0.0), ("strided", 50, 0.0)])
 def test_samplers_recover_the_image_of_an_oracle_noise_model(sampler, steps, eta):
     """With the exact noise of a one-image distribution as the model, every sampler must land on
     that image: the timesteps, their spacing and the scheduler arithmetic agree."""
@@ -163,6 +163,49 @@ def test_samplers_recover_the_image_of_an_oracle_noise_model(sampler, steps, eta
 
     restored = sample(oracle, scheduler, torch.zeros_like(target), torch.Generator().manual_seed(1), eta=eta)
     torch.testing.assert_close(restored, target, atol=1e-3, rtol=0)
+
+
+def test_strided_timesteps_are_the_reference_respacing():
+    strided = make_scheduler("strided", 50)
+    steps = strided.timesteps.tolist()
+    assert len(steps) == 50 and steps[0] == 999 and steps[-1] == 0
+    assert steps[-4:] == [61, 41, 20, 0]  # round(i * 999 / 49), as improved-diffusion's space_timesteps
+    assert make_scheduler("strided", 1000).timesteps.tolist() == list(range(999, -1, -1))
+    with pytest.raises(ValueError, match="1 to 1000"):
+        make_scheduler("strided", 0)
+
+
+def test_strided_step_is_a_ddpm_step_of_the_respaced_chain():
+    """One step t -> s checked against the DDPM posterior written out for the respaced betas
+    (beta = 1 - alpha_bar_t / alpha_bar_s, x0 clipped to [-1, 1]), with the same noise draw; and
+    with every timestep kept, the whole chain equals MONAI's DDPMScheduler (fixed small variance)."""
+    strided = make_scheduler("strided", 10)
+    t, s = 999, strided.previous_timestep(999)
+    assert s == 888
+    alpha_bar = strided.alphas_cumprod.numpy()
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    epsilon = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got, x0 = strided.step(epsilon, t, x, torch.Generator().manual_seed(2))
+
+    ab_t, ab_s = alpha_bar[t], alpha_bar[s]
+    beta = 1 - ab_t / ab_s
+    x0_ref = np.clip((x.numpy() - np.sqrt(1 - ab_t) * epsilon.numpy()) / np.sqrt(ab_t), -1, 1)
+    mean = beta * np.sqrt(ab_s) / (1 - ab_t) * x0_ref + (1 - ab_s) * np.sqrt(1 - beta) / (1 - ab_t) * x.numpy()
+    noise = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64).numpy()
+    expected = mean + np.sqrt(beta * (1 - ab_s) / (1 - ab_t)) * noise
+    np.testing.assert_allclose(x0.numpy(), x0_ref, atol=1e-12)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-10)
+    final, _ = strided.step(epsilon, 0, x)  # the last step is the posterior mean, no noise
+    np.testing.assert_allclose(final.numpy(), np.clip((x.numpy() - np.sqrt(1 - alpha_bar[0]) * epsilon.numpy())
+                                                      / np.sqrt(alpha_bar[0]), -1, 1), atol=1e-10)
+
+    network = tiny_unet().eval()
+    _, condition = blob_batch(2, size=16)
+    full = make_scheduler("strided", num_train_timesteps=20)
+    monai_ddpm = make_scheduler("ddpm", num_train_timesteps=20)
+    ours = sample(network, full, condition, torch.Generator().manual_seed(0))
+    theirs = sample(network, monai_ddpm, condition, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)  # MONAI computes in float32
 
 
 def test_method_maps_ensemble_and_per_volume_seeding():

@@ -61,6 +61,9 @@ def test_networks_have_the_configured_shapes():
     mu, logvar, features = vae.encode(x, return_features=True)
     assert mu.shape == logvar.shape == (2, 16) and len(features) == 5
     assert vae(x).shape == x.shape and vae.sample(3).shape == (3, 1, 64, 64)
+    with torch.no_grad():  # the decoder ends in a sigmoid, as the reference's
+        far = vae.decode(100 * torch.randn(4, 16))
+    assert 0 < float(far.min()) and float(far.max()) < 1
     inpainter = Inpainter(dim=16, n_blocks=2)
     fill = inpainter(x, torch.ones_like(x))
     assert fill.shape == x.shape and float(fill.min()) >= 0 and float(fill.max()) <= 1
@@ -129,6 +132,36 @@ def test_pseudo_healthy_image_keeps_unmasked_pixels_and_map_is_zero_without_mask
     assert combined.shape == (3, 2, 32, 32)
     with pytest.raises(ValueError, match="mode"):
         PhanesMethod(model, perceptual, 0.1, mode="nope")
+
+
+def test_per_image_mask_rule_cuts_each_slice_at_its_own_percentile(perceptual):
+    """The reference's test-time rule: every slice is binarised at its own 95th percentile of the
+    mask map (before dilation), whatever the calibrated threshold says."""
+    torch.manual_seed(0)
+    x, brain = _healthy_batch(3)
+    method = PhanesMethod(_tiny_phanes(), perceptual, mask_threshold=10.0, mask_rule="per_image",
+                          dilation_sigma=1e-3, dilation_level=0.5)  # (almost) no dilation
+    out = method.restore(x, brain)
+    for mask_map, mask, inside in zip(out["mask_map"], out["mask"], brain):
+        cut = torch.quantile(mask_map.flatten(), 0.95)
+        torch.testing.assert_close(mask, ((mask_map > cut) & (inside > 0)).float())
+        assert mask.sum() > 0  # a calibrated threshold of 10 would flag nothing
+    with pytest.raises(ValueError, match="mask_rule"):
+        PhanesMethod(_tiny_phanes(), perceptual, 0.1, mask_rule="otsu")
+
+
+def test_encoder_loss_weighs_the_negative_elbos_as_the_reference():
+    """negative_weight scales only the exponentiated ELBO term of the encoder loss: the encoder loss
+    difference between weights 0.25 and 0.5 is 0.25 * (exp_fake + exp_rec) > 0."""
+    x, _ = _healthy_batch(4)
+    losses = {}
+    for weight in (0.25, 0.5):
+        torch.manual_seed(0)
+        vae = SoftIntroVAE(1, **TINY_VAE)
+        torch.manual_seed(1)
+        losses[weight] = VAEStep(vae, lr=0.0, negative_weight=weight)(x)["loss_e"]
+    assert VAEStep(SoftIntroVAE(1, **TINY_VAE)).negative_weight == 0.25
+    assert losses[0.5] > losses[0.25]
 
 
 def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fill_value(tiny):

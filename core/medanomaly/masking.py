@@ -75,7 +75,7 @@ def clahe(x: torch.Tensor, clip_limit: float = 0.01, kernel_size: int | None = N
     return torch.from_numpy(out).to(device=x.device, dtype=torch.float32)
 
 
-def _per_image_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+def per_image_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """Linear-interpolated quantile (0..1) of each image's pixels, shape ``(B, 1, 1, 1)``."""
     flat = values.flatten(1).float()
     return torch.quantile(flat, q, dim=1).view(-1, 1, 1, 1)
@@ -94,7 +94,7 @@ def clahe_residual(x: torch.Tensor, reconstruction: torch.Tensor, percentile: fl
 def normalise_per_image(residual: torch.Tensor, percentile: float = 95, eps: float = 1e-8) -> torch.Tensor:
     """Each image divided by its own ``percentile``-th percentile, clipped to [0, 1]."""
     _check_batch(residual, "residual")
-    scale = _per_image_quantile(residual, percentile / 100.0)
+    scale = per_image_quantile(residual, percentile / 100.0)
     return (residual / (scale + eps)).clamp(0, 1)
 
 
@@ -142,9 +142,10 @@ def dilate_mask(mask: torch.Tensor, sigma: float = 1.2, level: float = 0.1) -> t
     return (gaussian_smooth(mask.float(), sigma) > level).float()
 
 
-def binary_anomaly_mask(anomaly_map: torch.Tensor, threshold: float, brain: torch.Tensor | None = None,
+def binary_anomaly_mask(anomaly_map: torch.Tensor, threshold: "float | torch.Tensor", brain: torch.Tensor | None = None,
                         sigma: float = 1.2, level: float = 0.1) -> torch.Tensor:
-    """``map > threshold``, dilated, and restricted to the brain if given; float {0, 1}."""
+    """``map > threshold`` (a number, or one per image of shape (B, 1, 1, 1)), dilated, and restricted
+    to the brain if given; float {0, 1}."""
     _check_batch(anomaly_map, "anomaly_map")
     mask = dilate_mask((anomaly_map > threshold).float(), sigma, level)
     return mask if brain is None else mask * (brain > 0).float()

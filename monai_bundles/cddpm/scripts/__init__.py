@@ -13,16 +13,18 @@ from scripts.cddpm import (
 )
 from scripts.diffusion import (
     DiffusionTrainingStep,
+    StridedDDPM,
     DiffusionValidationStep,
     diffusion_loss,
     ema_model,
     make_scheduler,
     min_snr_weights,
     sample,
+    strided_timesteps,
 )
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 
 __all__ = ["BUNDLE_ROOT", "ConditionedDiffusionMethod", "DiffusionTrainingStep", "DiffusionValidationStep",
-           "SeedPerVolume", "TextureSource", "diffusion_loss", "ema_model", "fixed_samples", "fold_files",
-           "load_networks", "make_scheduler", "min_snr_weights", "sample"]
+           "SeedPerVolume", "StridedDDPM", "TextureSource", "diffusion_loss", "ema_model", "fixed_samples", "fold_files",
+           "load_networks", "make_scheduler", "min_snr_weights", "sample", "strided_timesteps"]

@@ -39,7 +39,7 @@ class ConditionedDiffusionMethod(SliceAnomalyMethod):
     does not depend on what ran before it.
     """
 
-    def __init__(self, networks: torch.nn.Module | Sequence[torch.nn.Module], sampler: str = "ddim",
+    def __init__(self, networks: torch.nn.Module | Sequence[torch.nn.Module], sampler: str = "strided",
                  num_inference_steps: int | None = 50, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
                  beta_end: float = 0.02, eta: float = 0.0, ssim_max_val: float = 1.0, seed: int = 0, **smoothing):
         super().__init__(**smoothing)

@@ -19,27 +19,77 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch.optim.swa_utils import AveragedModel
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("strided", "ddpm", "ddim")
 
 
-def make_scheduler(sampler: str = "ddpm", num_inference_steps: int | None = None, num_train_timesteps: int = 1000,
+def strided_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """The timesteps of a strided ("respaced") DDPM, descending: `steps` values evenly spread
+    over 0 .. T - 1 and rounded, as improved-diffusion's `space_timesteps(T, [steps])` chooses
+    them (0, 20, 41, ..., 999 for 50 of 1000)."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"A strided DDPM takes 1 to {num_train_timesteps} steps (got {steps}).")
+    if steps == 1:
+        return [num_train_timesteps - 1]
+    stride = (num_train_timesteps - 1) / (steps - 1)
+    return sorted({round(i * stride) for i in range(steps)}, reverse=True)
+
+
+class StridedDDPM:
+    """Ancestral DDPM sampling over a subsequence of the training timesteps — the sampler of
+    the cDDPM reference code (improved-diffusion's respacing, Nichol & Dhariwal 2021).
+
+    Between consecutive kept timesteps t > s the step is a DDPM step of its own, with
+    beta = 1 - alpha_bar_t / alpha_bar_s: x0 is predicted from epsilon and clipped to
+    `clip`, then x_s is drawn from the Gaussian posterior q(x_s | x_t, x0) (its "fixed small"
+    variance); the last step returns the posterior mean. Stepping through every timestep
+    (steps = T) is the plain DDPM."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, num_inference_steps: int, clip: tuple[float, float] = (-1.0, 1.0)):
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.num_train_timesteps = len(alphas_cumprod)
+        self.timesteps = torch.tensor(strided_timesteps(self.num_train_timesteps, int(num_inference_steps)))
+        self.clip = clip
+
+    def previous_timestep(self, t: int) -> int:
+        later = self.timesteps[self.timesteps < t]
+        return int(later[0]) if len(later) else -1
+
+    def step(self, epsilon: torch.Tensor, t: int, x: torch.Tensor, generator: torch.Generator | None = None):
+        """x_t -> (x_s, predicted x0) for the kept timestep s before t."""
+        s = self.previous_timestep(t)
+        alpha_bar_t = float(self.alphas_cumprod[t])
+        alpha_bar_s = float(self.alphas_cumprod[s]) if s >= 0 else 1.0
+        beta = 1.0 - alpha_bar_t / alpha_bar_s
+        x0 = ((x - (1 - alpha_bar_t) ** 0.5 * epsilon) / alpha_bar_t ** 0.5).clamp(*self.clip)
+        mean = (alpha_bar_s ** 0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - alpha_bar_s) * x) / (1 - alpha_bar_t)
+        if s < 0:
+            return mean, x0
+        variance = beta * (1 - alpha_bar_s) / (1 - alpha_bar_t)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return mean + variance ** 0.5 * noise, x0
+
+
+def make_scheduler(sampler: str = "strided", num_inference_steps: int | None = None, num_train_timesteps: int = 1000,
                    beta_start: float = 1e-4, beta_end: float = 0.02):
-    """A MONAI scheduler over a linear beta schedule with epsilon prediction.
+    """A sampler over a linear beta schedule with epsilon prediction.
 
-    "ddpm" steps through all `num_train_timesteps` steps (MONAI's DDPMScheduler always steps
-    t -> t - 1). "ddim" takes `num_inference_steps` evenly spaced steps ending at t = 0 from
-    the last one ("trailing" spacing: 999, 899, ..., 99 for 10 steps), which keeps the
-    timesteps consistent with the fixed stride of MONAI's DDIM step; the number of steps must
-    divide `num_train_timesteps`. DDIM with `eta=1` is the reference code's strided DDPM.
+    "strided" (the reference code's): stochastic DDPM steps over `num_inference_steps`
+    evenly spread timesteps, x0 clipped (`StridedDDPM`); with all T steps it is the plain
+    DDPM. "ddpm" is MONAI's DDPMScheduler through all `num_train_timesteps` steps (the
+    training schedule; MONAI's DDPM always steps t -> t - 1). "ddim" is MONAI's
+    DDIMScheduler with `num_inference_steps` evenly spaced steps ending at t = 0 ("trailing"
+    spacing: 999, 899, ..., 99 for 10 steps, consistent with the fixed stride of MONAI's DDIM
+    step; the number must divide `num_train_timesteps`); deterministic with eta 0.
     """
     schedule = dict(num_train_timesteps=num_train_timesteps, schedule="linear_beta", beta_start=beta_start,
                     beta_end=beta_end, prediction_type="epsilon")
     steps = num_train_timesteps if num_inference_steps is None else int(num_inference_steps)
+    if sampler == "strided":
+        return StridedDDPM(DDPMScheduler(**schedule).alphas_cumprod, steps)
     if sampler == "ddpm":
         if steps != num_train_timesteps:
             raise ValueError(f"DDPM sampling steps through all {num_train_timesteps} timesteps (got "
-                             f"num_inference_steps={steps}); for fewer steps use sampler 'ddim' (eta 1 for "
-                             "stochastic, DDPM-like steps).")
+                             f"num_inference_steps={steps}); for fewer steps use sampler 'strided'.")
         scheduler = DDPMScheduler(**schedule)
     elif sampler == "ddim":
         if not 1 <= steps <= num_train_timesteps or num_train_timesteps % steps:
@@ -182,7 +232,8 @@ def ema_model(network: torch.nn.Module, decay: float = 0.9999) -> AveragedModel:
 def sample(network: torch.nn.Module, scheduler, condition: torch.Tensor, generator: torch.Generator | None = None,
            eta: float = 0.0) -> torch.Tensor:
     """Draws x_0 ~ p(clean | condition), starting from pure noise and stepping through the
-    scheduler's timesteps; the result is clamped to [0, 1]. `eta` is DDIM's noise weight."""
+    scheduler's timesteps; the result is clamped to [0, 1]. `eta` is DDIM's noise weight
+    (unused by the stochastic samplers)."""
     x = torch.randn(condition.shape, generator=generator, device=condition.device, dtype=condition.dtype)
     ddim = isinstance(scheduler, DDIMScheduler)
     for t in scheduler.timesteps:
@@ -190,7 +241,7 @@ def sample(network: torch.nn.Module, scheduler, condition: torch.Tensor, generat
         epsilon = network(torch.cat([x, condition], dim=1), timesteps=timesteps)
         if ddim:
             x, _ = scheduler.step(epsilon, int(t), x, eta=eta, generator=generator)
-        else:
+        else:  # StridedDDPM or MONAI's DDPMScheduler: stochastic steps
             x, _ = scheduler.step(epsilon, int(t), x, generator=generator)
         x = x.to(condition.dtype)
     return x.clamp(0, 1)

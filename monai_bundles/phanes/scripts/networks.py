@@ -60,7 +60,8 @@ class VAEEncoder(nn.Module):
 
 
 class VAEDecoder(nn.Module):
-    """FC to the coarsest grid, residual blocks + 2x upsampling back to the image, 5x5 conv out."""
+    """FC to the coarsest grid, residual blocks + 2x upsampling back to the image, 5x5 conv out and
+    a sigmoid, as the reference: reconstructions lie in [0, 1] like the images."""
 
     def __init__(self, out_channels: int, channels: Sequence[int], zdim: int, image_size: int):
         super().__init__()
@@ -72,7 +73,7 @@ class VAEDecoder(nn.Module):
             blocks += [nn.Upsample(scale_factor=2, mode="nearest"), ResidualBlock(previous, ch)]
             previous = ch
         blocks += [nn.Upsample(scale_factor=2, mode="nearest"), ResidualBlock(previous, previous),
-                   nn.Conv2d(previous, out_channels, 5, padding=2)]
+                   nn.Conv2d(previous, out_channels, 5, padding=2), nn.Sigmoid()]
         self.main = nn.Sequential(*blocks)
         self.top = top
 

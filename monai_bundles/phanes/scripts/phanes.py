@@ -17,6 +17,7 @@ from scripts.trainer import load_model_file
 
 logger = logging.getLogger(__name__)
 MODES = ("phanes", "ra")
+MASK_RULES = ("calibrated", "per_image")
 
 
 def load_phanes(network, model_dir, device=None):
@@ -39,13 +40,22 @@ def load_mask_threshold(model_dir, fpr: float = 0.05, override: float | None = N
 
 
 class PhanesMethod(SliceAnomalyMethod):
-    """(anomaly map, pseudo-healthy image) of (B, 1, H, W) slices in [0, 1]."""
+    """(anomaly map, pseudo-healthy image) of (B, 1, H, W) slices in [0, 1].
+
+    `mask_rule` binarises the stage-1 mask map: "calibrated" at `mask_threshold` (calibrated on
+    healthy validation slices: the same cut for every slice), or "per_image" at each slice's own
+    `mask_percentile`-th percentile (the reference code's test-time rule: every slice gets a mask,
+    healthy or not)."""
 
     def __init__(self, network, perceptual, mask_threshold: float, mode: str = "phanes", saliency_sigma: float = 2.0,
-                 dilation_sigma: float = 1.2, dilation_level: float = 0.1, **smoothing):
+                 dilation_sigma: float = 1.2, dilation_level: float = 0.1, mask_rule: str = "calibrated",
+                 mask_percentile: float = 95.0, **smoothing):
         super().__init__(**smoothing)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}.")
+        self.mask_rule, self.mask_percentile = mask_rule, float(mask_percentile)
         self.network, self.perceptual, self.mode = network.eval(), perceptual, mode
         self.mask_threshold, self.saliency_sigma = float(mask_threshold), saliency_sigma
         self.dilation_sigma, self.dilation_level = dilation_sigma, dilation_level
@@ -62,7 +72,7 @@ class PhanesMethod(SliceAnomalyMethod):
             out.update(pseudo_healthy=rec, anomaly=scoring.residual_map(image, rec) * saliency)
             return out
         mask_map = masking.mask_map(image, rec, self.perceptual, self.saliency_sigma)
-        mask = masking.binary_anomaly_mask(mask_map, self.mask_threshold, brain, self.dilation_sigma,
+        mask = masking.binary_anomaly_mask(mask_map, self._mask_threshold(mask_map), brain, self.dilation_sigma,
                                            self.dilation_level)
         fill = self.network.inpainter(image, mask).float().clamp(0, 1)
         pseudo_healthy = masking.compose(image, fill, mask)
@@ -70,6 +80,11 @@ class PhanesMethod(SliceAnomalyMethod):
         out.update(mask_map=mask_map, mask=mask, fill=fill, pseudo_healthy=pseudo_healthy,
                    anomaly=scoring.residual_map(image, pseudo_healthy) * saliency)
         return out
+
+    def _mask_threshold(self, mask_map):
+        if self.mask_rule == "per_image":
+            return masking.per_image_quantile(mask_map, self.mask_percentile / 100.0)
+        return self.mask_threshold
 
     def anomaly_and_reconstruction(self, image, mask):
         out = self.restore(image, mask)

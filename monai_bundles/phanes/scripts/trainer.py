@@ -46,15 +46,18 @@ def _autocast(device, amp: bool):
 class VAEStep:
     """One soft-intro VAE iteration (Daniel & Tamar 2021, with RA's reversed-embedding term):
     an encoder step (ELBO of real data minus the exponentiated ELBO of generated and reconstructed
-    data, + `embedding_weight` * embedding loss of (x, rec)), then a decoder step."""
+    data, + `embedding_weight` * embedding loss of (x, rec)), then a decoder step. The
+    exponentiated ELBOs of fake and reconstructed data enter the encoder loss with weight
+    `negative_weight` each half (0.25: the reference code's 0.5 * 0.5)."""
 
     def __init__(self, vae, lr=5e-5, beta_kl=1.0, beta_rec=0.5, beta_neg=128.0, gamma_r=1e-8,
-                 embedding_weight=0.005, scale=None, amp=False, device="cpu"):
+                 embedding_weight=0.005, negative_weight=0.25, scale=None, amp=False, device="cpu"):
         self.vae = vae
         self.opt_e = torch.optim.Adam(vae.encoder.parameters(), lr=lr)
         self.opt_d = torch.optim.Adam(vae.decoder.parameters(), lr=lr)
         self.beta_kl, self.beta_rec, self.beta_neg, self.gamma_r = beta_kl, beta_rec, beta_neg, gamma_r
-        self.embedding_weight, self.scale, self.amp, self.device = embedding_weight, scale, amp, device
+        self.embedding_weight, self.negative_weight = embedding_weight, negative_weight
+        self.scale, self.amp, self.device = scale, amp, device
 
     def state_dict(self):
         return {"opt_e": self.opt_e.state_dict(), "opt_d": self.opt_d.state_dict()}
@@ -88,7 +91,7 @@ class VAEStep:
             exp_rec = (-2 * scale * (self.beta_rec * rec_rec_err + self.beta_neg * rec_kl)).exp().mean()
             loss_embed = embedding_loss([f.float() for f in feats], [f.float() for f in rec_feats])
             loss_e = (scale * (self.beta_rec * loss_rec + self.beta_kl * loss_kl)
-                      + 0.5 * (exp_fake + exp_rec) + self.embedding_weight * loss_embed)
+                      + self.negative_weight * (exp_fake + exp_rec) + self.embedding_weight * loss_embed)
         self.opt_e.zero_grad(set_to_none=True)
         loss_e.backward()
         self.opt_e.step()
