@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -139,6 +140,25 @@ def test_method_map_is_the_lesion_probability_and_zero_outside_the_brain():
     torch.testing.assert_close(one_channel(torch.cat([x, mask], 1)), out)
 
 
+def test_pooled_max_dice_is_the_best_dice_over_thresholds_of_the_lesion_softmax():
+    """Against a brute force over every threshold on two decollated 'volumes' whose lesion
+    probability never reaches 0.5 (argmax Dice would be 0)."""
+    rng = np.random.default_rng(0)
+    labels = [torch.from_numpy(rng.random((1, 8, 8, 4)) < 0.1) for _ in range(2)]
+    logits = [torch.cat([torch.zeros(1, 8, 8, 4), torch.from_numpy(rng.normal(-3, 0.5, (1, 8, 8, 4))).float().clamp(max=-2.05)
+                         + 2.0 * label.float()]) for label in labels]
+    metric = supervised.PooledMaxDice(n_bins=1000)
+    metric.reset()
+    metric.update((logits[:1], labels[:1]))
+    metric.update((logits[1:], labels[1:]))
+    probability = np.concatenate([torch.softmax(x, 0)[1].numpy().ravel() for x in logits])
+    truth = np.concatenate([y[0].numpy().ravel() for y in labels])
+    assert probability.max() < 0.5
+    brute = max(2 * np.sum((probability >= t) & truth) / (np.sum(probability >= t) + truth.sum())
+                for t in np.unique(probability))
+    assert abs(metric.compute() - brute) < 0.01  # 1,000 bins
+
+
 def test_metadata_marks_the_bundle_as_the_ceiling():
     assert SUPERVISED.metadata["medanomaly_role"] == "ceiling"
 
@@ -153,7 +173,7 @@ def test_bundle_trains_within_its_time_budget_calibrates_and_evaluates(tiny, tin
     info = json.loads((model_dir / "model_info.json").read_text())
     assert info["contrast"] == list(CONTRASTS) and info["role"] == "ceiling"
     assert 2 <= info["iterations_done"] < 1000  # stopped by the wall-clock budget, after a validation
-    assert (model_dir / "model.pt").is_file() and 0 <= info["best_val_dice"] <= 1
+    assert (model_dir / "model.pt").is_file() and 0 <= info["best_val_max_dice"] <= 1
     run_bundle("supervised", "calibrate", {"datalist": tiny_preset, "device": "cpu", "model_dir": str(model_dir)}, demo=True)
     assert json.loads((model_dir / "model_info.json").read_text())["calibration_volumes"] == 2 * 3  # every contrast
     run_bundle("supervised", "evaluate", {"datalist": tiny_preset, "contrast": "FLAIR", "device": "cpu",

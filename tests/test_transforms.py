@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -87,3 +88,53 @@ def test_axial_axis_follows_the_affine():
     assert axial_axis(np.eye(4)) == 2
     sagittal = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
     assert axial_axis(sagittal) == 0
+
+
+# --- the persistent preprocessing cache ------------------------------------------------------
+
+def _healthy_items(tiny, n=1):
+    from medanomaly.bundles.engine import resolve_inputs
+
+    return resolve_inputs(datalist=str(tiny), keys="validation_healthy")[:n]
+
+
+def test_persistent_cache_reuses_preprocessed_volumes_across_runs(tiny, tmp_path, monkeypatch):
+    """A second dataset over the same items and chain reads the first one's files instead of
+    preprocessing again (counted with a spy on the loader); the items equal a plain run's; a
+    changed chain (spacing) or a replaced scan gets files of its own."""
+    import shutil
+
+    from monai.transforms import LoadImaged
+
+    from medanomaly.data import PersistentCacheDataset
+
+    cache = tmp_path / "cache"
+    items = _healthy_items(tiny)
+    chain = preprocessing(pixdim=[3.0] * 3, image_size=[64, 64])
+    plain = chain(items[0])
+    loads = []
+    original = LoadImaged.__call__
+    monkeypatch.setattr(LoadImaged, "__call__", lambda self, data, *a, **k: loads.append(1) or original(self, data, *a, **k))
+
+    first = PersistentCacheDataset(items, chain, cache_dir=cache, num_workers=0, progress=False)
+    assert len(loads) == 1 and len(list(cache.glob("*.pt"))) == 1
+    second = PersistentCacheDataset(items, chain, cache_dir=cache, num_workers=0, progress=False)
+    assert len(loads) == 1  # nothing preprocessed again
+    for key in ("image", "mask"):
+        torch.testing.assert_close(torch.as_tensor(second[0][key]), torch.as_tensor(plain[key]))
+        torch.testing.assert_close(torch.as_tensor(second[0][key]), torch.as_tensor(first[0][key]))
+    assert tuple(second[0]["image"].affine.shape) == (4, 4)  # metadata survives the disk
+
+    PersistentCacheDataset(items, preprocessing(pixdim=[2.0] * 3, image_size=[64, 64]), cache_dir=cache,
+                           num_workers=0, progress=False)
+    assert len(loads) == 2 and len(list(cache.glob("*.pt"))) == 2  # a changed chain: its own files
+
+    copy = dict(items[0], image=str(shutil.copy(items[0]["image"], tmp_path / "scan.nii.gz")))
+    PersistentCacheDataset([copy], chain, cache_dir=cache, num_workers=0, progress=False)
+    assert len(loads) == 3
+    os.utime(copy["image"], ns=(1, 1))  # the same path, replaced: preprocessed again
+    PersistentCacheDataset([copy], chain, cache_dir=cache, num_workers=0, progress=False)
+    assert len(loads) == 4
+
+    PersistentCacheDataset(items, chain, cache_dir=cache, persistent=False, num_workers=0, progress=False)
+    assert len(loads) == 5 and len(list(cache.glob("*.pt"))) == 4  # in memory only

@@ -151,16 +151,24 @@ def use_random_backbone(weights_file: Path, weights: str, user: str, allow_rando
     return True
 
 
+def warn_random_backbone(user: str, seed: int = 0) -> None:
+    """The loud line of an explicitly chosen random backbone (`backbone: random`)."""
+    logger.warning("%s: backbone 'random' chosen: a RANDOMLY INITIALISED network (seed %d). Its outputs are NOT "
+                   "perceptual; use it only as a control.", user, seed)
+
+
 def imagenet_vgg_features(arch: str, last_index: int, user: str, allow_random_backbone: bool = False,
-                          seed: int = 0) -> tuple[torch.nn.Sequential, bool]:
+                          seed: int = 0, random: bool = False) -> tuple[torch.nn.Sequential, bool]:
     """torchvision's ``arch`` ("vgg16" / "vgg19") feature trunk up to layer ``last_index`` with its
-    ImageNet weights from the torch hub cache, or (offline rule of :func:`use_random_backbone`) a
-    seeded random trunk. Returns (features, random_backbone)."""
+    ImageNet weights from the torch hub cache, or (offline rule of :func:`use_random_backbone`, or
+    ``random`` chosen explicitly) a seeded random trunk. Returns (features, random_backbone)."""
     import torchvision
 
     weights = f"{arch.upper()}_Weights"
     path = torchvision_weights_path(weights)
-    random_backbone = use_random_backbone(path, weights, user, allow_random_backbone, seed)
+    if random:
+        warn_random_backbone(user, seed)
+    random_backbone = random or use_random_backbone(path, weights, user, allow_random_backbone, seed)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         torch.manual_seed(seed)
         warnings.simplefilter("ignore", UserWarning)
@@ -173,21 +181,40 @@ def imagenet_vgg_features(arch: str, last_index: int, user: str, allow_random_ba
 class PerceptualDistance(nn.Module):
     """Spatial LPIPS map ``(B, 1, H, W)`` between two batches of grayscale images in [0, 1].
 
-    The backbone's ImageNet weights must already be in the torch hub cache (see
-    :func:`backbone_weights_path`); otherwise :class:`PerceptualWeightsMissing` is raised, unless
-    ``allow_random_backbone=True`` or ``MEDANOMALY_ALLOW_RANDOM_BACKBONE=1``, in which case a random
-    backbone (seeded with ``seed``) is used and a WARNING is logged. The LPIPS linear layers ship
-    with the ``lpips`` package. The module is frozen and always in eval mode; gradients still flow
-    to the inputs.
+    ``backbone`` "imagenet" (the papers'): LPIPS with the ``net`` trunk, whose ImageNet weights must
+    already be in the torch hub cache (see :func:`backbone_weights_path`); otherwise
+    :class:`PerceptualWeightsMissing` is raised, unless ``allow_random_backbone=True`` or
+    ``MEDANOMALY_ALLOW_RANDOM_BACKBONE=1``, in which case a random trunk (seeded with ``seed``) is
+    used and a WARNING is logged. The LPIPS linear layers ship with the ``lpips`` package.
+    "medanomaly": the LPIPS formula over the project's own backbone, trained offline on healthy
+    slices (:mod:`medanomaly.perceptual`; ``net`` is not used). "random": the LPIPS ``net`` with a
+    random trunk, chosen explicitly (a control), with a WARNING. ``self.backbone`` says which one
+    really runs. The module is frozen and always in eval mode; gradients still flow to the inputs.
     """
 
-    def __init__(self, net: str = "vgg", allow_random_backbone: bool = False, seed: int = 0):
+    def __init__(self, net: str = "vgg", allow_random_backbone: bool = False, seed: int = 0,
+                 backbone: str = "imagenet"):
         super().__init__()
+        from medanomaly.perceptual import FeatureDistance, check_backbone, load_backbone
+
+        self.net, self.backbone = net, check_backbone(backbone)
+        self.distance = None
+        if backbone == "medanomaly":
+            self.random_backbone = False
+            self.distance = FeatureDistance(load_backbone())
+            self.requires_grad_(False)
+            self.eval()
+            return
         import lpips
 
-        self.net = net
-        self.random_backbone = use_random_backbone(backbone_weights_path(net), _BACKBONES[net],
-                                                   f"The LPIPS '{net}' backbone", allow_random_backbone, seed)
+        user = f"The LPIPS '{net}' backbone"
+        if backbone == "random":
+            warn_random_backbone(user, seed)
+            self.random_backbone = True
+        else:
+            self.random_backbone = use_random_backbone(backbone_weights_path(net), _BACKBONES[net], user,
+                                                       allow_random_backbone, seed)
+        self.backbone = "random" if self.random_backbone else "imagenet"
         linear_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
         if not linear_file.is_file():
             raise PerceptualWeightsMissing(
@@ -213,6 +240,8 @@ class PerceptualDistance(nn.Module):
         _check_pair(x, y)
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"PerceptualDistance expects (B, 1, H, W) slices, got {tuple(x.shape)}.")
+        if self.distance is not None:
+            return self.distance(x, y)
         x3 = x.expand(-1, 3, -1, -1) * 2 - 1
         y3 = y.expand(-1, 3, -1, -1) * 2 - 1
         return self.lpips(x3, y3)
@@ -226,24 +255,37 @@ class FeatureResidualMap(nn.Module):
     everywhere, so a zero residual scores exactly 0 and the map is about 1 where the residual is 1.
     ``size`` computes the features at that size (then the map is upsampled to the image size).
 
-    Same offline rule as :class:`PerceptualDistance`: torchvision's ``VGG16_Weights`` file must be
-    in the torch hub cache, else :class:`PerceptualWeightsMissing`, unless ``allow_random_backbone``
-    (or MEDANOMALY_ALLOW_RANDOM_BACKBONE=1) -> a seeded random VGG16 and a WARNING.
+    ``backbone`` as :class:`PerceptualDistance`: "imagenet" follows the same offline rule
+    (torchvision's ``VGG16_Weights`` file in the torch hub cache, else
+    :class:`PerceptualWeightsMissing`, unless ``allow_random_backbone`` or
+    MEDANOMALY_ALLOW_RANDOM_BACKBONE=1 -> a seeded random VGG16 and a WARNING); "random" is a random
+    VGG16 chosen explicitly; "medanomaly" uses the last three of the five levels of the project's
+    own backbone (:mod:`medanomaly.perceptual`) in place of ``layers``.
     """
 
     LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}
 
     def __init__(self, layers=("relu3_3", "relu4_3", "relu5_3"), allow_random_backbone: bool = False,
-                 seed: int = 0, size=None):
+                 seed: int = 0, size=None, backbone: str = "imagenet"):
         super().__init__()
+        from medanomaly.perceptual import check_backbone, load_backbone
+
+        self.backbone = check_backbone(backbone)
+        self.size = None if size is None else tuple(int(s) for s in ([size] * 2 if isinstance(size, int) else size))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        if backbone == "medanomaly":
+            self.trunk, self.random_backbone = load_backbone(), False
+            self.requires_grad_(False)
+            self.eval()
+            return
         unknown = [name for name in layers if name not in self.LAYERS]
         if unknown or not layers:
             raise ValueError(f"layers must be among {list(self.LAYERS)}, got {list(layers)}.")
         self.indices = sorted(self.LAYERS[name] for name in layers)
         self.features, self.random_backbone = imagenet_vgg_features(
-            "vgg16", self.indices[-1], "The VGG16 perceptual score", allow_random_backbone, seed)
-        self.size = None if size is None else tuple(int(s) for s in ([size] * 2 if isinstance(size, int) else size))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+            "vgg16", self.indices[-1], "The VGG16 perceptual score", allow_random_backbone, seed,
+            random=backbone == "random")
+        self.backbone = "random" if self.random_backbone else "imagenet"
         self.requires_grad_(False)
         self.eval()
 
@@ -251,6 +293,8 @@ class FeatureResidualMap(nn.Module):
         return super().train(False)
 
     def _features(self, residual: torch.Tensor) -> list[torch.Tensor]:
+        if self.backbone == "medanomaly":
+            return self.trunk(residual)[2:]
         h, out = residual.expand(-1, 3, -1, -1) / self.std, []
         for i, layer in enumerate(self.features):
             h = layer(h)

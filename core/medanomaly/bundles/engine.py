@@ -316,18 +316,19 @@ class CohortMetricsHandler(CohortHandler):
 
 class CalibrationHandler(CohortHandler):
     """Calibration: stores in the model's `model_info.json` the threshold that flags at most
-    `target_fpr` of the healthy brain voxels seen."""
+    `target_fpr` of the healthy brain voxels seen, with `fields` that say what the threshold
+    belongs to (e.g. the perceptual backbone the maps were scored with)."""
 
-    def __init__(self, evaluator, model_dir: str, target_fpr: float = 0.01):
+    def __init__(self, evaluator, model_dir: str, target_fpr: float = 0.01, fields: Mapping | None = None):
         super().__init__(evaluator)
-        self.model_dir, self.target_fpr = model_dir, target_fpr
+        self.model_dir, self.target_fpr, self.fields = model_dir, target_fpr, dict(fields or {})
 
     def _write(self, engine: Engine) -> None:
         negatives = self.evaluator.pooled_histogram(self.evaluator.records)  # lesion voxels excluded inside
         threshold = float(negatives.threshold_at_fpr(self.target_fpr))
         n_volumes = len(self.evaluator.records)
         update_model_info(self.model_dir, threshold=threshold, target_fpr=self.target_fpr,
-                          calibration_volumes=n_volumes)
+                          calibration_volumes=n_volumes, **self.fields)
         logger.info("Threshold %.5f flags at most %.2f%% of healthy brain voxels (%d volumes).",
                     threshold, 100 * self.target_fpr, n_volumes)
 

@@ -620,10 +620,14 @@ def plan_cohort(preset="demo", seed: int = 0) -> list[dict]:
     return plans
 
 
+def medanomaly_home() -> Path:
+    """``$MEDANOMALY_HOME``, default ~/.cache/medanomaly: synthetic cohorts and preprocessed caches."""
+    return Path(os.environ.get("MEDANOMALY_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "medanomaly"))
+
+
 def cohort_root(name: str) -> Path:
-    """``$MEDANOMALY_HOME/cohorts/<name>`` (MEDANOMALY_HOME defaults to ~/.cache/medanomaly)."""
-    home = os.environ.get("MEDANOMALY_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "medanomaly")
-    return Path(home) / "cohorts" / name
+    """``$MEDANOMALY_HOME/cohorts/<name>``."""
+    return medanomaly_home() / "cohorts" / name
 
 
 def _provenance(preset_name: str, sizes: dict, seed: int, contrasts=CONTRASTS) -> dict:

@@ -40,20 +40,32 @@ def vgg19_weights_path() -> Path:
 
 class VGG19Features(nn.Module):
     """Frozen VGG19 trunk giving relu1_1 ... relu5_1 (AOT-GAN's perceptual / style layers) of
-    grayscale images in [0, 1] (ImageNet normalisation). The ImageNet weights must be in the torch
-    hub cache; `allow_random_backbone=True` (or MEDANOMALY_ALLOW_RANDOM_BACKBONE=1) uses a seeded
-    random trunk instead, with a loud warning: then the losses are NOT perceptual."""
+    grayscale images in [0, 1] (ImageNet normalisation). `backbone` "imagenet": the ImageNet
+    weights must be in the torch hub cache; `allow_random_backbone=True` (or
+    MEDANOMALY_ALLOW_RANDOM_BACKBONE=1) uses a seeded random trunk instead, with a loud warning:
+    then the losses are NOT perceptual. "random": that random trunk chosen explicitly.
+    "medanomaly": the first `n_layers` of the five levels of the project's own backbone
+    (`medanomaly.perceptual`) in place of the VGG19 layers."""
 
     LAYERS = (1, 6, 11, 20, 29)  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 in torchvision's vgg19.features
 
-    def __init__(self, allow_random_backbone: bool = False, seed: int = 0, n_layers: int = 5):
+    def __init__(self, allow_random_backbone: bool = False, seed: int = 0, n_layers: int = 5,
+                 backbone: str = "imagenet"):
         super().__init__()
-        self.layers = self.LAYERS[:n_layers]
-        self.features, self.random_backbone = imagenet_vgg_features(
-            "vgg19", self.layers[-1], "The PHANES inpainter's VGG19 style / perceptual losses",
-            allow_random_backbone, seed)
+        from medanomaly.perceptual import check_backbone, load_backbone
+
+        self.backbone, self.layers = check_backbone(backbone), self.LAYERS[:n_layers]
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        if backbone == "medanomaly":
+            self.trunk, self.random_backbone = load_backbone(), False
+            self.requires_grad_(False)
+            self.eval()
+            return
+        self.features, self.random_backbone = imagenet_vgg_features(
+            "vgg19", self.layers[-1], "The PHANES inpainter's VGG19 style / perceptual losses",
+            allow_random_backbone, seed, random=backbone == "random")
+        self.backbone = "random" if self.random_backbone else "imagenet"
         self.requires_grad_(False)
         self.eval()
 
@@ -61,6 +73,8 @@ class VGG19Features(nn.Module):
         return super().train(False)
 
     def forward(self, x):
+        if self.backbone == "medanomaly":
+            return self.trunk(x)[:len(self.layers)]
         h = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
         out = []
         for i, layer in enumerate(self.features):

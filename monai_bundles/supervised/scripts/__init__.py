@@ -5,6 +5,7 @@ from pathlib import Path
 
 from scripts.supervised import (
     BestMetricInfoHandler,
+    PooledMaxDice,
     SupervisedCeilingMethod,
     contrast_items,
     contrasts_of,
@@ -13,5 +14,5 @@ from scripts.supervised import (
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 
-__all__ = ["BUNDLE_ROOT", "BestMetricInfoHandler", "SupervisedCeilingMethod", "contrast_items", "contrasts_of",
+__all__ = ["BUNDLE_ROOT", "BestMetricInfoHandler", "PooledMaxDice", "SupervisedCeilingMethod", "contrast_items", "contrasts_of",
            "training_items"]

@@ -13,11 +13,13 @@ from typing import Iterable, Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.metrics import Metric
 
 from medanomaly.bundles.engine import SliceAnomalyMethod, resolve_inputs, update_model_info
 from medanomaly.data import CONTRASTS, resolve_datalist
 from medanomaly.data.companion import companion_lesion_subjects, synthetic_provenance
 from medanomaly.data.contrast import check_contrasts, contrast_of_item
+from medanomaly.metrics import ScoreHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class BestMetricInfoHandler:
     """After each validation, records the best validation metric so far and its epoch in
     `model_info.json` (the weights in model.pt are the ones that reached it)."""
 
-    def __init__(self, model_dir: str, name: str = "best_val_dice"):
+    def __init__(self, model_dir: str, name: str = "best_val_max_dice"):
         self.model_dir, self.name = model_dir, name
 
     def attach(self, engine: Engine) -> None:
@@ -124,3 +126,28 @@ class BestMetricInfoHandler:
         best, epoch = getattr(engine.state, "best_metric", None), getattr(engine.state, "best_metric_epoch", None)
         if best is not None and best != -1:
             update_model_info(self.model_dir, **{self.name: round(float(best), 4), f"{self.name}_epoch": int(epoch)})
+
+
+class PooledMaxDice(Metric):
+    """Validation metric: [Dice], the best Dice over thresholds of the lesion probability pooled
+    over all validation volumes (the benchmark's own metric, with 1,000 bins, over whole volumes:
+    background voxels are easy negatives). Threshold-free, so model selection follows how well the
+    map ranks lesion voxels even while no voxel is above 0.5 yet (argmax Dice stays 0 for the
+    first thousands of steps of a small-lesion task). `output` is (logits, labels), as lists of
+    decollated (C, ...) tensors or batched tensors."""
+
+    def __init__(self, lesion_channel: int = 1, n_bins: int = 1000, output_transform=lambda x: x, device="cpu"):
+        self.lesion_channel, self.n_bins = lesion_channel, n_bins
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self.histogram = ScoreHistogram(self.n_bins, (0.0, 1.0))
+
+    def update(self, output) -> None:
+        logits, labels = output
+        for logit, label in zip(logits, labels):
+            probability = torch.softmax(logit.float(), dim=0)[self.lesion_channel]
+            self.histogram.update(probability.detach().cpu().numpy(), (label[0] > 0).cpu().numpy())
+
+    def compute(self) -> float:
+        return float(self.histogram.max_dice().dice)
