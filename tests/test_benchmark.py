@@ -424,6 +424,29 @@ def test_each_contrast_evaluates_its_own_datalist(tmp_path, monkeypatch):
         assert [r["contrast"] for r in csv.DictReader(f)] == ["T1w", "T2w", "FLAIR"]
 
 
+def test_a_variant_row_runs_its_bundle_with_its_overrides(tmp_path, monkeypatch):
+    """`bundle[key=value,...]`: the same bundle's evaluation with the overrides (JSON values parsed),
+    a row labelled with the whole spec and a run folder of its own; a malformed spec is a failed row."""
+    started = []
+
+    def record_and_stop(bundle, overrides, *args):
+        started.append(overrides)
+        raise RuntimeError("not run in this test")
+
+    monkeypatch.setattr(benchmark, "_run_evaluation", record_and_stop)
+    monkeypatch.setattr(benchmark, "resolve_datalist", lambda d, c=None: tmp_path / f"{d}_{c}.json")
+    stub = stub_bundle(tmp_path / "phanes")
+    assert benchmark.parse_variant("phanes[mode=ra, mask_fpr=0.02,ensemble=true]") == (
+        "phanes", {"mode": "ra", "mask_fpr": 0.02, "ensemble": True})
+    assert benchmark.parse_variant("dae") == ("dae", {})
+    results = benchmark.run_benchmark([str(stub), f"{stub}[mode=ra]", f"{stub}[mode"], cohort="demo",
+                                      output_dir=tmp_path / "out", contrast="T2w", report=False)
+    assert "mode" not in started[0] and started[1]["mode"] == "ra"
+    assert started[0]["output_dir"] != started[1]["output_dir"]
+    rows = [entry["row"] for entry in results["contrasts"]["T2w"]["bundles"]]
+    assert rows[1]["bundle"].endswith("phanes[mode=ra]") and "name[key=value" in rows[2]["error"]
+
+
 # ---------------------------------------------------------------------- subjects named one way
 def test_subjects_are_named_by_their_subject_key_else_their_file(tmp_path):
     datalist = tmp_path / "cohort.json"

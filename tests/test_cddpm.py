@@ -19,6 +19,7 @@ from monai.networks.nets import DiffusionModelUNet
 from medanomaly import io, scoring
 from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist, preprocessing, write_datalist
+from medanomaly.data.synth import contrast_datalist
 from medanomaly.metrics import ScoreHistogram
 from checks import infer_on_nrrd, pixel_metrics
 
@@ -273,7 +274,8 @@ def test_demo_model_keeps_healthy_anatomy_and_finds_tiny_cohort_lesions(demo_met
     volumes' most affected slices lesion pixels score above healthy brain. The demo model is
     weak (its samples are noisy, see docs/README.md), so the margins over chance are small; the
     numbers are deterministic (seeded sampling)."""
-    image, mask, _ = _slices_with_labels(load_datalist(tiny, "test_healthy")[0])
+    t2w = contrast_datalist(tiny.parent, "T2w")  # the contrast of the demo weights
+    image, mask, _ = _slices_with_labels(load_datalist(t2w, "test_healthy")[0])
     middle = image.shape[0] // 2
     with torch.no_grad():
         restored = demo_method(torch.cat([image[middle:middle + 1], mask[middle:middle + 1]], 1))[:, 1:]
@@ -285,7 +287,7 @@ def test_demo_model_keeps_healthy_anatomy_and_finds_tiny_cohort_lesions(demo_met
 
     histogram = ScoreHistogram(n_bins=2000, value_range=(0.0, 2.0))
     inside, outside = [], []
-    for item in load_datalist(tiny, "test_lesion"):
+    for item in load_datalist(t2w, "test_lesion"):
         image, mask, label = _slices_with_labels(item)
         most = label.flatten(1).sum(1).argsort(descending=True)[:3]
         demo_method.reseed()
@@ -306,7 +308,8 @@ def test_demo_model_keeps_healthy_anatomy_and_finds_tiny_cohort_lesions(demo_met
 @pytest.mark.xfail(strict=True, reason="demo weights of the generator-1.0 (T1-like) cohort; retrain per contrast")
 def test_demo_weights_find_lesions_better_than_chance_on_whole_volumes(tiny, tmp_path):
     """The committed demo model on the tiny cohort's test split (3 lesion + 2 healthy scans)."""
-    run_bundle("cddpm", "evaluate", {"datalist": str(tiny), "device": "cpu", "output_dir": str(tmp_path),
+    run_bundle("cddpm", "evaluate", {"datalist": str(contrast_datalist(tiny.parent, "T2w")), "device": "cpu",
+                                     "output_dir": str(tmp_path),
                                      "n_bootstrap": 0, "save_outputs": False})
     pixel, prevalence = pixel_metrics(tmp_path / "metrics.json")
     assert pixel["auroc"] > 0.7

@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from medanomaly import perceptual
-from medanomaly.data import preprocessing
 from medanomaly.data.synth import contrast_datalist
-from medanomaly.bundles.engine import resolve_inputs
 from medanomaly.scoring import FeatureResidualMap, PerceptualDistance, PerceptualWeightsMissing
 
 
@@ -56,33 +54,18 @@ def test_backbone_switch_of_the_lpips_and_vgg_score_classes(monkeypatch, caplog)
         PerceptualDistance("squeeze", backbone="medanomaly")
 
 
-def _held_back_healthy_slices(tiny, per_volume: int = 6):
-    """Axial slices through the middle of the tiny cohort's healthy validation volumes (a cohort of
-    another seed than the demo cohort the committed backbone was trained on), in every contrast."""
-    chain = preprocessing(pixdim=[1.5] * 3, image_size=[128, 128])
-    images, brains = [], []
-    for contrast in ("T1w", "T2w", "FLAIR"):
-        for item in resolve_inputs(datalist=str(contrast_datalist(tiny.parent, contrast)), keys="validation_healthy"):
-            data = chain(item)
-            depth = data["image"].shape[-1]
-            for k in torch.linspace(0.3 * depth, 0.7 * depth, per_volume).long().tolist():
-                images.append(data["image"][..., k].float())
-                brains.append(data["mask"][..., k].float())
-    return torch.stack(images), torch.stack(brains)
-
-
 def test_committed_backbone_sees_lesions_more_than_noise_of_equal_mse(tiny):
-    """Threshold: the trained backbone must rank the anomaly farther in >= 90 % of pairs (a clear
-    majority) and beat the random backbone's fraction by >= 0.2, with a larger median ratio."""
-    images, brains = _held_back_healthy_slices(tiny)
+    """On the tiny cohort's healthy validation volumes (another seed than the demo cohort the
+    committed backbone was trained on), every contrast, at the demo geometry. Thresholds: the
+    trained backbone ranks the anomaly farther in >= 80 % of the slices (a clear majority) and in
+    >= 0.3 more of them than the random backbone, with a larger median distance ratio."""
+    images, brains = perceptual.held_back_slices([contrast_datalist(tiny.parent, c) for c in ("T1w", "T2w", "FLAIR")])
     assert len(images) >= 30
-    results = {}
-    for name, features in (("medanomaly", perceptual.load_backbone()), ("random", perceptual.random_backbone(0))):
-        far_anomaly, far_noise = perceptual.anomaly_vs_noise(perceptual.FeatureDistance(features), images, brains)
-        results[name] = (float((far_anomaly > far_noise).float().mean()), float((far_anomaly / far_noise).median()))
-    assert results["medanomaly"][0] >= 0.9, results
-    assert results["medanomaly"][0] >= results["random"][0] + 0.2, results
-    assert results["medanomaly"][1] > results["random"][1], results
+    trained = perceptual.separation(perceptual.FeatureDistance(perceptual.load_backbone()), images, brains)
+    control = perceptual.separation(perceptual.FeatureDistance(perceptual.random_backbone(0)), images, brains)
+    assert trained["anomaly_farther"] >= 0.8, (trained, control)
+    assert trained["anomaly_farther"] >= control["anomaly_farther"] + 0.3, (trained, control)
+    assert trained["median_ratio"] > control["median_ratio"], (trained, control)
 
 
 def test_lesion_like_anomaly_stays_in_the_brain_and_noise_twin_has_equal_mse():

@@ -124,6 +124,9 @@ def test_persistent_cache_reuses_preprocessed_volumes_across_runs(tiny, tmp_path
         torch.testing.assert_close(torch.as_tensor(second[0][key]), torch.as_tensor(plain[key]))
         torch.testing.assert_close(torch.as_tensor(second[0][key]), torch.as_tensor(first[0][key]))
     assert tuple(second[0]["image"].affine.shape) == (4, 4)  # metadata survives the disk
+    from monai.data import list_data_collate
+
+    list_data_collate([first[0], second[0]])  # a computed and a read-back item batch together
 
     PersistentCacheDataset(items, preprocessing(pixdim=[2.0] * 3, image_size=[64, 64]), cache_dir=cache,
                            num_workers=0, progress=False)

@@ -214,21 +214,51 @@ def _run_evaluation(bundle: BundleInfo, overrides: dict, demo: bool | None, log_
         raise TimeoutError(f"stopped after {timeout_minutes:g} min (--timeout-minutes)")
 
 
+_VARIANT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<settings>[^\[\]]*)\]$")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`"phanes[mode=ra]"` -> ("phanes", {"mode": "ra"}): a bundle and config overrides that make
+    one row of its own (a switch of the method, e.g. a paper's ablation). Values are JSON when they
+    parse as JSON (numbers, true / false, lists), else strings. A plain name has no overrides."""
+    match = _VARIANT.match(str(spec))
+    if not match:
+        if "[" in str(spec) or "]" in str(spec):
+            raise ValueError(f"Bundle variant {spec!r}: write it as name[key=value,key=value].")
+        return str(spec), {}
+    overrides = {}
+    for setting in filter(None, (s.strip() for s in match["settings"].split(","))):
+        key, sep, value = setting.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"Bundle variant {spec!r}: {setting!r} is not key=value.")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()
+    return match["name"].strip(), overrides
+
+
 def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None = None, demo: bool | None = None,
                     n_bootstrap: int = 200, models_root: Path | None = None, on_progress=None,
                     timeout_minutes: float | None = None, contrast: str | None = None) -> dict:
     """Runs one bundle's evaluate workflow in its own process (with the override `contrast`
     when given); returns its result entry (`row`, `groups`, `metrics`, `per_volume`), with the
     status and error when it could not run. Rows and groups carry the contrast and the bundle's
-    role (metadata.json `medanomaly_role`)."""
+    role (metadata.json `medanomaly_role`). `name` may be a variant, `bundle[key=value,...]`
+    (`parse_variant`): its row is labelled with the whole spec."""
     try:
-        bundle = find_bundle(name)
-    except BundleNotFound as error:
+        bundle_name, variant = parse_variant(name)
+        bundle = find_bundle(bundle_name)
+    except (BundleNotFound, ValueError) as error:
         entry = {"row": failed_row(str(name), FAILED, str(error).splitlines()[0])}
     else:
         entry = _evaluate(bundle, datalist, run_dir, device, demo, n_bootstrap, models_root, on_progress,
-                          timeout_minutes, contrast)
+                          timeout_minutes, contrast, variant)
         entry["row"]["role"] = bundle.metadata.get("medanomaly_role")
+        if variant:
+            entry["row"]["bundle"] = str(name)
+            for group in entry.get("groups", []):
+                group["bundle"] = str(name)
     entry["row"]["contrast"] = contrast
     for group in entry.get("groups", []):
         group["contrast"] = contrast
@@ -236,7 +266,7 @@ def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None
 
 
 def _evaluate(bundle: BundleInfo, datalist: Path, run_dir: Path, device, demo, n_bootstrap, models_root, on_progress,
-              timeout_minutes, contrast) -> dict:
+              timeout_minutes, contrast, variant: dict | None = None) -> dict:
     started = time.perf_counter()
     model_dir = _model_dir(bundle, models_root)
     model_info = read_model_info(model_dir)
@@ -252,7 +282,7 @@ def _evaluate(bundle: BundleInfo, datalist: Path, run_dir: Path, device, demo, n
         return {"row": failed_row(bundle.name, NO_EVALUATE, f"no configs/evaluate.yaml in {bundle.root}",
                                   model_info=model_info)}
     overrides = {"datalist": str(datalist), "output_dir": str(run_dir), "device": device, "n_bootstrap": n_bootstrap,
-                 "contrast": contrast}
+                 "contrast": contrast, **(variant or {})}
     if model_dir != bundle.model_dir:
         overrides["model_dir"] = str(model_dir)  # the runner picks the overlay those weights were trained with
     run_dir.mkdir(parents=True, exist_ok=True)

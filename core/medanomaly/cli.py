@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     benchmark = commands.add_parser("benchmark", help="evaluate bundles on one cohort; tables and an HTML report")
     benchmark.add_argument("--bundles", nargs="+", help="names or folders (default: every bundle found; those "
-                           "without weights or an evaluate config are listed as such)")
+                           "without weights or an evaluate config are listed as such); a variant row is "
+                           "name[key=value,...], e.g. 'phanes[mode=ra]' 'sagan[model=brainomaly]'")
     benchmark.add_argument("--cohort", default="demo", help="tiny | demo | full | a datalist JSON")
     benchmark.add_argument("--contrast", help="T1w | T2w | FLAIR | all (one after the other): the cohort's datalist "
                            "of that contrast, and the bundles' `contrast` override (default: T1w; for a datalist "

@@ -153,6 +153,34 @@ def lesion_like(image: torch.Tensor, brain: torch.Tensor, rng: torch.Generator) 
     return (image + contrast * blob * (brain > 0)).clamp(0, 1)
 
 
+def held_back_slices(datalists: Sequence[str | Path], keys: str = "validation_healthy", per_volume: int = 6,
+                     image_size: int = 64, pixdim: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, brains) `(N, 1, H, W)`: `per_volume` axial slices through the middle 30-70 % of
+    every `keys` volume of the `datalists` (e.g. one per contrast), preprocessed as the backbone's
+    training."""
+    from medanomaly.bundles.engine import resolve_inputs
+    from medanomaly.data import preprocessing
+
+    chain = preprocessing(pixdim=[pixdim] * 3, image_size=[image_size] * 2)
+    images, brains = [], []
+    for datalist in datalists:
+        for item in resolve_inputs(datalist=str(datalist), keys=keys):
+            data = chain(item)
+            depth = data["image"].shape[-1]
+            for k in torch.linspace(0.3 * depth, 0.7 * depth, per_volume).long().tolist():
+                images.append(torch.as_tensor(data["image"][..., k]).float())
+                brains.append(torch.as_tensor(data["mask"][..., k]).float())
+    return torch.stack(images), torch.stack(brains)
+
+
+def separation(distance: nn.Module, images: torch.Tensor, brains: torch.Tensor, seed: int = 0) -> dict:
+    """How a distance separates lesion-like anomalies from noise of equal MSE (`anomaly_vs_noise`):
+    the fraction of slices where the anomaly is farther and the median distance ratio."""
+    far_anomaly, far_noise = anomaly_vs_noise(distance, images, brains, seed)
+    return {"slices": len(images), "anomaly_farther": float((far_anomaly > far_noise).float().mean()),
+            "median_ratio": float((far_anomaly / far_noise.clamp_min(1e-12)).median())}
+
+
 def anomaly_vs_noise(distance: nn.Module, images: torch.Tensor, brains: torch.Tensor, seed: int = 0):
     """For each healthy slice (N, 1, H, W): the distance (mean of the map over the brain) to its
     twin with a `lesion_like` anomaly and to its twin with Gaussian noise in the brain of the
@@ -177,8 +205,8 @@ def _noisy(corrupted: torch.Tensor, brain: torch.Tensor, max_noise: float, gener
     return corrupted + strength * torch.randn(corrupted.shape, generator=generator) * brain
 
 
-def training_loader(datalist: str, contrasts: Sequence[str], image_size: int = 128, slices_per_volume: int = 8,
-                    batch_volumes: int = 2, seed: int = 0, num_workers: int = 1):
+def training_loader(datalist: str, contrasts: Sequence[str], image_size: int = 64, pixdim: float = 3.0,
+                    slices_per_volume: int = 8, batch_volumes: int = 2, seed: int = 0, num_workers: int = 1):
     """Healthy `training` slices of every contrast, each with synthetic anomalies (`TRAINING_TASKS`)."""
     import monai
 
@@ -190,7 +218,7 @@ def training_loader(datalist: str, contrasts: Sequence[str], image_size: int = 1
                                                                           contrast=contrast)]
     corruption = RandSyntheticAnomalyd(tasks=TRAINING_TASKS, clean_fraction=0.2, max_anomalies=4)
     transform = monai.transforms.Compose(
-        list(preprocessing(pixdim=[1.5] * 3, image_size=[image_size] * 2).transforms)
+        list(preprocessing(pixdim=[pixdim] * 3, image_size=[image_size] * 2).transforms)
         + random_axial_slices(slices_per_volume) + [corruption])
     transform.set_random_state(seed)
     dataset = PersistentCacheDataset(items, transform, cache_rate=1.0, num_workers=num_workers, progress=True)
@@ -208,17 +236,18 @@ def feature_consistency(encoder, noisy: torch.Tensor, target: torch.Tensor) -> t
 
 def train_backbone(datalist: str, output: str | Path, contrasts: Sequence[str] = ("T1w", "T2w", "FLAIR"),
                    max_seconds: float = 600.0, max_iterations: int = 20000, learning_rate: float = 1e-3,
-                   max_noise: float = 0.1, consistency_weight: float = 1.0, seed: int = 0,
-                   features: Sequence[int] = DEFAULT_FEATURES) -> dict:
+                   max_noise: float = 0.1, consistency_weight: float = 1.0, image_size: int = 64,
+                   pixdim: float = 3.0, seed: int = 0, features: Sequence[int] = DEFAULT_FEATURES) -> dict:
     """Trains a `restoration_unet` to predict (corrupted - clean) from the noisy corrupted slice
     (MSE relative to the batch's anomaly energy: 1 for predicting no anomaly) plus `consistency_weight` x `feature_consistency` of its encoder between
-    the noisy and the noise-free corrupted slice; half of the batches at half resolution so the
-    features serve 64 px bundles too. Saves the weights and a record of the run to `output`."""
+    the noisy and the noise-free corrupted slice, on `image_size` px axial slices at `pixdim` mm
+    (default: the 64 px, 3 mm geometry of the PHANES and SCRPS demos; the network is fully
+    convolutional and runs at any size). Saves the weights and a record of the run to `output`."""
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    loader, n_volumes = training_loader(datalist, contrasts, seed=seed)
+    loader, n_volumes = training_loader(datalist, contrasts, image_size, pixdim, seed=seed)
     unet = restoration_unet(features)
     levels = _levels_of(unet)
 
@@ -231,8 +260,6 @@ def train_backbone(datalist: str, output: str | Path, contrasts: Sequence[str] =
     while iteration < max_iterations and time.monotonic() - start < max_seconds:
         for batch in loader:
             clean, corrupted, brain = batch["image"], batch["corrupted"], batch["mask"]
-            if iteration % 2:  # half resolution
-                clean, corrupted, brain = (F.avg_pool2d(t, 2) for t in (clean, corrupted, brain))
             noisy = _noisy(corrupted, (brain > 0).float(), max_noise, generator)
             anomaly = corrupted - clean
             restoration = F.mse_loss(unet(noisy), anomaly) / anomaly.pow(2).mean().clamp_min(1e-5)
@@ -248,6 +275,7 @@ def train_backbone(datalist: str, output: str | Path, contrasts: Sequence[str] =
                 break
     progress.close()
     record = {"datalist": str(datalist), "contrasts": list(contrasts), "training_volumes": n_volumes,
+              "image_size": image_size, "pixdim": pixdim,
               "iterations": iteration, "seconds": round(time.monotonic() - start, 1), "tasks": list(TRAINING_TASKS),
               "max_noise": max_noise, "consistency_weight": consistency_weight, "learning_rate": learning_rate,
               "seed": seed,
@@ -269,10 +297,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", default=str(WEIGHTS_FILE))
     parser.add_argument("--max-seconds", type=float, default=600.0)
     parser.add_argument("--max-iterations", type=int, default=20000)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--pixdim", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    train_backbone(args.datalist, args.output, args.contrasts, args.max_seconds, args.max_iterations, seed=args.seed)
+    train_backbone(args.datalist, args.output, args.contrasts, args.max_seconds, args.max_iterations,
+                   image_size=args.image_size, pixdim=args.pixdim, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ A cache file is named by (a) the item: its paths with each file's size and modif
 so a regenerated or replaced scan is preprocessed again, and (b) the deterministic prefix of the
 transform chain, pickled: a changed pipeline (spacing, size, reader, normalisation) gets files
 of its own. The cache lives in ``$MEDANOMALY_HOME/cache/preprocessed`` (next to the synthetic
-cohorts; deleting that folder is always safe); `cache_dir=None` in a config
+cohorts; ``$MEDANOMALY_PREPROCESSED_CACHE`` moves it; deleting it is always safe); `cache_dir=None` in a config
 keeps the default, `persistent=False` makes it a plain in-memory `CacheDataset`.
 """
 
@@ -25,14 +25,19 @@ from typing import Callable, Sequence
 import torch
 from monai.data import CacheDataset, PersistentDataset
 from monai.transforms import Compose, RandomizableTrait, Transform, convert_to_contiguous
+from monai.utils import convert_to_tensor
 
 logger = logging.getLogger(__name__)
 
 
+CACHE_ENV = "MEDANOMALY_PREPROCESSED_CACHE"
+
+
 def default_cache_dir() -> Path:
+    """``$MEDANOMALY_PREPROCESSED_CACHE``, else ``$MEDANOMALY_HOME/cache/preprocessed``."""
     from medanomaly.data.synth import medanomaly_home
 
-    return medanomaly_home() / "cache" / "preprocessed"
+    return Path(os.environ.get(CACHE_ENV) or medanomaly_home() / "cache" / "preprocessed")
 
 
 def item_stamp_hash(item) -> bytes:
@@ -93,7 +98,8 @@ class PersistentCacheDataset(CacheDataset):
     def _load_cache_item(self, idx: int):
         if self.disk is None:
             return super()._load_cache_item(idx)
-        item = self.disk._cachecheck(self.data[idx])
+        # the same types whether the item was just computed or read back (the disk copy holds tensors)
+        item = convert_to_tensor(self.disk._cachecheck(self.data[idx]), convert_numeric=False, track_meta=True)
         if self.as_contiguous:
             item = convert_to_contiguous(item, memory_format=torch.contiguous_format)
         return item
