@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
-from medanomaly.data import load_datalist
+from medanomaly.data import load_datalist, preprocessing
 
 SAGAN = find_bundle("sagan")
 _SCRIPTS = import_bundle_scripts("sagan", "networks", "sagan")
@@ -336,6 +336,30 @@ def test_shipped_demo_weights_load_for_sagan_and_brainomaly():
         with bundle_scripts("sagan"):
             network = parser.get_parsed_content("network")
         assert network.variant == name and Path(parser.get_parsed_content("model_dir")) == folder
+
+
+def test_unlabeled_lesion_subjects_give_abnormal_slices_and_no_masks(tiny):
+    """With abnormal_slices (the default of train.yaml) every slice of a mixed-in lesion subject goes
+    through its lesion, so anomaly_ratio is the abnormal-slice fraction as in the reference; the
+    mask chooses the slices and is gone before a network sees them. Without, slices are random."""
+    import torch
+
+    _, unlabeled = sagan.semi_supervised_sets(tiny, seed=0, abnormal_slices=True)
+    lesion_subject = next(i for i in unlabeled if "label" in i)
+    assert sum("label" in i for i in unlabeled) == 3
+    geometry = dict(pixdim=[3.0] * 3, image_size=[64, 64])
+    chain = sagan.unlabeled_slices(geometry, 4, abnormal_slices=True)
+    chain.set_random_state(0)
+    slices = chain(lesion_subject)
+    assert len(slices) == 4 and all(set(s) >= {"image", "mask"} and "label" not in s for s in slices)
+    volume = preprocessing(**geometry, label=True)(lesion_subject)
+    with_lesion = {int(k) for k in torch.nonzero(volume["label"][0].sum((0, 1)) > 0).flatten()}
+    image = volume["image"][0].as_tensor()
+    chosen = [int((image - s["image"][0].as_tensor()[..., None]).abs().sum((0, 1)).argmin()) for s in slices]
+    assert set(chosen) <= with_lesion, (chosen, sorted(with_lesion))  # every slice shows lesion
+    healthy_subject = next(i for i in unlabeled if "label" not in i)
+    assert len(chain(healthy_subject)) == 4  # healthy subjects give brain slices
+    assert all("label" not in i for i in sagan.semi_supervised_sets(tiny, seed=0)[1])
 
 
 # --------------------------------------------------------------------------- end to end (slow)

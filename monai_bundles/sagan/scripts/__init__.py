@@ -11,7 +11,7 @@ from scripts.networks import (
 )
 from scripts.sagan import (
     SaganMethod, SaganStep, generator_for_weights, recorded_switches, critic_loss, generator_loss, gradient_penalty, prepare_aucp_batch,
-    semi_supervised_sets, shipped_model_dir, SubjectScores, training_sets, validation_items, variant_name,
+    semi_supervised_sets, shipped_model_dir, SubjectScores, training_sets, unlabeled_slices, validation_items, variant_name,
 )
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
@@ -21,5 +21,5 @@ __all__ = [
     "SaganGenerator", "SwinGenerator", "alibi_bias", "alibi_slopes", "binary_codes", "build_generator", "rope_2d",
     "sinusoidal_codes", "window_merge", "window_split", "SaganMethod", "SaganStep", "generator_for_weights", "recorded_switches",
     "critic_loss", "generator_loss", "gradient_penalty", "prepare_aucp_batch", "semi_supervised_sets",
-    "shipped_model_dir", "SubjectScores", "training_sets", "validation_items", "variant_name",
+    "shipped_model_dir", "SubjectScores", "training_sets", "unlabeled_slices", "validation_items", "variant_name",
 ]

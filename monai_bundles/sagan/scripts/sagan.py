@@ -21,7 +21,10 @@ import torch.nn.functional as F
 
 from medanomaly.bundles.engine import SliceAnomalyMethod
 from medanomaly.scoring import volume_score
-from medanomaly.data import IMAGE, MASK, load_datalist, resolve_datalist
+from monai.transforms import Compose, DeleteItemsd
+
+from medanomaly.data import IMAGE, LABEL, MASK, load_datalist, preprocessing, random_axial_slices, resolve_datalist
+from medanomaly.data.transforms import lesion_balanced_axial_slices
 from medanomaly.data.datalist import read_datalist
 from medanomaly.data.companion import companion_lesion_subjects, synthetic_provenance
 
@@ -82,7 +85,8 @@ def _datalist_path(datalist, contrast: str | None = None) -> Path:
 
 def semi_supervised_sets(datalist, healthy_key: str = "training", unlabeled_key: str | None = None,
                          lesion_key: str | None = None, anomaly_ratio: float = 0.6, healthy_fraction: float = 0.5,
-                         seed: int = 0, contrast: str | None = None) -> tuple[list[dict], list[dict]]:
+                         seed: int = 0, contrast: str | None = None,
+                         abnormal_slices: bool = False) -> tuple[list[dict], list[dict]]:
     """(healthy set, unlabeled set) for semi-supervised training.
 
     With `unlabeled_key` in the datalist, the unlabeled set is that split as it is and the healthy
@@ -90,8 +94,13 @@ def semi_supervised_sets(datalist, healthy_key: str = "training", unlabeled_key:
     `healthy_fraction` of them form the healthy set, the rest the healthy part of the unlabeled set,
     to which lesion subjects are added so that they make up `anomaly_ratio` of it -- from the
     `lesion_key` split, or, for a synthetic cohort, from a companion synthetic cohort (another seed:
-    never a validation or test subject). Lesion masks are never read. A synthetic preset is read in
-    `contrast`, and the companion cohort rendered in the datalist's contrast.
+    never a validation or test subject). A synthetic preset is read in `contrast`, and the companion
+    cohort rendered in the datalist's contrast.
+
+    Lesion masks never reach the networks. With `abnormal_slices` the mixed-in lesion subjects keep
+    theirs, only to choose slices through their lesions (`unlabeled_slices` drops it then), so
+    that `anomaly_ratio` is the fraction of abnormal *images* in the unlabeled set, as the reference
+    builds it; without, a lesion subject's random brain slice is abnormal only ~half the time.
     """
     path = _datalist_path(datalist, contrast)
     healthy = load_datalist(path, healthy_key)
@@ -115,10 +124,22 @@ def semi_supervised_sets(datalist, healthy_key: str = "training", unlabeled_key:
     else:
         raise ValueError(f"Datalist {path} gives no unlabeled data: name a split of unlabeled subjects "
                          "(--unlabeled_key) or one of lesion subjects to mix in (--lesion_key).")
-    lesions = [{k: v for k, v in item.items() if k != "label"} for item in lesions]  # unlabeled: no masks
+    if not abnormal_slices:
+        lesions = [{k: v for k, v in item.items() if k != LABEL} for item in lesions]  # unlabeled: no masks
     logger.info("Healthy set: %d subjects; unlabeled set: %d healthy + %d lesion subjects (ratio %.2f).",
                 len(healthy_set), len(unlabeled_healthy), len(lesions), len(lesions) / max(1, len(lesions) + len(unlabeled_healthy)))
     return healthy_set, unlabeled_healthy + lesions
+
+
+def unlabeled_slices(preprocessing_kwargs: dict, slices_per_volume: int, abnormal_slices: bool):
+    """Transform chain of the unlabeled set: random brain slices; with `abnormal_slices` a lesion
+    subject's slices go through its lesion (its mask is dropped right after choosing them)."""
+    if not abnormal_slices:
+        return Compose(list(preprocessing(**preprocessing_kwargs).transforms)
+                       + list(random_axial_slices(slices_per_volume)))
+    return Compose(list(preprocessing(**preprocessing_kwargs, label=True).transforms)
+                   + list(lesion_balanced_axial_slices(slices_per_volume, lesion_weight=1.0, brain_weight=0.0))
+                   + [DeleteItemsd(keys=LABEL)])
 
 
 def training_sets(datalist, **kwargs) -> dict:
