@@ -436,8 +436,8 @@ def test_a_variant_row_runs_its_bundle_with_its_overrides(tmp_path, monkeypatch)
     monkeypatch.setattr(benchmark, "_run_evaluation", record_and_stop)
     monkeypatch.setattr(benchmark, "resolve_datalist", lambda d, c=None: tmp_path / f"{d}_{c}.json")
     stub = stub_bundle(tmp_path / "phanes")
-    assert benchmark.parse_variant("phanes[mode=ra, mask_fpr=0.02,ensemble=true]") == (
-        "phanes", {"mode": "ra", "mask_fpr": 0.02, "ensemble": True})
+    assert benchmark.parse_variant("phanes[mode=ra, mask_fpr=0.02,ensemble=true,map_range=(0, 0.05)]") == (
+        "phanes", {"mode": "ra", "mask_fpr": 0.02, "ensemble": True, "map_range": [0, 0.05]})
     assert benchmark.parse_variant("dae") == ("dae", {})
     results = benchmark.run_benchmark([str(stub), f"{stub}[mode=ra]", f"{stub}[mode"], cohort="demo",
                                       output_dir=tmp_path / "out", contrast="T2w", report=False)

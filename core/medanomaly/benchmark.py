@@ -220,21 +220,25 @@ _VARIANT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<settings>[^\[\]]*)\]$")
 def parse_variant(spec: str) -> tuple[str, dict]:
     """`"phanes[mode=ra]"` -> ("phanes", {"mode": "ra"}): a bundle and config overrides that make
     one row of its own (a switch of the method, e.g. a paper's ablation). Values are JSON when they
-    parse as JSON (numbers, true / false, lists), else strings. A plain name has no overrides."""
+    parse as JSON (numbers, true / false), else strings; a list is written in parentheses,
+    `map_range=(0, 0.05)`. A plain name has no overrides."""
     match = _VARIANT.match(str(spec))
     if not match:
         if "[" in str(spec) or "]" in str(spec):
             raise ValueError(f"Bundle variant {spec!r}: write it as name[key=value,key=value].")
         return str(spec), {}
     overrides = {}
-    for setting in filter(None, (s.strip() for s in match["settings"].split(","))):
+    for setting in filter(None, (s.strip() for s in re.split(r",(?![^(]*\))", match["settings"]))):
         key, sep, value = setting.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"Bundle variant {spec!r}: {setting!r} is not key=value.")
+        value = value.strip()
+        if value.startswith("(") and value.endswith(")"):
+            value = f"[{value[1:-1]}]"
         try:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key.strip()] = value.strip()
+            overrides[key.strip()] = value
     return match["name"].strip(), overrides
 
 
