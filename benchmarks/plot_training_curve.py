@@ -57,6 +57,7 @@ def plot(train, validation, output: str | Path, title: str, lower_is_better: boo
         smooth = moving_average(values)
         axes[0].plot(steps[len(steps) - len(smooth):], smooth, label=f"{name} (moving average, 50)")
     axes[0].set_xlabel("iteration")
+    axes[0].set_yscale("log")  # losses fall over orders of magnitude
     axes[0].set_title("training")
     axes[0].legend(fontsize=8)
     for name, series in validation.items():
@@ -65,6 +66,8 @@ def plot(train, validation, output: str | Path, title: str, lower_is_better: boo
         best = int(np.argmin(values) if lower_is_better else np.argmax(values))
         axes[1].plot(steps[best], values[best], "r*", markersize=12, label=f"best {values[best]:.4g}")
     axes[1].set_xlabel("iteration")
+    if lower_is_better:
+        axes[1].set_yscale("log")
     axes[1].set_title("validation (model selection)")
     if validation:
         axes[1].legend(fontsize=8)

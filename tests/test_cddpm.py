@@ -269,11 +269,12 @@ def demo_method():
 
 
 def test_demo_model_keeps_healthy_anatomy_and_finds_tiny_cohort_lesions(demo_method, tiny):
-    """The committed model (fold 0, 1,252 GPU steps of a 1.1 M-parameter UNet, 10 DDIM steps) on
-    slices of the tiny cohort: a healthy slice comes back close to itself, and on the lesion
-    volumes' most affected slices lesion pixels score above healthy brain. The demo model is
-    weak (its samples are noisy, see docs/README.md), so the margins over chance are small; the
-    numbers are deterministic (seeded sampling)."""
+    """The committed model (fold 2, 3,434 CPU steps of a 1.1 M-parameter UNet on the T2w demo
+    cohort, 10 strided DDPM steps) on T2w slices of the tiny cohort (another seed): a healthy
+    slice comes back close to itself, and on the lesion volumes' most affected slices lesion
+    pixels score far above healthy brain. Seeded sampling: the numbers are deterministic; the
+    limits sit well below the measured values (below), far above chance (AUROC 0.5, AP = the
+    prevalence)."""
     t2w = contrast_datalist(tiny.parent, "T2w")  # the contrast of the demo weights
     image, mask, _ = _slices_with_labels(load_datalist(t2w, "test_healthy")[0])
     middle = image.shape[0] // 2
@@ -281,9 +282,9 @@ def test_demo_model_keeps_healthy_anatomy_and_finds_tiny_cohort_lesions(demo_met
         restored = demo_method(torch.cat([image[middle:middle + 1], mask[middle:middle + 1]], 1))[:, 1:]
     brain = mask[middle:middle + 1] > 0
     x, y = image[middle:middle + 1][brain], restored[brain]
-    # measured: correlation 0.89, mean |x - restored| 0.097 vs 0.161 for the flat mean image
-    assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.8
-    assert (x - y).abs().mean() < 0.8 * (x - x.mean()).abs().mean()
+    # measured: correlation 0.997, mean |x - restored| 0.07 x that of the flat mean image
+    assert torch.corrcoef(torch.stack([x, y]))[0, 1] > 0.95
+    assert (x - y).abs().mean() < 0.3 * (x - x.mean()).abs().mean()
 
     histogram = ScoreHistogram(n_bins=2000, value_range=(0.0, 2.0))
     inside, outside = [], []
@@ -297,10 +298,10 @@ def test_demo_model_keeps_healthy_anatomy_and_finds_tiny_cohort_lesions(demo_met
         inside.append(maps[label[most]])
         outside.append(maps[(mask[most] > 0) & ~label[most]])
     prevalence = histogram.n_pos / (histogram.n_pos + histogram.n_neg)
-    # measured: AUROC 0.56, AP 0.070 = 1.3 x the prevalence, mean map 0.27 in lesions vs 0.24 outside
-    assert histogram.auroc() > 0.53
-    assert histogram.average_precision() > 1.15 * prevalence
-    assert torch.cat(inside).mean() > 1.05 * torch.cat(outside).mean()
+    # measured: AUROC 0.78, AP 8.7 x the prevalence, mean map 0.19 in lesions vs 0.021 outside
+    assert histogram.auroc() > 0.7
+    assert histogram.average_precision() > 5 * prevalence
+    assert torch.cat(inside).mean() > 4 * torch.cat(outside).mean()
 
 
 @pytest.mark.slow
