@@ -13,6 +13,7 @@ import torch
 from medanomaly import io, masking
 from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist
+from medanomaly.data.synth import contrast_datalist
 from medanomaly.scoring import PerceptualDistance, PerceptualWeightsMissing
 from checks import pixel_metrics
 
@@ -175,7 +176,8 @@ def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fi
         parser.update({"device": "cpu", "bundle_root": str(PHANES_BUNDLE.root)})
         with bundle_scripts("phanes"):  # the config's `import scripts`
             model = parser.get_parsed_content("network")
-            item = parser.get_parsed_content("preprocessing")(load_datalist(tiny, "test_healthy")[0])
+            t2w = contrast_datalist(tiny.parent, "T2w")  # the contrast of the demo weights
+            item = parser.get_parsed_content("preprocessing")(load_datalist(t2w, "test_healthy")[0])
         image, brain = item["image"][0], item["mask"][0]
         z = int(torch.argmax(brain.sum((0, 1))))
         x = image[..., z - 2:z + 3].permute(2, 0, 1)[:, None].as_tensor().float()
@@ -195,6 +197,9 @@ def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fi
     region = mask > 0
     error_inpainted = float((fill - x)[region].abs().mean())
     error_fill_value = float((inpainter.fill - x)[region].abs().mean())
+    brain_means = (x * b).sum((1, 2, 3), keepdim=True) / b.sum((1, 2, 3), keepdim=True)
+    error_brain_mean = float((brain_means.expand_as(x) - x)[region].abs().mean())
+    print("MEASURED inpaint", error_inpainted, error_fill_value, error_brain_mean)
     assert error_inpainted < error_fill_value
 
 
@@ -253,7 +258,8 @@ def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, m
 def test_demo_weights_beat_chance(tiny, tmp_path):
     if not (PHANES_BUNDLE.root / "models" / "model.pt").is_file():
         pytest.skip("No demo weights in monai_bundles/phanes/models (benchmarks/train_demo_weights.sh phanes).")
-    run_bundle("phanes", "evaluate", {"datalist": str(tiny), "device": "cpu", "num_workers": 0, "n_bootstrap": 10,
+    t2w = contrast_datalist(tiny.parent, "T2w")  # the contrast of the demo weights
+    run_bundle("phanes", "evaluate", {"datalist": str(t2w), "device": "cpu", "num_workers": 0, "n_bootstrap": 10,
                                       "output_dir": str(tmp_path / "eval")})
     pixel, prevalence = pixel_metrics(tmp_path / "eval" / "metrics.json")
     assert pixel["ap"] > 1.2 * prevalence  # chance: AP = the lesion prevalence
