@@ -197,9 +197,6 @@ def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fi
     region = mask > 0
     error_inpainted = float((fill - x)[region].abs().mean())
     error_fill_value = float((inpainter.fill - x)[region].abs().mean())
-    brain_means = (x * b).sum((1, 2, 3), keepdim=True) / b.sum((1, 2, 3), keepdim=True)
-    error_brain_mean = float((brain_means.expand_as(x) - x)[region].abs().mean())
-    print("MEASURED inpaint", error_inpainted, error_fill_value, error_brain_mean)
     assert error_inpainted < error_fill_value
 
 
@@ -254,7 +251,8 @@ def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, m
 
 
 @pytest.mark.slow  # several minutes on 2 cores: `make test-all`
-@pytest.mark.xfail(strict=True, reason="demo weights of the generator-1.0 (T1-like) cohort; retrain per contrast")
+@pytest.mark.xfail(strict=True, reason="the T2w demo weights are at chance: their stage-1 VAE does not reconstruct "
+                                        "slices yet (docs/README.md, 'Results')")
 def test_demo_weights_beat_chance(tiny, tmp_path):
     if not (PHANES_BUNDLE.root / "models" / "model.pt").is_file():
         pytest.skip("No demo weights in monai_bundles/phanes/models (benchmarks/train_demo_weights.sh phanes).")
