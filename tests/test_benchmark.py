@@ -404,7 +404,9 @@ def stub_bundle(root: Path, role: str | None = None) -> Path:
     return root
 
 
-def test_each_contrast_evaluates_its_own_datalist(tmp_path, monkeypatch):
+def _record_evaluations(tmp_path, monkeypatch) -> list[dict]:
+    """The overrides of every evaluation the benchmark starts (none really runs); preset datalists
+    resolve to `<preset>_<contrast>.json` in tmp_path."""
     started = []
 
     def record_and_stop(bundle, overrides, *args):
@@ -413,6 +415,11 @@ def test_each_contrast_evaluates_its_own_datalist(tmp_path, monkeypatch):
 
     monkeypatch.setattr(benchmark, "_run_evaluation", record_and_stop)
     monkeypatch.setattr(benchmark, "resolve_datalist", lambda d, c=None: tmp_path / f"{d}_{c}.json")
+    return started
+
+
+def test_each_contrast_evaluates_its_own_datalist(tmp_path, monkeypatch):
+    started = _record_evaluations(tmp_path, monkeypatch)
     stub = stub_bundle(tmp_path / "supervised", role="ceiling")
     results = benchmark.run_benchmark([str(stub)], cohort="demo", output_dir=tmp_path / "out", contrast="all",
                                       report=False)
@@ -427,14 +434,7 @@ def test_each_contrast_evaluates_its_own_datalist(tmp_path, monkeypatch):
 def test_a_variant_row_runs_its_bundle_with_its_overrides(tmp_path, monkeypatch):
     """`bundle[key=value,...]`: the same bundle's evaluation with the overrides (JSON values parsed),
     a row labelled with the whole spec and a run folder of its own; a malformed spec is a failed row."""
-    started = []
-
-    def record_and_stop(bundle, overrides, *args):
-        started.append(overrides)
-        raise RuntimeError("not run in this test")
-
-    monkeypatch.setattr(benchmark, "_run_evaluation", record_and_stop)
-    monkeypatch.setattr(benchmark, "resolve_datalist", lambda d, c=None: tmp_path / f"{d}_{c}.json")
+    started = _record_evaluations(tmp_path, monkeypatch)
     stub = stub_bundle(tmp_path / "phanes")
     assert benchmark.parse_variant("phanes[mode=ra, mask_fpr=0.02,ensemble=true,map_range=(0, 0.05)]") == (
         "phanes", {"mode": "ra", "mask_fpr": 0.02, "ensemble": True, "map_range": [0, 0.05]})
