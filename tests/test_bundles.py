@@ -72,7 +72,7 @@ def test_command_merges_configs_in_monai_order():
     assert command[:4] == ["python", "-m", "monai.bundle", "run"]
     files = eval(command[command.index("--config_file") + 1])
     assert [Path(f).name for f in files] == ["inference.yaml", "evaluate.yaml", "demo.yaml"]
-    assert command[command.index("--input") + 1] == "/data/a b.nii.gz"  # one argument, spaces kept
+    assert command[command.index("--input") + 1] == "$'/data/a b.nii.gz'"  # one argument, spaces kept, a literal
     assert command[command.index("--threshold") + 1] == "0.25"
     assert "--device" not in command  # None means: leave the config's default
     assert command[command.index("--meta_file") + 1] == str(dae.configs_dir / "metadata.json")

@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from medanomaly.bundles import BundleRunError, find_bundle, list_bundles, start_bundle
+from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, start_bundle
 from medanomaly.bundles.registry import MODEL_FILE, BundleInfo, BundleNotFound, read_model_info
 from medanomaly.data import PRESETS, resolve_datalist
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, check_contrast, check_contrasts
@@ -238,7 +238,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         try:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key.strip()] = value
+            overrides[key.strip()] = ConfigText(value)  # as `--set` reads it
     return match["name"].strip(), overrides
 
 

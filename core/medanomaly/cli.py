@@ -7,25 +7,31 @@ as `python -m monai.bundle run` would run it; this module only parses arguments 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
+import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
-from medanomaly.bundles import BundleRunError, find_bundle, list_bundles, run_bundle
-from medanomaly.bundles.registry import REPOSITORY_BUNDLES
+from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, run_bundle
+from medanomaly.bundles.outputs import SUMMARY_FILE
+from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound, ModelInfoError
+from medanomaly.bundles.runner import check_override_keys
 
 _REPOSITORY_README = REPOSITORY_BUNDLES.parent / "README.md"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs for the bundle config (values as MONAI's command line reads them)."""
+    """`key=value` pairs for the bundle config (values in MONAI's config language, as its command line reads them)."""
     overrides = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got '{pair}'")
-        overrides[key] = value
+        if not sep or not key:
+            raise SystemExit(f"error: --set expects key=value, got '{pair}'")
+        overrides[key] = ConfigText(value)
     return overrides
 
 
@@ -51,16 +57,57 @@ class _ProgressPrinter:
         self.bar.close()
 
 
-def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None, quiet: bool = False) -> None:
+def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None, quiet: bool = False) -> float:
+    """Runs a workflow with a progress bar; returns the time it started (to tell its outputs
+    from an earlier run's). A failure exits with its cause; the log's tail is added only when
+    the log was not shown already (`quiet`)."""
+    started = time.time()
     printer = _ProgressPrinter(f"{bundle} {workflow}", quiet=quiet)
     try:
         run_bundle(bundle, workflow, overrides=overrides, demo=demo, on_line=printer.line,
                    on_progress=printer.progress)
     except BundleRunError as error:
         printer.close()
-        raise SystemExit(f"error: {error}") from None
+        raise SystemExit(f"error: {error if quiet else error.headline}") from None
     printer.progress(1.0, "done")
     printer.close()
+    return started
+
+
+def written_since(path: Path, started: float) -> bool:
+    """True when `path` was written by the run that started at `started` (not left by an earlier one)."""
+    return path.is_file() and path.stat().st_mtime >= started - 1.0  # file systems with 1 s timestamps
+
+
+def _output_folder(path: str) -> str:
+    """Creates the output folder and checks it takes files, before any work starts."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"error: the output folder {folder} is a file; give a folder.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: cannot create the output folder {folder} ({err.strerror}).") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: the output folder {folder} is not writable; choose another (--output-dir).")
+    return str(folder.resolve())
+
+
+def _check_inputs_exist(inputs: list[str]) -> None:
+    for entry in inputs:
+        if not Path(entry).exists() and not glob.glob(entry):
+            raise SystemExit(f"error: input {entry} does not exist.")
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a threshold is a finite number >= 0 (maps are >= 0; "
+                                         "a negative one would flag every voxel)")
+    return value
 
 
 def cmd_synth(args) -> None:
@@ -87,8 +134,12 @@ def cmd_list(args) -> None:
         print(f"{bundle.name:<10} {bundle.version:<8} {weights:<13} {contrast:<11} {bundle.metadata.get('task', '')}")
 
 
-def _common_overrides(args) -> dict:
+def _common_overrides(args, workflow: str) -> dict:
     overrides = parse_overrides(args.set)
+    try:
+        check_override_keys(args.bundle, workflow, overrides)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     for key in ("device", "output_dir", "datalist", "model_dir", "threshold", "contrast"):
         value = getattr(args, key, None)
         if value is not None:
@@ -99,8 +150,8 @@ def _common_overrides(args) -> dict:
 
 
 def cmd_train(args) -> None:
-    overrides = _common_overrides(args)
-    output_dir = Path(overrides.setdefault("output_dir", str(Path("runs") / args.bundle))).resolve()
+    overrides = _common_overrides(args, "train")
+    output_dir = Path(_output_folder(overrides.get("output_dir") or str(Path("runs") / args.bundle)))
     overrides["output_dir"] = str(output_dir)
     run_workflow(args.bundle, "train", overrides, demo=args.demo)
     model_dir = output_dir / "models"
@@ -120,28 +171,33 @@ def cmd_train(args) -> None:
 
 
 def cmd_detect(args) -> None:
-    overrides = _common_overrides(args)
+    overrides = _common_overrides(args, "inference")
+    _check_inputs_exist([*args.inputs, *([args.mask] if args.mask else [])])
     overrides["input"] = args.inputs if len(args.inputs) > 1 else args.inputs[0]
     overrides["output_ext"] = "." + args.format.lstrip(".")
     if args.mask:
         overrides["mask"] = args.mask
     if args.contrast:
         overrides["input_contrast"] = args.contrast  # what the inputs are when their names do not say
-    overrides.setdefault("output_dir", str(Path("outputs") / args.bundle))
-    run_workflow(args.bundle, "inference", overrides, demo=args.demo)
-    summary = Path(overrides["output_dir"]) / "detections.json"
-    for record in json.loads(summary.read_text()) if summary.is_file() else []:
+    overrides["output_dir"] = _output_folder(overrides.get("output_dir") or str(Path("outputs") / args.bundle))
+    started = run_workflow(args.bundle, "inference", overrides, demo=args.demo)
+    summary = Path(overrides["output_dir"]) / SUMMARY_FILE
+    if not written_since(summary, started):
+        raise SystemExit(f"error: the run ended without writing {summary}; see the log above.")
+    for record in json.loads(summary.read_text()):
         print(f"{record['subject']}: volume score {record['volume_score']:.4f} -> {record['heatmap']}")
 
 
 def cmd_evaluate(args) -> None:
-    overrides = _common_overrides(args)
-    overrides.setdefault("output_dir", str(Path("outputs") / args.bundle / "evaluate"))
+    overrides = _common_overrides(args, "evaluate")
+    overrides["output_dir"] = _output_folder(overrides.get("output_dir") or str(Path("outputs") / args.bundle / "evaluate"))
     if args.keys:
         overrides["datalist_keys"] = args.keys
-    run_workflow(args.bundle, "evaluate", overrides, demo=args.demo, quiet=True)
-    metrics = json.loads((Path(overrides["output_dir"]) / "metrics.json").read_text())
-    print(format_metrics(args.bundle, metrics))
+    started = run_workflow(args.bundle, "evaluate", overrides, demo=args.demo, quiet=True)
+    path = Path(overrides["output_dir"]) / "metrics.json"
+    if not written_since(path, started):
+        raise SystemExit(f"error: the evaluation ended without writing {path}.")
+    print(format_metrics(args.bundle, json.loads(path.read_text())))
 
 
 def format_metrics(name: str, metrics: dict) -> str:
@@ -251,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("inputs", nargs="+", help="volume files, DICOM folders, folders or globs")
     detect.add_argument("--mask", help="brain mask of a single input (default: from the skull-stripped image)")
     detect.add_argument("--model-dir", dest="model_dir", help="folder with model.pt and model_info.json")
-    detect.add_argument("--threshold", type=float, help="segmentation threshold (default: calibrated)")
+    detect.add_argument("--threshold", type=_threshold, help="segmentation threshold (default: calibrated)")
     detect.add_argument("--format", default="nii.gz", choices=["nii.gz", "nrrd", "mha"])
     _contrast_options(detect, "contrast of inputs whose file names do not say it (BIDS suffix _T1w, _T2w, _FLAIR)",
                       strict=True)
@@ -260,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (default: demo)")
     evaluate.add_argument("--keys", nargs="+", help="datalist keys (default: test_lesion test_healthy)")
     evaluate.add_argument("--model-dir", dest="model_dir")
-    evaluate.add_argument("--threshold", type=float)
+    evaluate.add_argument("--threshold", type=_threshold)
     _contrast_options(evaluate, "contrast of a synthetic preset's datalist (default T1w)", strict=True)
 
     demo = commands.add_parser("demo", help="detect lesions in a synthetic scan with the demo weights")
@@ -308,9 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    if getattr(args, "bundle", None) and args.command not in ("demo",):
-        find_bundle(args.bundle)  # fail early with the list of bundles
-    args.func(args)
+    try:
+        if getattr(args, "bundle", None) and args.command not in ("demo",):
+            find_bundle(args.bundle)  # fail early with the list of bundles
+        args.func(args)
+    except (BundleNotFound, ModelInfoError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ Geometry conventions:
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 import os
+import struct
 import uuid
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.data import MetaTensor
+from monai.data import ImageReader, MetaTensor
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,11 @@ __all__ = [
     "write_heatmap",
     "write_segmentation",
     "read_segmentation",
+    "check_input_volume",
+    "check_same_grid",
+    "VolumeReader",
+    "write_json",
+    "OutputWriteError",
 ]
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -55,6 +64,18 @@ _SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) or a d
 
 class VolumeError(ValueError):
     """A volume given by the user cannot be used; the message names the file and what to do."""
+
+
+class OutputWriteError(OSError):
+    """An output could not be written completely (full disk, permissions); the earlier file is kept."""
+
+
+# The smallest volume worth analysing: a brain is ~140 mm across; this refuses toy volumes and
+# single slabs, not thick-slice clinical scans (24 slices of 5 mm pass).
+MIN_VOXELS_PER_AXIS = 8
+MIN_EXTENT_MM = 40.0
+# Two files share a grid when their voxel-to-physical matrices agree to this (mm; same rule as Slicer's module).
+GRID_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,70 @@ def _dicom_series_files(directory: Path) -> list[str]:
     return list(files[best])
 
 
+def _nifti_expected_bytes(head: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file needs (header, extensions up to vox_offset, voxels); None if not NIfTI."""
+    for endian in "<>":
+        header_size = struct.unpack(endian + "i", head[:4])[0]
+        if header_size == 348 and len(head) >= 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        elif header_size == 540 and len(head) >= 540:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = struct.unpack(endian + "q", head[168:176])[0]
+        else:
+            continue
+        n_voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + max(0, min(int(dims[0]), 7))]], dtype=np.int64))
+        return max(offset, header_size) + n_voxels * max(int(bitpix), 8) // 8
+    return None
+
+
+def _check_complete(path: Path) -> None:
+    """Refuses a truncated or corrupt NIfTI file: ITK fills what is missing with zeros and reads
+    on, so the gzip stream (CRC, end) is read to its end and the voxel bytes are counted."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return  # NRRD and MetaImage readers fail on missing data themselves
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as stream:
+                head = stream.read(544)
+                length = len(head)
+                while chunk := stream.read(1 << 22):
+                    length += len(chunk)
+        else:
+            with open(path, "rb") as stream:
+                head = stream.read(544)
+            length = path.stat().st_size
+    except (OSError, EOFError, zlib.error) as err:
+        raise VolumeError(f"'{path}' is damaged: its compressed data cannot be read to the end ({err}). "
+                          "Copy or export the file again.") from None
+    expected = _nifti_expected_bytes(head)
+    if expected is not None and length < expected:
+        raise VolumeError(f"'{path}' is truncated: it holds {length} bytes of image data where its header "
+                          f"needs {expected}. Copy or export the file again.")
+
+
+def _check_even_slices(folder: Path, files: list[str], normal, tolerance: float = 0.01) -> None:
+    """Refuses a DICOM series whose slices are not evenly spaced (a missing or doubled slice):
+    ITK would stack them at the mean spacing, silently distorting the volume."""
+    reader = sitk.ImageFileReader()
+    positions = []
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        positions.append(float(np.dot(reader.GetOrigin()[:3], normal)))
+    steps = np.abs(np.diff(positions))
+    if steps.size and (steps.max() - steps.min()) > tolerance * max(float(np.median(steps)), 1e-6):
+        gaps = [i + 1 for i, step in enumerate(steps) if abs(step - np.median(steps)) > tolerance * np.median(steps)]
+        raise VolumeError(
+            f"The DICOM series in '{folder}' has uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm; "
+            f"irregular after slice(s) {gaps[:5]}): a slice is probably missing. Re-export the complete series, "
+            "or resample it to a regular grid first."
+        )
+
+
 def _inspect(path) -> tuple[VolumeInfo, list[str] | None, bool]:
     """Header check shared by check_volume_file and read_volume.
 
@@ -205,6 +290,7 @@ def _inspect(path) -> tuple[VolumeInfo, list[str] | None, bool]:
             raise VolumeError(f"'{dicom_files[-1]}' in the DICOM series '{path}' cannot be read; "
                               "the series is damaged, re-export it.") from None
         spacing[2] = float(np.linalg.norm(np.subtract(last.GetOrigin(), origin)) / (len(dicom_files) - 1))
+        _check_even_slices(path, dicom_files, direction[:, 2])
 
     if min(size) < 2:
         raise VolumeError(
@@ -239,6 +325,8 @@ def read_volume(path, allow_constant: bool = False) -> sitk.Image:
     images (``allow_constant=True`` accepts those, e.g. for an empty label or mask).
     """
     info, dicom_files, collapse_4d = _inspect(path)
+    if dicom_files is None:
+        _check_complete(Path(path))
     try:
         if dicom_files is not None and len(dicom_files) > 1:
             reader = sitk.ImageSeriesReader()
@@ -273,6 +361,39 @@ def read_volume(path, allow_constant: bool = False) -> sitk.Image:
         )
     logger.debug("Read '%s': size %s, spacing %s", path, info.size, info.spacing)
     return image
+
+
+def check_input_volume(path) -> VolumeInfo:
+    """Header check of a scan to analyse, with the size rule: at least MIN_VOXELS_PER_AXIS voxels
+    and MIN_EXTENT_MM along every axis (a toy or single-slab volume has no brain to compare)."""
+    info = check_volume_file(path)
+    extent = [n * s for n, s in zip(info.size, info.spacing)]
+    if min(info.size) < MIN_VOXELS_PER_AXIS or min(extent) < MIN_EXTENT_MM:
+        raise VolumeError(
+            f"'{path}' is too small to analyse: {info.size} voxels covering "
+            f"{' x '.join(f'{e:.0f}' for e in extent)} mm; a brain scan needs at least {MIN_VOXELS_PER_AXIS} "
+            f"voxels and {MIN_EXTENT_MM:.0f} mm along every axis."
+        )
+    return info
+
+
+def check_same_grid(reference, other, what: str = "The mask", tolerance: float = GRID_TOLERANCE_MM) -> None:
+    """Raises `VolumeError` unless `other` lies on exactly `reference`'s voxel grid: the same size and
+    voxel-to-physical matrix (spacing, origin, axes) within `tolerance` mm. Both are files or VolumeInfo."""
+    a = reference if isinstance(reference, VolumeInfo) else check_volume_file(reference)
+    b = other if isinstance(other, VolumeInfo) else check_volume_file(other)
+    offset = float(np.max(np.abs(a.ijk_to_lps - b.ijk_to_lps)))
+    if a.size != b.size or offset > tolerance:
+        raise VolumeError(
+            f"{what} '{b.path}' is not on the grid of '{a.path}' (size {b.size} vs {a.size}, spacing "
+            f"{_round(b.spacing)} vs {_round(a.spacing)} mm, origin {_round(b.origin)} vs {_round(a.origin)} mm; "
+            f"largest difference of the voxel-to-physical matrices {offset:.3g} mm, tolerance {tolerance} mm). "
+            "Resample it onto the image's grid first."
+        )
+
+
+def _round(values) -> tuple:
+    return tuple(round(float(v), 3) for v in values)
 
 
 # --------------------------------------------------------------------------- SimpleITK <-> MONAI
@@ -329,6 +450,40 @@ def metatensor_to_image(tensor, affine=None) -> sitk.Image:
     return image
 
 
+class VolumeReader(ImageReader):
+    """MONAI reader (for `LoadImage` / `LoadImaged`) that reads through `read_volume`: the same
+    DICOM series, geometry and checks (damaged files, NaN / Inf, constant images) as every other
+    read of a user's file, so the volume analysed is the volume the outputs are written onto.
+    Arrays and affines are ITKReader's (X, Y, Z; RAS). `allow_constant` for label and mask files."""
+
+    def __init__(self, allow_constant: bool = False):
+        super().__init__()
+        self.allow_constant = allow_constant
+
+    def verify_suffix(self, filename) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return len(names) == 1 and (Path(names[0]).is_dir() or str(names[0]).lower().endswith(READ_SUFFIXES))
+
+    def read(self, data, **kwargs):
+        # MONAI's LoadImage swallows a reader's exception and tries its other readers, which would
+        # read the refused file after all: the error travels to `get_data` and is raised there.
+        names = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        try:
+            if len(names) != 1:
+                raise VolumeError(f"One volume per entry is expected, got {len(names)} files: {names}.")
+            return read_volume(names[0], allow_constant=self.allow_constant)
+        except VolumeError as err:
+            return err
+
+    def get_data(self, img: sitk.Image | VolumeError) -> tuple[np.ndarray, dict]:
+        if isinstance(img, VolumeError):
+            raise img
+        tensor = image_to_metatensor(img)
+        meta = dict(tensor.meta)
+        meta["affine"] = tensor.affine.numpy()
+        return tensor.as_tensor()[0].numpy(), meta
+
+
 # --------------------------------------------------------------------------- writing
 def _reference_grid(reference) -> VolumeInfo:
     if isinstance(reference, sitk.Image):
@@ -371,17 +526,46 @@ def _suffix(path: Path, allowed) -> str:
     raise ValueError(f"Cannot write '{path}': the file name must end with one of {', '.join(allowed)}.")
 
 
+def _fsync(path: Path) -> None:
+    """Flushes a file (or a folder's entries) to the disk: a full disk often shows only here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some file systems cannot sync folders; files must sync
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def _atomic_path(path: Path, suffix: str):
-    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary path next to ``path``; when the block succeeds, sync it to the disk and
+    rename it onto ``path``. Any failure (full disk, permissions, a failed check in the block)
+    raises `OutputWriteError` and leaves an earlier ``path`` untouched."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
+    except (OSError, RuntimeError, VolumeError) as err:
+        kept = " The earlier file is kept." if path.exists() else ""
+        raise OutputWriteError(f"Could not write '{path}' ({str(err).strip().splitlines()[-1]}); is the disk full "
+                               f"or the folder read-only?{kept}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _check_written(image: sitk.Image, path: Path) -> None:
+    """Reads a just-written image file back: a writer can fail silently on a full disk."""
+    _check_complete(path)
+    written = check_volume_file(path)
+    if written.size != tuple(image.GetSize()[:3]):
+        raise VolumeError(f"the written file holds size {written.size}, not {tuple(image.GetSize())}")
+    sitk.ReadImage(str(path))  # NRRD / MetaImage readers fail on missing data
 
 
 def _write_image(image: sitk.Image, path) -> Path:
@@ -389,6 +573,30 @@ def _write_image(image: sitk.Image, path) -> Path:
     suffix = _suffix(path, WRITE_SUFFIXES)
     with _atomic_path(path, suffix) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
+        _check_written(image, tmp)
+    return path
+
+
+def _finite_or_none(value, where: str, replaced: list):
+    if isinstance(value, float) and not np.isfinite(value):
+        replaced.append(where)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v, f"{where}.{k}", replaced) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v, f"{where}[{i}]", replaced) for i, v in enumerate(value)]
+    return value
+
+
+def write_json(path, data, **dump_kwargs) -> Path:
+    """Writes strict JSON atomically (temporary file, sync, rename): a NaN or infinite number,
+    which strict JSON readers reject, is written as null with a warning naming it."""
+    path, replaced = Path(path), []
+    text = json.dumps(_finite_or_none(data, path.name, replaced), allow_nan=False, **dump_kwargs)
+    if replaced:
+        logger.warning("%s: non-finite values written as null: %s", path, ", ".join(replaced[:10]))
+    with _atomic_path(path, ".json") as tmp:
+        tmp.write_text(text)
     return path
 
 
@@ -449,6 +657,8 @@ def write_segmentation(mask_xyz, reference, path, name: str = "Anomaly",
     }
     with _atomic_path(path, ".seg.nrrd") as tmp:
         slicerio.write_segmentation(str(tmp), segmentation)
+        if tuple(sitk.ReadImage(str(tmp)).GetSize()[:3]) != grid.size:  # read back: see _check_written
+            raise VolumeError(f"the written segmentation does not hold size {grid.size}")
     return path
 
 

@@ -18,13 +18,14 @@ from medanomaly.bundles.runner import (
     WORKFLOW_CONFIGS,
     BundleProcess,
     BundleRunError,
+    ConfigText,
     bundle_command,
     run_bundle,
     start_bundle,
 )
 
 __all__ = [
-    "BundleInfo", "BundleNotFound", "BundleProcess", "BundleRunError", "VolumeProgress", "WORKFLOW_CONFIGS",
+    "BundleInfo", "BundleNotFound", "BundleProcess", "BundleRunError", "ConfigText", "VolumeProgress", "WORKFLOW_CONFIGS",
     "bundle_command", "bundle_scripts", "bundle_search_path", "import_bundle_scripts", "find_bundle", "format_progress", "list_bundles", "parse_progress",
     "report_progress", "run_bundle", "start_bundle",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import logging
 import os
 import time
@@ -27,7 +26,8 @@ from monai.inferers import SliceInferer
 from monai.transforms import MapTransform
 
 from medanomaly import io, scoring
-from medanomaly.bundles.outputs import SUMMARY_FILE, VOLUME_SUFFIXES, output_paths, subject_name
+from medanomaly.bundles.outputs import (SUMMARY_FILE, VOLUME_SUFFIXES, is_output_file, lock_output_dir,
+                                         output_paths, subject_name, volume_name)
 from medanomaly.bundles.progress import VolumeProgress
 from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE, read_model_info
 from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, brain_mask_from_image, intensity_window, load_datalist
@@ -159,17 +159,31 @@ class SaveAnomalyOutputsd(MapTransform):
         brain = supplied_brain_mask(d)
         heatmap = scored_heatmap(d) * brain
         paths = output_paths(self.output_dir, name, self.extension)
-        io.write_heatmap(heatmap, source, paths["heatmap"])
-        written = {"heatmap": str(paths["heatmap"])}
+        writers = {"heatmap": lambda path: io.write_heatmap(heatmap, source, path)}
         if self.threshold is not None:
-            io.write_segmentation((heatmap > self.threshold).astype(np.uint8), source, paths["segmentation"])
-            written["segmentation"] = str(paths["segmentation"])
+            writers["segmentation"] = lambda path: io.write_segmentation(
+                (heatmap > self.threshold).astype(np.uint8), source, path)
         if self.pseudo_healthy:
-            io.write_volume(self._scanner_intensities(d) * brain, source, paths["pseudo_healthy"])
-            written["pseudo_healthy"] = str(paths["pseudo_healthy"])
+            writers["pseudo_healthy"] = lambda path: io.write_volume(self._scanner_intensities(d) * brain, source, path)
+        written = write_together({kind: paths[kind] for kind in writers}, writers)
         d["outputs"] = {"subject": name, "input": str(source), "threshold": self.threshold,
                         "volume_score": float(heatmap[brain].mean()) if brain.any() else 0.0, **written}
         return d
+
+
+def write_together(paths: Mapping[str, Path], writers: Mapping[str, callable]) -> dict[str, str]:
+    """Writes a set of outputs all or nothing: each to a hidden partial file first, then all renamed
+    into place, so a failure (full disk) never leaves a new heatmap beside an old segmentation."""
+    partial = {kind: path.parent / f".{path.name}.partial{''.join(path.suffixes[-2:])}" for kind, path in paths.items()}
+    try:
+        for kind, writer in writers.items():
+            writer(partial[kind])
+        for kind, path in paths.items():
+            os.replace(partial[kind], path)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+    return {kind: str(path) for kind, path in paths.items()}
 
     @staticmethod
     def _scanner_intensities(d: Mapping) -> np.ndarray:
@@ -185,6 +199,8 @@ class OutputSummaryHandler:
         self.output_dir, self.records = output_dir, []
 
     def attach(self, engine: Engine) -> None:
+        if self.output_dir is not None:
+            lock_output_dir(self.output_dir)  # one run at a time writes into a folder
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
 
@@ -194,23 +210,20 @@ class OutputSummaryHandler:
     def _write(self, engine: Engine) -> None:
         if self.output_dir is None or not self.records:
             return
-        path = Path(self.output_dir) / SUMMARY_FILE
-        path.write_text(json.dumps(self.records, indent=2))
+        io.write_json(Path(self.output_dir) / SUMMARY_FILE, self.records, indent=2)
         logger.info("Wrote %d detection(s) to %s", len(self.records), self.output_dir)
 
 
-def _input_grid_mask(path, shape: tuple, what: str) -> np.ndarray:
-    """A binary volume file (> 0.5) that must lie on the input image's grid of `shape`."""
-    array = io.volume_array(io.read_volume(path, allow_constant=True)) > 0.5
-    if array.shape != shape:
-        raise io.VolumeError(f"{what} {path} has shape {array.shape}, the image {shape}: they must share one grid.")
-    return array
+def _input_grid_mask(path, image_file, what: str) -> np.ndarray:
+    """A binary volume file (> 0.5) that must lie on the input image's grid (`io.check_same_grid`)."""
+    io.check_same_grid(image_file, path, what=what)
+    return io.volume_array(io.read_volume(path, allow_constant=True)) > 0.5
 
 
 def _label_array(item: Mapping, shape: tuple) -> np.ndarray:
     """Ground-truth lesion mask on the input grid; all zeros for a healthy subject."""
     label = item.get(LABEL)
-    return np.zeros(shape, dtype=bool) if label is None else _input_grid_mask(label, shape, "Label")
+    return np.zeros(shape, dtype=bool) if label is None else _input_grid_mask(label, _source_file(item), "The label")
 
 
 def scored_heatmap(item: Mapping) -> np.ndarray:
@@ -225,10 +238,10 @@ def supplied_brain_mask(item: Mapping) -> np.ndarray:
     supplies, else the image's foreground as `BrainMaskd` derives it (which then stores the
     image as the mask's source). Never the mask after its round trip through a method's model
     grid (`Invertd`), which loses edge voxels differently for each pixdim and crop."""
-    image_file, shape = _source_file(item), tuple(item[PRED].shape[1:])
+    image_file = _source_file(item)
     mask_file = _source_file(item, MASK) if isinstance(item.get(MASK), MetaTensor) else image_file
     if mask_file != image_file:
-        return _input_grid_mask(mask_file, shape, "Brain mask")
+        return _input_grid_mask(mask_file, image_file, "The brain mask")
     return brain_mask_from_image(io.volume_array(io.read_volume(image_file)))
 
 
@@ -291,16 +304,22 @@ class CohortMetricsHandler(CohortHandler):
         super().__init__(evaluator)
         self.output_dir, self.threshold, self.n_boot, self.title = Path(output_dir), threshold, n_boot, title
 
+    def attach(self, engine: Engine) -> None:
+        lock_output_dir(self.output_dir)
+        super().attach(engine)
+
     def _write(self, engine: Engine) -> None:
         from medanomaly.metrics import plot_curves
 
+        if not self.evaluator.records:
+            raise ValueError("No volume was evaluated: metrics.json is not written.")
         seconds = time.perf_counter() - self.started  # loading, inference, inversion, writing
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = self.evaluator.summary(threshold=self.threshold, n_boot=self.n_boot)
         summary["timing"] = {"seconds": round(seconds, 2), "device": str(engine.state.device),
                              "seconds_per_volume": round(seconds / max(len(self.evaluator.records), 1), 3),
                              **peak_memory()}
-        (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        io.write_json(self.output_dir / "metrics.json", summary, indent=2)
         rows = self.evaluator.per_volume()
         with open(self.output_dir / "per_volume.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -308,7 +327,7 @@ class CohortMetricsHandler(CohortHandler):
             writer.writerows(rows)
         for row, record in zip(rows, self.evaluator.records):
             row.update(slice_scores=record.slice_scores.tolist(), slice_labels=record.slice_labels.tolist())
-        (self.output_dir / "per_volume.json").write_text(json.dumps(rows))
+        io.write_json(self.output_dir / "per_volume.json", rows)
         self.evaluator.save(self.output_dir / "histograms.npz")
         plot_curves(self.evaluator, self.output_dir, title=self.title)
         logger.info("Metrics written to %s", self.output_dir / "metrics.json")
@@ -370,15 +389,14 @@ def update_model_info(model_dir: str | os.PathLike, **fields) -> dict:
     path = Path(model_dir) / MODEL_INFO_FILE
     info = read_model_info(model_dir)
     info.update(fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2, sort_keys=True))
+    io.write_json(path, info, indent=2, sort_keys=True)
     return info
 
 
 def load_threshold(model_dir: str | os.PathLike, default: float | None = None) -> float | None:
     """The calibrated threshold stored with the weights, or `default` (with a warning)."""
     info = read_model_info(model_dir)
-    if "threshold" not in info:
+    if info.get("threshold") is None:  # absent, or null: calibration found no finite threshold
         logger.warning("No calibrated threshold in %s: segmentation uses %s. Run the calibrate workflow.",
                        Path(model_dir) / MODEL_INFO_FILE, default)
         return default
@@ -403,9 +421,8 @@ def load_weights(network: torch.nn.Module, model_dir: str | os.PathLike, device=
 
 
 def _is_input_volume(path: Path) -> bool:
-    """A volume file, and not a segmentation (e.g. an earlier run's output beside the scans)."""
-    name = path.name.lower()
-    return path.is_file() and name.endswith(VOLUME_SUFFIXES) and not name.endswith(".seg.nrrd")
+    """A volume file, not hidden (e.g. a temporary file) and not an earlier run's output beside the scans."""
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES) and not is_output_file(path)
 
 
 def _volume_files(folder: Path) -> list[Path]:
@@ -427,13 +444,16 @@ def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | Non
     on first use, in `contrast`); a datalist's top-level "contrast" is copied into its entries.
     """
     if input:
-        items = [{IMAGE: str(p), **({"contrast": input_contrast} if input_contrast else {})}
-                 for p in _expand_inputs(input)]
-        for item in items:
-            io.check_volume_file(item[IMAGE])  # fail before any model is loaded
+        files = _expand_inputs(input)
+        items = [{IMAGE: str(p), "subject": name, **({"contrast": input_contrast} if input_contrast else {})}
+                 for p, name in zip(files, unique_output_names(files))]
+        for item in items:  # every file checked, voxels too, before any model is loaded
+            io.check_input_volume(item[IMAGE])
+            io.read_volume(item[IMAGE])
         if mask:
             if len(items) != 1:
                 raise ValueError("A brain mask can only be given with a single input volume.")
+            io.check_same_grid(items[0][IMAGE], mask, what="The brain mask")
             items[0][MASK] = str(mask)
         return items
     if not datalist:
@@ -441,7 +461,33 @@ def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | Non
     path = resolve_datalist(datalist, contrast)
     declared = read_datalist(path).get("contrast")
     keys = [keys] if isinstance(keys, str) else list(keys)
-    return [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
+    items = [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
+    if not items:
+        raise ValueError(f"The datalist {path} has no volumes under {', '.join(map(repr, keys))}: nothing to run on.")
+    return items
+
+
+def unique_output_names(files: Sequence[Path]) -> list[str]:
+    """Output names of input files, one per file: the file's name without its suffix; files of the
+    same name get as many parent folders as it takes to tell them apart
+    (`a/scan.nii.gz`, `b/scan.nii.gz`, `b/t2.nii` -> `a_scan`, `b_scan`, `t2`)."""
+    paths = [Path(f).resolve() for f in files]
+    if len(set(paths)) != len(paths):
+        twice = next(p for p in paths if paths.count(p) > 1)
+        raise ValueError(f"The input {twice} is given twice.")
+    depths = [0] * len(paths)
+    names = [volume_name(p) for p in paths]
+    while len(set(names)) != len(names):
+        for i, name in enumerate(names):
+            if names.count(name) > 1:
+                depths[i] += 1
+        names = [_name_with_parents(p, d) for p, d in zip(paths, depths)]
+    return names
+
+
+def _name_with_parents(path: Path, depth: int) -> str:
+    parents = [part.strip("/\\:") for part in path.parent.parts[len(path.parent.parts) - depth:]] if depth else []
+    return "_".join([*filter(None, parents), volume_name(path)])
 
 
 def _expand_inputs(input: str | Sequence[str]) -> list[Path]:

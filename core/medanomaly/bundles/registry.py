@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,11 @@ class BundleInfo:
 
     @property
     def metadata(self) -> dict:
-        return json.loads((self.configs_dir / "metadata.json").read_text())
+        path = self.configs_dir / "metadata.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ModelInfoError(f"{path} is damaged ({err}); restore it from the bundle's release.") from None
 
     @property
     def description(self) -> str:
@@ -91,10 +96,23 @@ class BundleInfo:
         }
 
 
+class ModelInfoError(ValueError):
+    """A model_info.json that cannot be read; the message names the file."""
+
+
 def read_model_info(model_dir: str | os.PathLike) -> dict:
-    """`model_dir/model_info.json` (what those weights were trained with), or {} when absent."""
+    """`model_dir/model_info.json` (what those weights were trained with), or {} when absent.
+    Raises `ModelInfoError` naming the file when it is not a JSON object."""
     path = Path(model_dir) / MODEL_INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelInfoError(f"{path} is damaged ({err}); restore it, or train and calibrate again.") from None
+    if not isinstance(info, dict):
+        raise ModelInfoError(f"{path} holds a JSON {type(info).__name__}, not an object; restore it.")
+    return info
 
 
 def weights_contrasts(model_dir: str | os.PathLike) -> tuple[str, ...]:
@@ -121,15 +139,36 @@ def _is_bundle(path: Path) -> bool:
     return (path / "configs" / "metadata.json").is_file()
 
 
-def list_bundles() -> list[BundleInfo]:
+def bundle_problem(bundle: BundleInfo) -> str | None:
+    """Why a bundle cannot be listed (a damaged metadata.json or model_info.json), or None."""
+    try:
+        bundle.metadata, bundle.model_info  # noqa: B018 - reading them is the check
+    except (ModelInfoError, OSError, ValueError) as err:
+        return str(err)
+    return None
+
+
+def _bundles_on_search_path() -> list[BundleInfo]:
     found: dict[str, BundleInfo] = {}
     for folder in bundle_search_path():
-        if not folder.is_dir():
-            continue
-        for child in sorted(folder.iterdir()):
-            if _is_bundle(child) and child.name not in found:
-                found[child.name] = BundleInfo(child.name, child.resolve())
+        if folder.is_dir():
+            for child in sorted(folder.iterdir()):
+                if _is_bundle(child) and child.name not in found:
+                    found[child.name] = BundleInfo(child.name, child.resolve())
     return list(found.values())
+
+
+def list_bundles() -> list[BundleInfo]:
+    """The usable bundles on the search path; one with a damaged metadata.json or model_info.json
+    is skipped with a warning that names the file (a listing never fails on one bad bundle)."""
+    usable = []
+    for bundle in _bundles_on_search_path():
+        problem = bundle_problem(bundle)
+        if problem:
+            warnings.warn(f"Skipping bundle '{bundle.name}': {problem}", stacklevel=2)
+        else:
+            usable.append(bundle)
+    return usable
 
 
 def find_bundle(name_or_path: str | os.PathLike | BundleInfo) -> BundleInfo:
@@ -139,8 +178,11 @@ def find_bundle(name_or_path: str | os.PathLike | BundleInfo) -> BundleInfo:
     path = Path(name_or_path)
     if _is_bundle(path):
         return BundleInfo(path.resolve().name, path.resolve())
-    for bundle in list_bundles():
+    for bundle in _bundles_on_search_path():
         if bundle.name == str(name_or_path):
+            problem = bundle_problem(bundle)
+            if problem:
+                raise BundleNotFound(f"Bundle '{bundle.name}' cannot be used: {problem}")
             return bundle
     names = ", ".join(b.name for b in list_bundles()) or "none"
     raise BundleNotFound(f"No bundle named '{name_or_path}' (available: {names}; search path: "

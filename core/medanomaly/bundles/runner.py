@@ -56,20 +56,78 @@ def root_cause(log: str) -> str | None:
 
 
 class BundleRunError(RuntimeError):
+    """A bundle process that failed; `headline` is what to act on, `str()` adds the log's tail."""
+
     def __init__(self, message: str, returncode: int, log_tail: str):
         cause = root_cause(log_tail)
-        headline = f"{cause}\n({message})" if cause else message
-        super().__init__(f"{headline}\n--- last lines of the log ---\n{log_tail}")
+        self.headline = f"{cause}\n({message})" if cause else message
+        super().__init__(f"{self.headline}\n--- last lines of the log ---\n{log_tail}")
         self.returncode, self.log_tail, self.cause = returncode, log_tail, cause
 
 
-def _format_override(value) -> str:
-    """Values as MONAI's command line (python-fire) reads them back."""
+class ConfigText(str):
+    """An override written in MONAI's config language (`--set` values: `6000`, `[1, 2]`,
+    `$@x * 2`), passed to the bundle as written. Every other string is a literal."""
+
+
+def _plain(value):
+    """Paths as strings, recursively."""
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _holds_text(value) -> bool:
     if isinstance(value, str):
-        return value
-    return repr(value)
+        return True
+    if isinstance(value, (list, dict)):
+        return any(map(_holds_text, value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def _format_override(value) -> str:
+    """A value as MONAI's command line reads it back into exactly this value. Strings (paths,
+    names) become a config expression that is a Python literal, `$'...'`: python-fire would turn
+    `2024` into an int, and MONAI's parser would run a name starting with `$` or resolve `@x`.
+    MONAI rewrites `@id` and `#` even inside an expression's string literals, so `@` and `#` are
+    written as the escapes `\\x40` and `\\x23`."""
+    if isinstance(value, ConfigText):
+        return str(value)
+    value = _plain(value)
+    if not _holds_text(value):
+        return repr(value)
+    return "$" + repr(value).replace("@", "\\x40").replace("#", "\\x23")
+
+
+def config_keys(bundle: BundleInfo, workflow: str, demo: bool = True) -> set[str]:
+    """The top-level keys a workflow's configs define (with the demo overlay's): what an override may set."""
+    import yaml
+
+    names = workflow_configs(bundle, workflow) + (["demo"] if demo else [])
+    keys: set[str] = set()
+    for name in names:
+        config = yaml.safe_load(bundle.config_file(name).read_text(encoding="utf-8")) or {}
+        keys |= set(config)
+    return keys
+
+
+def check_override_keys(bundle, workflow: str, keys) -> None:
+    """Raises `ValueError` for a key no config of the workflow defines (a typo would otherwise be
+    ignored silently), naming the closest keys. A nested id `a#b` is checked by its first part."""
+    import difflib
+
+    bundle = find_bundle(bundle)
+    known = config_keys(bundle, workflow)
+    unknown = [key for key in keys if str(key).split("#")[0] not in known]
+    if unknown:
+        hints = "; ".join(f"'{key}' (did you mean {', '.join(difflib.get_close_matches(key, known, 3)) or 'none close'}?)"
+                          for key in unknown)
+        raise ValueError(f"Unknown setting for {bundle.name} {workflow}: {hints}. The settings are the keys of "
+                         f"{bundle.configs_dir}/{{{','.join(workflow_configs(bundle, workflow))}}}.yaml.")
 
 
 def uses_demo_config(bundle: BundleInfo, workflow: str, overrides: Mapping | None, demo: bool | None) -> bool:
@@ -195,9 +253,24 @@ class BundleProcess:
             self.cancel()
             raise
         if returncode != 0 and not self.cancelled:
-            raise BundleRunError(f"The bundle failed (exit code {returncode}): {' '.join(self.command)}",
+            raise BundleRunError(f"The bundle failed ({describe_exit(returncode)}): {' '.join(self.command)}",
                                  returncode, self.log_tail)
         return returncode
+
+
+def describe_exit(returncode: int) -> str:
+    """An exit code in words; a signal says what usually sent it."""
+    if returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    why = {"SIGKILL": "usually the system ran out of memory and killed it; try a smaller batch, fewer inputs "
+                      "at a time, or a machine with more memory",
+           "SIGTERM": "it was asked to stop", "SIGSEGV": "a crash in native code",
+           "SIGINT": "interrupted"}.get(name, "")
+    return f"killed by {name}" + (f": {why}" if why else "")
 
 
 def start_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None):
