@@ -28,7 +28,9 @@ LOGGER = "medanomaly.bundles.contrast"
 
 
 def _volume(path: Path) -> Path:
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((6, 7, 8), dtype=np.float32)), str(path))
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((16, 24, 24), dtype=np.float32))
+    image.SetSpacing((3.0, 3.0, 3.0))  # large enough to analyse (io.check_input_volume)
+    sitk.WriteImage(image, str(path))
     return path
 
 
@@ -91,8 +93,9 @@ def test_resolve_inputs_passes_the_contrast_to_resolve_datalist(tmp_path, monkey
 
 def test_file_inputs_carry_the_declared_contrast_only_when_given(tmp_path):
     scan = _volume(tmp_path / "scan.nii.gz")
-    assert engine.resolve_inputs(str(scan)) == [{"image": str(scan)}]
-    assert engine.resolve_inputs(str(scan), input_contrast="FLAIR") == [{"image": str(scan), "contrast": "FLAIR"}]
+    assert engine.resolve_inputs(str(scan)) == [{"image": str(scan), "subject": "scan"}]
+    assert engine.resolve_inputs(str(scan), input_contrast="FLAIR") == [
+        {"image": str(scan), "subject": "scan", "contrast": "FLAIR"}]
 
 
 # --------------------------------------------------------------------------- the check

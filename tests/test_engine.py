@@ -14,7 +14,9 @@ from medanomaly.bundles.outputs import output_paths, volume_name
 
 
 def _write_volume(path):
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(8, 9, 10).astype(np.float32)), str(path))
+    image = sitk.GetImageFromArray(np.random.rand(16, 18, 20).astype(np.float32))
+    image.SetSpacing((3.0, 3.0, 3.0))  # large enough to analyse (io.check_input_volume)
+    sitk.WriteImage(image, str(path))
     return path
 
 
@@ -22,10 +24,10 @@ def test_inputs_from_a_file_a_folder_and_a_glob(tmp_path):
     a = _write_volume(tmp_path / "a.nii.gz")
     b = _write_volume(tmp_path / "b.nrrd")
     (tmp_path / "b_anomaly.seg.nrrd").write_text("not an input")
-    assert engine.resolve_inputs(str(a)) == [{"image": str(a)}]
+    assert engine.resolve_inputs(str(a)) == [{"image": str(a), "subject": "a"}]
     assert [i["image"] for i in engine.resolve_inputs(str(tmp_path))] == [str(a), str(b)]
     assert [i["image"] for i in engine.resolve_inputs(str(tmp_path / "*.nrrd"))] == [str(b)]
-    assert engine.resolve_inputs(str(a), mask=str(b)) == [{"image": str(a), "mask": str(b)}]
+    assert engine.resolve_inputs(str(a), mask=str(b)) == [{"image": str(a), "subject": "a", "mask": str(b)}]
     with pytest.raises(ValueError, match="single input"):
         engine.resolve_inputs(str(tmp_path), mask=str(b))
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -155,5 +157,28 @@ def test_a_mask_off_the_input_grid_is_refused(tmp_path):
     inverted = _inverted_prediction({"image": paths["image"], "mask": paths["mask"]}, (3.0, 3.0, 3.0), (8, 8),
                                     lambda x: torch.cat([x, x]))
     inverted["mask"].meta["filename_or_obj"] = str(tmp_path / "small.nii.gz")  # a mask of another grid
-    with pytest.raises(Exception, match="must share one grid"):
+    with pytest.raises(Exception, match="is not on the grid"):
         engine.supplied_brain_mask(inverted)
+
+
+def test_calibration_stores_the_threshold_that_flags_at_most_the_target_fraction_of_healthy_voxels(tmp_path):
+    from medanomaly.metrics import CohortEvaluator
+
+    rng = np.random.default_rng(0)
+    evaluator = CohortEvaluator(n_bins=1000)
+    maps = []
+    for i in range(3):
+        heatmap = rng.beta(2, 8, size=(20, 20, 10)).astype(np.float32)
+        brain = np.zeros_like(heatmap, dtype=bool)
+        brain[2:18, 2:18, 1:9] = True
+        evaluator.add_volume(f"h{i}", heatmap, np.zeros_like(brain), brain)
+        maps.append(heatmap[brain])
+    handler = engine.CalibrationHandler(evaluator, str(tmp_path), target_fpr=0.01, fields={"backbone": "x"})
+    handler._write(engine=None)
+    info = json.loads((tmp_path / "model_info.json").read_text())
+    healthy = np.concatenate(maps)
+    flagged = float((healthy >= info["threshold"]).mean())
+    one_bin_lower = float((healthy >= info["threshold"] - 1e-3).mean())
+    # at most 1 % flagged, and the threshold is the smallest such bin edge (one bin lower flags more than 1 %)
+    assert flagged <= 0.01 < one_bin_lower
+    assert info["target_fpr"] == 0.01 and info["calibration_volumes"] == 3 and info["backbone"] == "x"

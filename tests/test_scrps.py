@@ -122,13 +122,19 @@ def test_training_step_runs_r1_path_length_and_ema():
     torch.manual_seed(0)
     generator, discriminator = Generator((32, 32), **SMALL), Discriminator((32, 32), channel_base=128, max_channels=32)
     ema = _S.ema_copy(generator)
+    before = {name: p.detach().clone() for name, p in ema.named_parameters()}
     step = StyleGAN2Step(discriminator, torch.optim.Adam(discriminator.parameters(), 2e-3, betas=(0.0, 0.99)), ema,
-                         r1_interval=1, pl_weight=2.0, pl_interval=1)
+                         r1_interval=1, pl_weight=2.0, pl_interval=1, ema_kimg=10.0, ema_rampup=0.5)
     g_opt = torch.optim.Adam(generator.parameters(), 2e-3, betas=(0.0, 0.99))
     out = step.step(generator, g_opt, torch.rand(4, 1, 32, 32) * 2 - 1, iteration=1)
     assert {"loss", "loss_d", "r1", "path_length"} <= set(out) and all(torch.isfinite(out[k]) for k in ("loss", "loss_d"))
     assert float(step.pl_mean) > 0 and step.images_seen == 4
-    assert not torch.equal(ema.const, _S.ema_copy(Generator((32, 32), **SMALL)).const)  # follows the generator
+    # EMA: ema = beta * ema + (1 - beta) * generator, half-life min(10 kimg, 0.5 x 4 images seen) = 2 images
+    beta = 0.5 ** (4 / 2.0)
+    trained = dict(generator.named_parameters())
+    for name, p in ema.named_parameters():
+        torch.testing.assert_close(p, beta * before[name] + (1 - beta) * trained[name].detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ema.const, before["const"]) and not torch.equal(ema.const, generator.const)
     assert float(generator.mapping.w_avg.abs().sum()) > 0  # w_avg is tracked in training
     assert all(not p.requires_grad for p in ema.parameters())
 
@@ -182,12 +188,16 @@ def test_inversion_cache_returns_the_same_codes(tmp_path):
     images = torch.rand(2, 1, 32, 32)
     inverter = LatentInverter(generator, None, steps=5, lr=0.05, lpips_weight=0.0, cache_dir=str(tmp_path))
     first = inverter.invert(images)
-    assert len(list(tmp_path.glob("*.pt"))) == 1
-    inverter.steps = 0  # would return w_avg if it ran again
-    inverter.steps = 5
-    torch.testing.assert_close(inverter.invert(images), first)
-    inverter.invert(images[:1])
+    (cache_file,) = tmp_path.glob("*.pt")
+    torch.testing.assert_close(torch.load(cache_file, weights_only=True)["codes"], first)
+    # inversion is deterministic, so only a marked cache entry shows that the second call read it
+    state = torch.load(cache_file, weights_only=True)
+    torch.save({**state, "codes": state["codes"] + 1.0}, cache_file)
+    torch.testing.assert_close(inverter.invert(images), first + 1.0)
+    inverter.invert(images[:1])  # another batch: another entry
     assert len(list(tmp_path.glob("*.pt"))) == 2
+    inverter.steps = 6  # other settings: not the cached codes
+    assert not torch.allclose(inverter.invert(images), first + 1.0)
 
 
 def test_lr_schedule_ramps_up_and_down():
