@@ -368,12 +368,22 @@ def test_rand_synthetic_anomalyd_is_seeded_and_typed(other_cohort):
 def test_rand_fpid_uses_previous_slices():
     transform = RandFPId()
     transform.set_random_state(0)
-    items = [transform(pipeline_item(k)) for k in range(3)]
-    for item in items:
+    inputs = [pipeline_item(k) for k in range(3)]
+    items = [transform(item) for item in inputs]
+    for k, item in enumerate(items):
         assert item["corrupted"].shape == item["anomaly_mask"].shape == (1, SIZE, SIZE)
-        assert 0.0 <= item["alpha"] <= 1.0
+        assert 0.0 < item["alpha"] <= 1.0
         outside = item["anomaly_mask"] == 0
         assert torch.equal(item["corrupted"][outside], item["image"][outside])
+        # inside the square: (1 - alpha) x + alpha partner, the partner being an earlier slice of the
+        # stream (the first slice, with nothing earlier, blends its own left-right mirror)
+        image, brain = (inputs[k][key][0].numpy() for key in ("image", "mask"))
+        candidates = [(inputs[j]["image"][0] * inputs[j]["mask"][0]).numpy() for j in range(k)] or [
+            (image * brain)[:, ::-1]]
+        square, alpha = item["anomaly_mask"][0].numpy() > 0, item["alpha"]
+        matches = [np.allclose(item["corrupted"][0].numpy()[square],
+                               ((1 - alpha) * image * brain + alpha * partner)[square], atol=1e-5) for partner in candidates]
+        assert any(matches), f"slice {k}: the square is no blend with an earlier slice"
 
 
 def test_rand_fpid_blends_with_the_provided_partner(other_cohort):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medanomaly import io
@@ -52,8 +53,10 @@ def test_detect_writes_outputs_on_the_input_grid(tiny, tmp_path):
                         "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     name = Path(subject["image"]).name.replace(".nii.gz", "")
-    heatmap = io.read_volume(tmp_path / "out" / f"{name}_heatmap.nrrd", allow_constant=True)
-    assert heatmap.GetSize() == io.read_volume(subject["image"]).GetSize()
+    heatmap = io.check_volume_file(tmp_path / "out" / f"{name}_heatmap.nrrd")
+    scan = io.check_volume_file(subject["image"])  # an oblique, anisotropic grid
+    assert heatmap.size == scan.size
+    np.testing.assert_allclose(heatmap.ijk_to_lps, scan.ijk_to_lps, atol=1e-4)  # spacing, origin, direction
     assert (tmp_path / "out" / f"{name}_anomaly.seg.nrrd").is_file()
     assert f"{name}: volume score" in result.stdout
 

@@ -46,18 +46,40 @@ def test_coarse_noise_is_low_frequency_and_inside_the_brain():
     assert correlation > 0.95
 
 
+class _HalfBrightness(torch.nn.Module):
+    """A stand-in 'DAE' with a known reconstruction: x / 2, plus 0.8 (clipped to 1) in one block."""
+
+    def forward(self, x):
+        out = x / 2
+        out[..., 4:8, 4:8] += 0.8
+        return out
+
+
 def test_method_maps_are_residuals_and_zero_outside_the_brain():
-    network = torch.nn.Identity()
-    method = DenoisingAutoencoderMethod(network, smoothing=None)
+    method = DenoisingAutoencoderMethod(_HalfBrightness(), smoothing=None)
     x = torch.rand(3, 1, 32, 32)
     mask = torch.zeros_like(x)
-    mask[:2, :, 8:24, 8:24] = 1  # third slice: no brain
+    mask[:2, :, 2:24, 2:24] = 1  # third slice: no brain
     out = method(torch.cat([x, mask], 1))
     assert out.shape == (3, 2, 32, 32)
-    assert torch.all(out[:, 0][mask[:, 0] == 0] == 0)
-    assert torch.all(out[2] == 0)
-    torch.testing.assert_close(out[:2, 1:][mask[:2] == 1], x[:2][mask[:2] == 1])  # identity: no residual
-    assert torch.all(out[:2, 0] == 0)
+    reconstruction = _HalfBrightness()(x).clamp(0, 1)
+    expected = (x - reconstruction).abs() * mask  # |x - DAE(x)| in the brain, 0 outside
+    torch.testing.assert_close(out[:2, :1], expected[:2])
+    torch.testing.assert_close(out[:2, 1:], reconstruction[:2] * mask[:2])
+    assert float(out[:2, 0].max()) > 0.3 and torch.all(out[2] == 0)
+
+
+def test_median_smoothing_is_applied_to_the_map_before_the_background_is_zeroed():
+    from medanomaly import scoring
+
+    x = torch.rand(2, 1, 32, 32)
+    mask = torch.ones_like(x)
+    mask[..., :, :3] = 0
+    raw = DenoisingAutoencoderMethod(_HalfBrightness(), smoothing=None)(torch.cat([x, mask], 1))[:, :1]
+    smoothed = DenoisingAutoencoderMethod(_HalfBrightness(), smoothing="median", smoothing_size=5)(torch.cat([x, mask], 1))
+    residual = (x - _HalfBrightness()(x).clamp(0, 1)).abs()
+    torch.testing.assert_close(smoothed[:, :1], scoring.smooth_map(residual, "median", 5) * mask)
+    assert not torch.allclose(smoothed[:, :1], raw)
 
 
 def test_one_training_run_lowers_the_loss_on_a_fixed_batch(tiny):

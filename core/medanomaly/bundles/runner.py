@@ -15,7 +15,6 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping
 
 from medanomaly.bundles.progress import parse_progress
@@ -283,6 +282,3 @@ def run_bundle(bundle, workflow="inference", overrides=None, demo=None, python=N
     process = start_bundle(bundle, workflow, overrides, demo, python, cwd, env)
     return process.wait(on_line=on_line, on_progress=on_progress)
 
-
-def default_output_dir(bundle: str, workflow: str) -> Path:
-    return Path.cwd() / "outputs" / bundle / workflow
