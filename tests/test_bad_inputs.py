@@ -8,15 +8,12 @@ runner, CLI argument checks) so they run in seconds; a few go through the whole 
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
