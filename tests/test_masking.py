@@ -54,10 +54,16 @@ def test_mask_map_is_the_residual_times_the_smoothed_perceptual_map():
     x = torch.rand(2, 1, 24, 24)
     y = torch.rand(2, 1, 24, 24)
 
-    def perceptual(a, b):  # constant spatial distance 0.5: its Gaussian smoothing keeps it
-        return torch.full_like(a, 0.5)
+    calls = []
 
-    torch.testing.assert_close(masking.mask_map(x, y, perceptual), 0.5 * masking.clahe_residual(x, y))
+    def perceptual(a, b):  # a spatial distance with structure: 2a - b, recorded to check the argument order
+        calls.append((a, b))
+        return 2 * a - b
+
+    expected = masking.clahe_residual(x, y) * torch.from_numpy(
+        ndimage.gaussian_filter((2 * y - x).numpy(), (0, 0, 3.0, 3.0), mode="mirror", truncate=4.0))
+    torch.testing.assert_close(masking.mask_map(x, y, perceptual, saliency_sigma=3.0), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(calls[0][0], y) and torch.testing.assert_close(calls[0][1], x)  # (reconstruction, scan)
     torch.testing.assert_close(masking.mask_map(x, y, None), masking.clahe_residual(x, y))
 
 
