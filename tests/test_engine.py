@@ -145,6 +145,7 @@ def test_every_model_grid_is_scored_on_the_supplied_voxels(tmp_path, supply_mask
         engine.collect_volume(evaluator, inverted)
         row = evaluator.per_volume()[0]
         counts[name] = (row["n_brain_voxels"], row["n_lesion_voxels"])
+        assert row["lesion_ml"] == pytest.approx(n_lesion * 1.2**3 / 1000, abs=1e-4)  # voxels x voxel volume
         if name == "coarse":
             assert (inverted["mask"] > 0.5).sum() < n_brain  # the round trip did lose voxels
             assert evaluator.records[0].histogram.pos_counts[0] == n_lesion  # NaN scores count as 0

@@ -536,3 +536,12 @@ def test_size_groups_per_volume_ci_and_saved_cohort(tmp_path):
     paths = plot_curves({"a": loaded.pooled_histogram(), "b": evaluator.pooled_histogram()}, tmp_path, prefix="x_",
                         relative_thresholds=True)
     assert paths["dice"].name == "x_dice.png" and paths["dice"].is_file()
+
+
+@pytest.mark.parametrize("ml, group", [(0.0, None), (None, None), (-1.0, None), (float("nan"), None),
+                                       (0.999, "small (<1 ml)"), (1.0, "medium (1-10 ml)"),
+                                       (9.999, "medium (1-10 ml)"), (10.0, "large (>=10 ml)")])
+def test_size_group_boundaries_belong_to_the_larger_group(ml, group):
+    from medanomaly.metrics import size_group
+
+    assert size_group(ml) == group
