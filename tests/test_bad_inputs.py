@@ -225,6 +225,24 @@ def test_a_datalist_with_empty_splits_is_an_error_not_an_empty_run(tmp_path):
         engine.resolve_inputs(datalist=str(datalist), keys=["test_lesion", "test_healthy"])
 
 
+@pytest.mark.parametrize("content, error, message", [
+    ("not json {", ValueError, "is not valid JSON"),
+    ("[1, 2]", ValueError, "must hold a JSON object"),
+    ('{"training": []}', KeyError, "no split 'test_lesion'"),
+    ('{"test_lesion": [{"mask": "m.nii.gz"}]}', ValueError, "must be an object with an 'image' path"),
+    ('{"test_lesion": [{"image": 5}]}', ValueError, "'image' must be a file path, got 5"),
+    ('{"test_lesion": [{"image": "scan.nii.gz", "label": ""}]}', ValueError, "'label' must be a file path"),
+    ('{"test_lesion": [{"image": "nowhere/scan.nii.gz", "subject": "s1"}]}', FileNotFoundError,
+     "do not exist .* the image of s1"),
+])
+def test_malformed_datalists_are_named_before_any_volume_is_read(tmp_path, content, error, message):
+    write(brain_volume(), tmp_path / "scan.nii.gz")
+    datalist = tmp_path / "cohort.json"
+    datalist.write_text(content)
+    with pytest.raises(error, match=message):
+        engine.resolve_inputs(datalist=str(datalist), keys="test_lesion")
+
+
 # --------------------------------------------------------------------------- full disks, read-only folders
 @contextmanager
 def small_filesystem(path: Path, size_kb: int):

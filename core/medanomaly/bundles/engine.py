@@ -464,6 +464,12 @@ def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | Non
     items = [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
     if not items:
         raise ValueError(f"The datalist {path} has no volumes under {', '.join(map(repr, keys))}: nothing to run on.")
+    missing = [(item.get("subject", item[IMAGE]), key, item[key]) for item in items for key in (IMAGE, MASK, LABEL)
+               if isinstance(item.get(key), str) and not os.path.exists(item[key])]
+    if missing:
+        subject, key, file = missing[0]
+        raise FileNotFoundError(f"The datalist {path} names files that do not exist ({len(missing)} in all), e.g. the "
+                                f"{key} of {subject}: {file}. Fix the paths (relative to the datalist's folder).")
     return items
 
 

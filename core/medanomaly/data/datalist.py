@@ -82,6 +82,11 @@ def load_datalist(path: str | os.PathLike, key: str) -> list[dict]:
             item = {"image": item}
         if not isinstance(item, dict) or "image" not in item:
             raise ValueError(f"Entry {i} of split '{key}' in {path} must be an object with an 'image' path.")
+        for k in PATH_KEYS:
+            value = item.get(k)
+            if value is not None and not (isinstance(value, str) and value) and not (
+                    isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
+                raise ValueError(f"Entry {i} of split '{key}' in {path}: '{k}' must be a file path, got {value!r}.")
         entry = dict(item)
         for k in PATH_KEYS:
             if k in entry:
