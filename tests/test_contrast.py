@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,11 +231,15 @@ def test_cli_passes_contrast_and_strict(monkeypatch, tmp_path):
     from medanomaly import cli
 
     calls = []
-    monkeypatch.setattr(cli, "run_workflow", lambda bundle, workflow, overrides, **kw: calls.append((workflow, overrides)))
-    cli.main(["detect", "dae", "scan.nii.gz", "--contrast", "flair", "--strict", "--output-dir", str(tmp_path)])
+    monkeypatch.setattr(cli, "run_workflow",
+                        lambda bundle, workflow, overrides, **kw: calls.append((workflow, overrides)) or time.time())
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")  # the command line checks that inputs exist; the bundle (not run here) reads them
+    with pytest.raises(SystemExit, match="without writing"):  # detections.json: the workflow was not run
+        cli.main(["detect", "dae", str(scan), "--contrast", "flair", "--strict", "--output-dir", str(tmp_path)])
     overrides = calls[-1][1]
     assert overrides["contrast"] == overrides["input_contrast"] == "FLAIR" and overrides["strict_contrast"] is True
-    with pytest.raises(FileNotFoundError):  # metrics.json: the workflow was not run
+    with pytest.raises(SystemExit, match="without writing"):  # metrics.json: the workflow was not run
         cli.main(["evaluate", "dae", "--contrast", "T2w", "--output-dir", str(tmp_path)])
     assert calls[-1][1]["contrast"] == "T2w" and "strict_contrast" not in calls[-1][1]
     cli.main(["train", "dae", "--contrast", "t2", "--datalist", "tiny", "--output-dir", str(tmp_path)])
