@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medanomaly.benchmark import format_table, summary_row
 from medanomaly.bundles import run_bundle
-from medanomaly.cli import parse_overrides
+from medanomaly.console import parse_overrides
 from medanomaly.data import PRESETS, ensure_cohort, load_datalist, write_datalist
 
 ROWS = {  # name: (bundle, overrides, slow)

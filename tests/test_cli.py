@@ -36,8 +36,10 @@ def test_unknown_bundle_names_the_available_ones():
 
 def test_overrides_need_key_value_pairs():
     assert parse_overrides(["threshold=0.2", "input=a=b.nii"]) == {"threshold": "0.2", "input": "a=b.nii"}
-    with pytest.raises(SystemExit, match="key=value"):
+    with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["threshold"])
+    result = medanomaly("detect", "dae", "x.nii.gz", "--set", "threshold")  # the command turns it into an exit
+    assert result.returncode != 0 and "--set expects key=value" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_synth_reuses_a_cached_cohort(tiny):

@@ -84,8 +84,12 @@ def test_an_input_is_its_own_key_else_its_datalists_else_its_file_name():
 def test_resolve_inputs_passes_the_contrast_to_resolve_datalist(tmp_path, monkeypatch):
     datalist = tmp_path / "datalist_T2w.json"
     _datalist(datalist, contrast="T2w", test_lesion=[{"image": "a.nii.gz"}, {"image": "b.nii.gz", "contrast": "FLAIR"}])
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (tmp_path / name).write_bytes(b"")  # entries must name existing files
     calls = []
-    monkeypatch.setattr(engine, "resolve_datalist", lambda name, contrast=None: calls.append((name, contrast)) or datalist)
+    from medanomaly.data import synth
+
+    monkeypatch.setattr(synth, "resolve_datalist", lambda name, contrast=None: calls.append((name, contrast)) or datalist)
     items = engine.resolve_inputs(None, "demo", "test_lesion", contrast="T2w")
     assert calls == [("demo", "T2w")]
     # the datalist's top-level contrast goes into its entries; an entry's own wins

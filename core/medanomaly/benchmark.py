@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, start_bundle
+from medanomaly.results import ROLES
 from medanomaly.bundles.registry import MODEL_FILE, BundleInfo, BundleNotFound, read_model_info
 from medanomaly.data import PRESETS, resolve_datalist
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, check_contrast, check_contrasts
@@ -44,7 +45,6 @@ OK, NO_WEIGHTS, NO_EVALUATE, FAILED = "ok", "no weights", "no evaluate config", 
 RESULTS_JSON, RESULTS_CSV, GROUPS_CSV = "results.json", "results.csv", "results_by_group.csv"
 CI_METHOD = "95 % percentile bootstrap over volumes (seed 0)"
 #: metadata.json `medanomaly_role` of the reference bundles, and how the tables label them.
-ROLES = {"floor": "floor (non-learned)", "ceiling": "ceiling (supervised, not anomaly detection)"}
 GAP_METRICS = ("pixel_ap", "pooled_dice")
 
 COLUMNS = [
@@ -138,18 +138,6 @@ def add_gap_closed(rows: list[dict]) -> None:
     for row in rows:
         for metric in GAP_METRICS:
             row[f"{metric}_gap_closed"] = gap_closed(row.get(metric), *(ref.get(metric) for ref in references))
-
-
-def method_label(row: dict) -> str:
-    """`bundle`, or `bundle: <role label>` for the floor and the ceiling."""
-    role = row.get("role")
-    return row["bundle"] + (f": {ROLES.get(role, role)}" if role else "")
-
-
-def display_order(rows: list[dict]) -> list[dict]:
-    """The floor first, the anomaly-detection methods, the ceiling last."""
-    rank = {"floor": 0, "ceiling": 2}
-    return sorted(rows, key=lambda r: rank.get(r.get("role"), 1))
 
 
 def format_table(rows: list[dict], columns: tuple = ("bundle", "status", "volume_auroc", "slice_auroc",
@@ -314,13 +302,6 @@ def entries(results: dict) -> list[dict]:
     return [entry for run in results["contrasts"].values() for entry in run["bundles"]]
 
 
-def contrast_view(results: dict, contrast: str) -> dict:
-    """The results of one contrast shaped as one run: `results` with that contrast's
-    `contrast`, `datalist` and `bundles` at the top level (what the report draws)."""
-    run = results["contrasts"][contrast]
-    return {**{k: v for k, v in results.items() if k != "contrasts"}, "contrast": contrast, **run}
-
-
 def write_tables(results: dict, output_dir: Path) -> None:
     rows = [entry["row"] for entry in entries(results)]
     (output_dir / RESULTS_JSON).write_text(json.dumps(results, indent=1))
@@ -391,7 +372,7 @@ def run_benchmark(bundles: list[str] | None = None, cohort: str = "demo", output
     datalist and bundle entries). `merge` keeps the output folder's earlier results of the other
     bundles and contrasts on the same cohort (e.g. to add a newly trained bundle without
     re-running the slow ones)."""
-    from medanomaly.cli import _ProgressPrinter
+    from medanomaly.console import ProgressPrinter
 
     datalists = cohort_datalists(cohort, contrast)
     names = bundles or [b.name for b in list_bundles()]
@@ -409,7 +390,7 @@ def run_benchmark(bundles: list[str] | None = None, cohort: str = "demo", output
     with stop_on_signals():
         for c, datalist in datalists.items():
             for name in names:
-                printer = _ProgressPrinter(f"{Path(str(name)).name} evaluate ({c})", quiet=True)
+                printer = ProgressPrinter(f"{Path(str(name)).name} evaluate ({c})", quiet=True)
                 try:
                     entry = evaluate_bundle(name, datalist, _run_dir(output_dir, c, name), device, demo, n_bootstrap,
                                             models_root, on_progress=printer.progress,

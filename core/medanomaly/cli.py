@@ -13,70 +13,15 @@ import math
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
-from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, run_bundle
+from medanomaly.bundles import find_bundle, list_bundles
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound, ModelInfoError
 from medanomaly.bundles.runner import check_override_keys
+from medanomaly.console import format_metrics, parse_overrides, run_workflow, written_since  # noqa: F401 (re-exported)
 
 _REPOSITORY_README = REPOSITORY_BUNDLES.parent / "README.md"
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs for the bundle config (values in MONAI's config language, as its command line reads them)."""
-    overrides = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --set expects key=value, got '{pair}'")
-        overrides[key] = ConfigText(value)
-    return overrides
-
-
-class _ProgressPrinter:
-    """Shows a bundle's progress lines as a tqdm bar and passes its log through."""
-
-    def __init__(self, description: str, quiet: bool = False):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=1000, desc=description, unit="‰", leave=True, dynamic_ncols=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
-        self.quiet = quiet
-
-    def line(self, text: str) -> None:
-        if not self.quiet or "ERROR" in text or "Traceback" in text or "WARNING" in text:
-            self.bar.write(text)
-
-    def progress(self, fraction: float, message: str) -> None:
-        self.bar.n = int(round(1000 * fraction))
-        self.bar.set_postfix_str(message, refresh=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None, quiet: bool = False) -> float:
-    """Runs a workflow with a progress bar; returns the time it started (to tell its outputs
-    from an earlier run's). A failure exits with its cause; the log's tail is added only when
-    the log was not shown already (`quiet`)."""
-    started = time.time()
-    printer = _ProgressPrinter(f"{bundle} {workflow}", quiet=quiet)
-    try:
-        run_bundle(bundle, workflow, overrides=overrides, demo=demo, on_line=printer.line,
-                   on_progress=printer.progress)
-    except BundleRunError as error:
-        printer.close()
-        raise SystemExit(f"error: {error if quiet else error.headline}") from None
-    printer.progress(1.0, "done")
-    printer.close()
-    return started
-
-
-def written_since(path: Path, started: float) -> bool:
-    """True when `path` was written by the run that started at `started` (not left by an earlier one)."""
-    return path.is_file() and path.stat().st_mtime >= started - 1.0  # file systems with 1 s timestamps
 
 
 def _output_folder(path: str) -> str:
@@ -135,8 +80,8 @@ def cmd_list(args) -> None:
 
 
 def _common_overrides(args, workflow: str) -> dict:
-    overrides = parse_overrides(args.set)
     try:
+        overrides = parse_overrides(args.set)
         check_override_keys(args.bundle, workflow, overrides)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -198,27 +143,6 @@ def cmd_evaluate(args) -> None:
     if not written_since(path, started):
         raise SystemExit(f"error: the evaluation ended without writing {path}.")
     print(format_metrics(args.bundle, json.loads(path.read_text())))
-
-
-def format_metrics(name: str, metrics: dict) -> str:
-    """A few headline numbers of a metrics.json, one line each."""
-    def number(value):
-        return "n/a" if value is None else f"{value:.3f}"
-
-    pixel, volume = metrics["pixel"], metrics["volume"]
-    lines = [
-        f"{name}: {metrics['n_lesion_volumes']} lesion + {metrics['n_healthy_volumes']} healthy volumes",
-        f"  pooled [Dice]      {number(pixel['max_dice']['dice'])} (threshold {number(pixel['max_dice']['threshold'])})",
-        f"  per-volume [Dice]  {number(metrics['max_dice_per_volume']['mean'])} ± {number(metrics['max_dice_per_volume']['std'])}",
-        f"  pixel AP           {number(pixel['ap'])}   pixel AUROC {number(pixel['auroc'])}",
-        f"  volume AUROC       {number(volume.get('auroc'))}   volume AP {number(volume.get('ap'))}",
-    ]
-    at = metrics.get("at_threshold")
-    if at:
-        lines.append(f"  at calibrated threshold {number(at['threshold'])}: Dice {number(at['dice'])}, "
-                     f"precision {number(at['precision'])}, recall {number(at['recall'])}, "
-                     f"healthy FPR {number(at['fpr_healthy'])}")
-    return "\n".join(lines)
 
 
 def cmd_demo(args) -> None:

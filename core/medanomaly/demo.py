@@ -38,7 +38,7 @@ def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), devic
              cohort: str = "demo", contrast: str | None = None) -> dict:
     """Runs `bundle` on one scan of the synthetic `cohort` and on its test split, in `contrast`
     (default: the contrast the shipped weights were trained on, else T1w)."""
-    from medanomaly.cli import format_metrics, run_workflow
+    from medanomaly.console import format_metrics, run_workflow
 
     bundle_info = find_bundle(bundle)
     if not bundle_info.has_weights:

@@ -85,10 +85,13 @@ class AnomalyFeatures(nn.Module):
         return encoder_levels(self.levels, x)
 
 
+class PerceptualWeightsMissing(FileNotFoundError):
+    """Weights of a perceptual backbone are not on this machine: ImageNet weights not in the torch
+    hub cache (nothing is downloaded), or the medanomaly backbone's file missing."""
+
+
 def load_backbone(path: str | Path | None = None, device=None) -> AnomalyFeatures:
     """The trained `medanomaly` backbone from `path` (default: the committed weights file)."""
-    from medanomaly.scoring import PerceptualWeightsMissing
-
     path = Path(path) if path is not None else WEIGHTS_FILE
     if not path.is_file():
         raise PerceptualWeightsMissing(
@@ -158,13 +161,12 @@ def held_back_slices(datalists: Sequence[str | Path], keys: str = "validation_he
     """(images, brains) `(N, 1, H, W)`: `per_volume` axial slices through the middle 30-70 % of
     every `keys` volume of the `datalists` (e.g. one per contrast), preprocessed as the backbone's
     training."""
-    from medanomaly.bundles.engine import resolve_inputs
-    from medanomaly.data import preprocessing
+    from medanomaly.data import datalist_items, preprocessing
 
     chain = preprocessing(pixdim=[pixdim] * 3, image_size=[image_size] * 2)
     images, brains = [], []
     for datalist in datalists:
-        for item in resolve_inputs(datalist=str(datalist), keys=keys):
+        for item in datalist_items(datalist, keys):
             data = chain(item)
             depth = data["image"].shape[-1]
             for k in torch.linspace(0.3 * depth, 0.7 * depth, per_volume).long().tolist():
@@ -211,11 +213,9 @@ def training_loader(datalist: str, contrasts: Sequence[str], image_size: int = 6
     import monai
 
     from medanomaly.anomalies import RandSyntheticAnomalyd
-    from medanomaly.bundles.engine import resolve_inputs
-    from medanomaly.data import PersistentCacheDataset, preprocessing, random_axial_slices
+    from medanomaly.data import PersistentCacheDataset, datalist_items, preprocessing, random_axial_slices
 
-    items = [item for contrast in contrasts for item in resolve_inputs(datalist=datalist, keys="training",
-                                                                          contrast=contrast)]
+    items = [item for contrast in contrasts for item in datalist_items(datalist, "training", contrast)]
     corruption = RandSyntheticAnomalyd(tasks=TRAINING_TASKS, clean_fraction=0.2, max_anomalies=4)
     transform = monai.transforms.Compose(
         list(preprocessing(pixdim=[pixdim] * 3, image_size=[image_size] * 2).transforms)

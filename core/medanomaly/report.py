@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from medanomaly.benchmark import ROLES, contrast_view, display_order, method_label
+from medanomaly.results import ROLES, contrast_view, display_order, method_label
 from medanomaly.bundles.outputs import subject_name
 from medanomaly.metrics import CohortEvaluator, plot_curves
 from medanomaly.visualize import _display, lesion_slice
@@ -232,7 +232,7 @@ def save_subject_montage(subject: dict, runs: dict[str, str], path: Path) -> Pat
 
 
 def write_figures(results: dict, output_dir: Path) -> dict:
-    """All PNGs of one contrast's report (`results`: a `benchmark.contrast_view`) under
+    """All PNGs of one contrast's report (`results`: a `results.contrast_view`) under
     `output_dir/figures/<contrast>`, and its viewer pages; returns their paths by role, with
     `notes`: per section, why something could not be drawn."""
     contrast = results["contrast"]
@@ -416,7 +416,7 @@ def _missing(notes: list[str]) -> str:
 
 
 def _contrast_sections(results: dict, output_dir: Path) -> list[str]:
-    """The report of one contrast (`results`: a `benchmark.contrast_view`)."""
+    """The report of one contrast (`results`: a `results.contrast_view`)."""
     figures = write_figures(results, output_dir)
     rows = display_order([entry["row"] for entry in results["bundles"]])
     contrast = html.escape(results["contrast"])

@@ -16,6 +16,8 @@ import torch
 from monai.networks.layers import median_filter, separable_filtering
 from torch import nn
 
+from medanomaly.perceptual import PerceptualWeightsMissing
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -102,10 +104,6 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     ssim = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
     return (1 - ssim).clamp_min(0)
-
-
-class PerceptualWeightsMissing(FileNotFoundError):
-    """The ImageNet weights of the LPIPS backbone are not in the torch hub cache (nothing is downloaded)."""
 
 
 _BACKBONES = {  # our name -> torchvision weights enum used by lpips for that trunk

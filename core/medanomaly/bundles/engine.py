@@ -30,9 +30,8 @@ from medanomaly.bundles.outputs import (SUMMARY_FILE, VOLUME_SUFFIXES, is_output
                                          output_paths, subject_name, volume_name)
 from medanomaly.bundles.progress import VolumeProgress
 from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE, read_model_info
-from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, brain_mask_from_image, intensity_window, load_datalist
-from medanomaly.data import resolve_datalist
-from medanomaly.data.datalist import read_datalist
+from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, brain_mask_from_image, intensity_window
+from medanomaly.data import datalist_items
 
 logger = logging.getLogger(__name__)
 PRED = "pred"
@@ -458,19 +457,7 @@ def resolve_inputs(input: str | Sequence[str] | None = None, datalist: str | Non
         return items
     if not datalist:
         raise ValueError("Nothing to run on: give an input volume (--input) or a datalist (--datalist).")
-    path = resolve_datalist(datalist, contrast)
-    declared = read_datalist(path).get("contrast")
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    items = [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
-    if not items:
-        raise ValueError(f"The datalist {path} has no volumes under {', '.join(map(repr, keys))}: nothing to run on.")
-    missing = [(item.get("subject", item[IMAGE]), key, item[key]) for item in items for key in (IMAGE, MASK, LABEL)
-               if isinstance(item.get(key), str) and not os.path.exists(item[key])]
-    if missing:
-        subject, key, file = missing[0]
-        raise FileNotFoundError(f"The datalist {path} names files that do not exist ({len(missing)} in all), e.g. the "
-                                f"{key} of {subject}: {file}. Fix the paths (relative to the datalist's folder).")
-    return items
+    return datalist_items(datalist, keys, contrast)
 
 
 def unique_output_names(files: Sequence[Path]) -> list[str]:

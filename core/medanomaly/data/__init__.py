@@ -3,7 +3,8 @@
 from medanomaly.data.cache import PersistentCacheDataset
 from medanomaly.data.datalist import load_datalist, write_datalist
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, check_contrast
-from medanomaly.data.synth import PRESETS, cohort_root, ensure_cohort, generate_cohort, resolve_datalist, save_montage
+from medanomaly.data.synth import (PRESETS, cohort_root, datalist_items, ensure_cohort, generate_cohort, resolve_datalist,
+                                   save_montage)
 from medanomaly.data.transforms import (
     IMAGE,
     LABEL,
@@ -17,6 +18,6 @@ from medanomaly.data.transforms import (
 
 __all__ = [
     "CONTRASTS", "DEFAULT_CONTRAST", "IMAGE", "LABEL", "MASK", "PRESETS", "PersistentCacheDataset", "check_contrast", "axial_axis", "brain_mask_from_image", "cohort_root",
-    "ensure_cohort", "generate_cohort", "intensity_window", "load_datalist", "preprocessing",
+    "datalist_items", "ensure_cohort", "generate_cohort", "intensity_window", "load_datalist", "preprocessing",
     "random_axial_slices", "resolve_datalist", "save_montage", "write_datalist",
 ]

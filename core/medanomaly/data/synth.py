@@ -860,6 +860,28 @@ def resolve_datalist(datalist, contrast: str | None = None) -> Path:
     return path.resolve()
 
 
+def datalist_items(datalist, keys="test_lesion", contrast: str | None = None) -> list[dict]:
+    """The entries of the `keys` splits of `datalist` (a Decathlon-style JSON file, or a synthetic
+    preset generated on first use, in `contrast`), file paths absolute; the datalist's top-level
+    "contrast" is copied into its entries (an entry's own wins). Empty splits and files that do
+    not exist are errors that name the datalist, before any volume is read."""
+    from medanomaly.data.datalist import load_datalist
+
+    path = resolve_datalist(datalist, contrast)
+    declared = read_datalist(path).get("contrast")
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    items = [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
+    if not items:
+        raise ValueError(f"The datalist {path} has no volumes under {', '.join(map(repr, keys))}: nothing to run on.")
+    missing = [(item.get("subject", item["image"]), key, item[key]) for item in items for key in ("image", "mask", "label")
+               if isinstance(item.get(key), str) and not os.path.exists(item[key])]
+    if missing:
+        subject, key, file = missing[0]
+        raise FileNotFoundError(f"The datalist {path} names files that do not exist ({len(missing)} in all), e.g. the "
+                                f"{key} of {subject}: {file}. Fix the paths (relative to the datalist's folder).")
+    return items
+
+
 def ensure_cohort(preset="demo", seed: int = 0, root=None, contrast: str | None = None) -> Path:
     """The datalist of a synthetic cohort, generated first (in every contrast) if it is missing or
     out of date: ``datalist_<contrast>.json`` when `contrast` is given, else ``datalist.json`` (T1w).
