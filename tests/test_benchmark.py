@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from medanomaly import benchmark, report
 from medanomaly.bundles import BundleRunError, find_bundle
 from medanomaly.cli import main
+from medanomaly.console import CommandError
 from medanomaly.data import load_datalist
 from medanomaly.metrics import CohortEvaluator
 
@@ -380,13 +381,13 @@ def test_cohort_datalists_per_contrast(tmp_path, monkeypatch):
     assert benchmark.cohort_datalists("demo") == {"T1w": Path("/cohorts/demo_T1w.json")}
     assert list(benchmark.cohort_datalists("demo", "all")) == ["T1w", "T2w", "FLAIR"]
     assert benchmark.cohort_datalists("tiny", "flair") == {"FLAIR": Path("/cohorts/tiny_FLAIR.json")}
-    with pytest.raises(SystemExit, match="Unknown contrast 'T3'"):
+    with pytest.raises(CommandError, match="Unknown contrast 'T3'"):
         benchmark.cohort_datalists("demo", "T3")
     own = tmp_path / "mine.json"
     own.write_text(json.dumps({"contrast": "FLAIR", "test_lesion": []}))
     assert benchmark.cohort_datalists(own) == {"FLAIR": own.resolve()}
     for wrong in ("T1w", "all"):
-        with pytest.raises(SystemExit, match="one datalist of FLAIR scans"):
+        with pytest.raises(CommandError, match="one datalist of FLAIR scans"):
             benchmark.cohort_datalists(own, wrong)
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"test_lesion": []}))

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, start_bundle
+from medanomaly.console import CommandError
 from medanomaly.results import ROLES
 from medanomaly.bundles.registry import MODEL_FILE, BundleInfo, BundleNotFound, read_model_info
 from medanomaly.data import PRESETS, resolve_datalist
@@ -326,9 +327,9 @@ def cohort_datalists(cohort: str | Path, contrast: str | None = None) -> dict[st
         own = check_contrast(own) if own else None
         wanted = check_contrasts(contrast) if contrast else (own or DEFAULT_CONTRAST,)
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: --cohort {cohort}{f' --contrast {contrast}' if contrast else ''}: {error}") from None
+        raise CommandError(f"--cohort {cohort}{f' --contrast {contrast}' if contrast else ''}: {error}") from None
     if len(wanted) > 1 or (own and wanted != (own,)):
-        raise SystemExit(f"error: {path} is one datalist{f' of {own} scans' if own else ''}; --contrast "
+        raise CommandError(f"{path} is one datalist{f' of {own} scans' if own else ''}; --contrast "
                          f"{contrast} needs a synthetic preset ({', '.join(PRESETS)}) or one datalist per contrast.")
     return {wanted[0]: path}
 
@@ -470,5 +471,5 @@ def upgraded(results: dict) -> dict:
 def load_results(output_dir: Path) -> dict:
     path = Path(output_dir) / RESULTS_JSON
     if not path.is_file():
-        raise SystemExit(f"error: no {RESULTS_JSON} in {output_dir}: run `medanomaly benchmark` first.")
+        raise CommandError(f"no {RESULTS_JSON} in {output_dir}: run `medanomaly benchmark` first.")
     return finish(upgraded(json.loads(path.read_text())))

@@ -19,7 +19,7 @@ from medanomaly.bundles import find_bundle, list_bundles
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound, ModelInfoError
 from medanomaly.bundles.runner import check_override_keys
-from medanomaly.console import format_metrics, parse_overrides, run_workflow, written_since  # noqa: F401 (re-exported)
+from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 
 _REPOSITORY_README = REPOSITORY_BUNDLES.parent / "README.md"
 
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, "bundle", None) and args.command not in ("demo",):
             find_bundle(args.bundle)  # fail early with the list of bundles
         args.func(args)
-    except (BundleNotFound, ModelInfoError) as err:
+    except (BundleNotFound, ModelInfoError, CommandError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

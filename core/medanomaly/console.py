@@ -10,6 +10,10 @@ from pathlib import Path
 from medanomaly.bundles import BundleRunError, ConfigText, run_bundle
 
 
+class CommandError(Exception):
+    """A failure the command line reports as `error: <message>` with a non-zero exit, no traceback."""
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`key=value` pairs for the bundle config (values in MONAI's config language, as its command line reads them)."""
     overrides = {}
@@ -46,7 +50,7 @@ class ProgressPrinter:
 def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None, quiet: bool = False) -> float:
     """Runs a workflow with a progress bar; returns the time it started (to tell its outputs
     from an earlier run's). A failure exits with its cause; the log's tail is added only when
-    the log was not shown already (`quiet`)."""
+    the log was not shown already (`quiet`); it raises `CommandError`."""
     started = time.time()
     printer = ProgressPrinter(f"{bundle} {workflow}", quiet=quiet)
     try:
@@ -54,7 +58,7 @@ def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None,
                    on_progress=printer.progress)
     except BundleRunError as error:
         printer.close()
-        raise SystemExit(f"error: {error if quiet else error.headline}") from None
+        raise CommandError(str(error) if quiet else error.headline) from None
     printer.progress(1.0, "done")
     printer.close()
     return started

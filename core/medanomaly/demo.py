@@ -38,11 +38,11 @@ def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), devic
              cohort: str = "demo", contrast: str | None = None) -> dict:
     """Runs `bundle` on one scan of the synthetic `cohort` and on its test split, in `contrast`
     (default: the contrast the shipped weights were trained on, else T1w)."""
-    from medanomaly.console import format_metrics, run_workflow
+    from medanomaly.console import CommandError, format_metrics, run_workflow
 
     bundle_info = find_bundle(bundle)
     if not bundle_info.has_weights:
-        raise SystemExit(f"Bundle '{bundle}' has no weights in {bundle_info.model_dir}: train it first.")
+        raise CommandError(f"Bundle '{bundle}' has no weights in {bundle_info.model_dir}: train it first.")
     contrast = check_contrast(contrast or next(iter(weights_contrasts(bundle_info.model_dir)), DEFAULT_CONTRAST))
     output_dir = Path(output_dir).resolve()
     datalist = ensure_cohort(cohort, contrast=contrast)

@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medanomaly.console import CommandError
 from medanomaly.results import ROLES, contrast_view, display_order, method_label
 from medanomaly.bundles.outputs import subject_name
 from medanomaly.metrics import CohortEvaluator, plot_curves
@@ -559,7 +560,7 @@ def update_readme(readme: Path, results: dict) -> Path:
     """Replaces the text between the README's benchmark markers with `markdown_table`."""
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
-        raise SystemExit(f"error: {readme} has no '{README_START}' ... '{README_END}' markers.")
+        raise CommandError(f"{readme} has no '{README_START}' ... '{README_END}' markers.")
     before, rest = text.split(README_START, 1)
     _, after = rest.split(README_END, 1)
     readme.write_text(f"{before}{README_START}\n{markdown_table(results)}\n{README_END}{after}", encoding="utf-8")
