@@ -490,6 +490,18 @@ def test_a_bundle_killed_by_a_signal_says_what_that_usually_means():
         process.wait()
 
 
+def test_undecodable_output_of_a_bundle_is_replaced_not_fatal():
+    code = ("import sys; sys.stdout.buffer.write(b'bad \\xff\\xfe bytes\\n'); sys.stdout.flush(); "
+            "print('x' * 100000); print('done')")
+    process = BundleProcess([sys.executable, "-c", code])
+    lines = list(process.lines(timeout=60))  # a dead reader thread would stop the lines here...
+    try:
+        assert process.process.wait(timeout=60) == 0  # ...and leave the bundle blocked on a full pipe
+    finally:
+        process.cancel(grace_seconds=1)
+    assert lines[0] == "bad \ufffd\ufffd bytes" and lines[-1] == "done"
+
+
 def test_a_bundle_terminated_by_sigterm_says_so():
     process = BundleProcess([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
     with pytest.raises(BundleRunError, match="killed by SIGTERM"):

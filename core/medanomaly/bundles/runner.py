@@ -178,10 +178,13 @@ class BundleProcess:
 
     def __post_init__(self):
         self._tail = deque(maxlen=self.log_lines)
-        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
+        # UTF-8 both ways, and an undecodable byte becomes U+FFFD instead of killing the reader
+        # thread (which would leave the bundle blocked on a full pipe); no console window on Windows
+        env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
         self.process = subprocess.Popen(
             self.command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+            stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1,
+            start_new_session=True, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
         )
         self.cancelled = False
         threading.Thread(target=self._read, daemon=True).start()
