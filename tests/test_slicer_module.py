@@ -885,3 +885,11 @@ def test_end_to_end_with_the_shipped_weights(tmp_path):
     lesion, _ = sampledata.read_nrrd(sampledata.lesion_path())
     brain = heatmap > 0
     assert heatmap[lesion > 0].mean() > heatmap[brain & (lesion == 0)].mean(), "the lesion does not stand out"
+
+
+def test_requirements_without_a_toml_reader_come_from_the_shipped_file(monkeypatch):
+    """Slicer 5.8's Python 3.9 has no tomllib: the install plan must still list the packages."""
+    expected = environment.requirements_from_pyproject(REPO / "pyproject.toml")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` raises ImportError
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    assert environment.requirements_from_pyproject(REPO / "pyproject.toml") == expected

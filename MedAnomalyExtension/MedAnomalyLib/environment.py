@@ -127,8 +127,16 @@ def relax(requirement: str) -> str:
 
 
 def requirements_from_pyproject(pyproject: str | os.PathLike) -> list[str]:
-    """The package's dependencies as Slicer's Python needs them (no torch: see `install_plan`)."""
-    import tomllib
+    """The package's dependencies as Slicer's Python needs them (no torch: see `install_plan`).
+    Without a TOML reader (Python < 3.11, as in Slicer 5.8, and no `tomli`) the module's shipped
+    requirements file, which a test keeps equal to this list."""
+    try:
+        import tomllib
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            return read_requirements(REQUIREMENTS_FILE)
 
     with open(pyproject, "rb") as f:
         dependencies = tomllib.load(f)["project"]["dependencies"]
