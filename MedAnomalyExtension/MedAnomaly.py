@@ -997,10 +997,13 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         return node
 
     def _checkGrid(self, loaded, inputVolume, what) -> None:
-        from MedAnomalyLib import inference
+        """The loaded output must lie on the input's grid: size and the whole IJK-to-RAS matrix."""
+        from MedAnomalyLib import inference, inputs
 
-        if loaded.GetImageData().GetDimensions() != inputVolume.GetImageData().GetDimensions():
-            raise inference.DetectionError(_("The {what} is not on the input's grid ({a} vs {b}).").format(
+        if not inputs.same_grid(inputVolume.GetImageData().GetDimensions(), self._ijkToRas(inputVolume),
+                                loaded.GetImageData().GetDimensions(), self._ijkToRas(loaded)):
+            raise inference.DetectionError(_("The {what} is not on the input's grid (size {a} vs {b}, or its "
+                                             "spacing, origin or axes differ).").format(
                 what=what, a=loaded.GetImageData().GetDimensions(), b=inputVolume.GetImageData().GetDimensions()))
 
     def _placeBeside(self, node, referenceNode) -> None:

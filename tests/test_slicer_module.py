@@ -513,9 +513,12 @@ def test_command_is_the_bundles_inference_with_the_modules_overrides(inference, 
     def value(flag):
         return command[command.index(flag) + 1]
 
-    assert value("--input") == str(tmp_path / "input.nrrd")
-    assert value("--output_dir") == str(tmp_path / "output")
-    assert value("--output_ext") == ".nrrd" and value("--device") == "cpu" and value("--amp") == "False"
+    def literal(text):  # how a string reaches MONAI's parser: a quoted config expression
+        return "$" + repr(str(text))
+
+    assert value("--input") == literal(tmp_path / "input.nrrd")
+    assert value("--output_dir") == literal(tmp_path / "output")
+    assert value("--output_ext") == literal(".nrrd") and value("--device") == literal("cpu") and value("--amp") == "False"
     assert value("--threshold") == "0.25"
     assert "--mask" not in command and "--model_dir" not in command
     assert "inference.yaml" in value("--config_file")
@@ -526,7 +529,7 @@ def test_command_is_the_bundles_inference_with_the_modules_overrides(inference, 
     # options left unset are not even keys: a model_dir key would drop the shipped weights' demo overlay
     assert set(inference.DetectionRequest("dae", tmp_path / "i.nrrd", tmp_path / "o").overrides()) == {
         "input", "output_dir", "output_ext", "device", "amp"}
-    assert gpu[gpu.index("--mask") + 1] == str(tmp_path / "mask.nrrd")
+    assert gpu[gpu.index("--mask") + 1] == "$" + repr(str(tmp_path / "mask.nrrd"))
     assert gpu[0] == sys.executable  # outside Slicer: this Python
     with pytest.raises(ValueError, match="Unknown device"):
         inference.DetectionRequest("dae", tmp_path / "i.nrrd", tmp_path, device="mps")

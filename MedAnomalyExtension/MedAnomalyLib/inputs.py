@@ -23,14 +23,18 @@ def check_input(dimensions, components: int = 1, name: str = "The input volume")
                          "Anomaly detection needs a 3D brain MRI volume.")
 
 
+def same_grid(input_dimensions, input_ijk_to_ras, other_dimensions, other_ijk_to_ras, tolerance: float = 1e-3) -> bool:
+    """Same size, and the same 4x4 IJK-to-RAS matrix within `tolerance` mm (the rule of
+    `medanomaly.io.check_same_grid`)."""
+    same_size = tuple(int(d) for d in input_dimensions) == tuple(int(d) for d in other_dimensions)
+    return same_size and all(abs(float(a) - float(b)) <= tolerance
+                             for row_a, row_b in zip(input_ijk_to_ras, other_ijk_to_ras) for a, b in zip(row_a, row_b))
+
+
 def check_same_grid(input_dimensions, input_ijk_to_ras, mask_dimensions, mask_ijk_to_ras,
                     tolerance: float = 1e-3) -> None:
-    """Raises `InputError` unless the brain mask lies on exactly the input's voxel grid
-    (same size, and the same 4x4 IJK-to-RAS matrix within `tolerance` mm)."""
-    same_size = tuple(int(d) for d in input_dimensions) == tuple(int(d) for d in mask_dimensions)
-    same_geometry = all(abs(float(a) - float(b)) <= tolerance
-                        for row_a, row_b in zip(input_ijk_to_ras, mask_ijk_to_ras) for a, b in zip(row_a, row_b))
-    if not (same_size and same_geometry):
+    """Raises `InputError` unless the brain mask lies on exactly the input's voxel grid."""
+    if not same_grid(input_dimensions, input_ijk_to_ras, mask_dimensions, mask_ijk_to_ras, tolerance):
         raise InputError("The brain mask is not on the input volume's grid (size, spacing, origin and axes must "
                          "match). Resample it to the input first (e.g. with the Resample Scalar/Vector/DWI Volume "
                          "module), or leave the mask empty: the method then finds the brain itself.")

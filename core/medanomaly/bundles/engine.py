@@ -169,6 +169,12 @@ class SaveAnomalyOutputsd(MapTransform):
                         "volume_score": float(heatmap[brain].mean()) if brain.any() else 0.0, **written}
         return d
 
+    @staticmethod
+    def _scanner_intensities(d: Mapping) -> np.ndarray:
+        reconstruction = _to_numpy(d[PRED][1]).astype(np.float32)
+        window = intensity_window(d[IMAGE])
+        return reconstruction if window is None else window[0] + reconstruction * (window[1] - window[0])
+
 
 def write_together(paths: Mapping[str, Path], writers: Mapping[str, callable]) -> dict[str, str]:
     """Writes a set of outputs all or nothing: each to a hidden partial file first, then all renamed
@@ -183,12 +189,6 @@ def write_together(paths: Mapping[str, Path], writers: Mapping[str, callable]) -
         for path in partial.values():
             path.unlink(missing_ok=True)
     return {kind: str(path) for kind, path in paths.items()}
-
-    @staticmethod
-    def _scanner_intensities(d: Mapping) -> np.ndarray:
-        reconstruction = _to_numpy(d[PRED][1]).astype(np.float32)
-        window = intensity_window(d[IMAGE])
-        return reconstruction if window is None else window[0] + reconstruction * (window[1] - window[0])
 
 
 class OutputSummaryHandler:
