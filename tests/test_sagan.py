@@ -79,6 +79,36 @@ def test_every_variant_maps_a_slice_to_a_slice_in_minus_one_one(settings):
     assert (generator.attention is not None) == relative if hasattr(generator, "attention") else True
 
 
+@pytest.mark.parametrize("settings", [{}, {"model": "brainomaly"}, {"generator": "swin", "swin_feature_size": 12}])
+def test_the_identity_map_base_starts_as_the_identity_and_mixing_passes_input_pixels(settings):
+    torch.manual_seed(0)
+    generator = nets.build_generator(**SMALL, **settings, map_base="identity").eval()
+    x = torch.rand(2, 1, 64, 64) * 1.9 - 0.95
+    x[..., :4, :] = -1.0  # background
+    with torch.no_grad():
+        y = generator(x)
+        torch.testing.assert_close(y[..., 4:, :], x[..., 4:, :])  # exactly x, where tanh(x) would dim it
+        assert torch.all((y[..., :4, :] + 1).abs() < 1e-3)  # the background stays at -1 (atanh clamped)
+        for parameter in generator.parameters():  # a trained generator: it changes most pixels
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        assert torch.isclose(generator(x), x, atol=1e-5).float().mean() < 0.01
+        if generator.mix_probability:  # SAGAN: the mixed pixels are the input pixels themselves
+            generator.train()
+            torch.manual_seed(1)
+            passed = torch.isclose(generator(x), x, atol=1e-5).float().mean()
+            assert 0.02 < passed < 0.1  # about 5 %
+    with pytest.raises(ValueError, match="map_base"):
+        nets.build_generator(**SMALL, map_base="zero")
+
+
+def test_weights_without_a_recorded_map_base_were_trained_with_the_input_base(tmp_path):
+    (tmp_path / "model_info.json").write_text(json.dumps({"model": "sagan"}))
+    assert sagan.recorded_switches(tmp_path) == {"model": "sagan", "map_base": "input"}
+    (tmp_path / "model_info.json").write_text(json.dumps({"model": "brainomaly", "map_base": "identity"}))
+    assert sagan.recorded_switches(tmp_path) == {"model": "brainomaly", "map_base": "identity"}
+    assert sagan.recorded_switches(tmp_path / "none") == {}
+
+
 def test_brainomaly_and_sagan_differ_as_the_papers_say():
     brainomaly = nets.build_generator(model="brainomaly", **SMALL)
     assert isinstance(brainomaly, nets.BrainomalyGenerator) and brainomaly.mix_probability is None
@@ -397,10 +427,14 @@ def test_bundle_trains_calibrates_infers_and_evaluates(tiny, tmp_path, switches)
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["sagan", "brainomaly"])
 def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
+    from medanomaly.bundles.registry import weights_contrasts
     from medanomaly.data import ensure_cohort
 
-    run_bundle("sagan", "evaluate", {"datalist": str(ensure_cohort("demo")), "model": model, "device": "cpu",
-                                     "output_dir": str(tmp_path), "n_bootstrap": 10, "save_outputs": False})
+    weights = find_bundle("sagan").model_dir / ("brainomaly" if model == "brainomaly" else "")
+    contrast = weights_contrasts(weights)[0]  # the demo cohort in the contrast the weights were trained on
+    run_bundle("sagan", "evaluate", {"datalist": str(ensure_cohort("demo", contrast=contrast)), "model": model,
+                                     "contrast": contrast, "device": "cpu", "output_dir": str(tmp_path),
+                                     "n_bootstrap": 10, "save_outputs": False})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     pixel = metrics["pixel"]
     # voxel level: lesion voxels score above healthy ones, AP above the lesion prevalence (chance)

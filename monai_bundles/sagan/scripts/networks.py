@@ -3,8 +3,8 @@ and multi-level fusion; its thesis variants (other position codes, a bottleneck 
 block with RoPE / ALiBi / learned relative bias, a Swin-transformer generator); the Brainomaly
 generator; and the PatchGAN critic.
 
-Every generator takes a whole slice `(B, 1, H, W)` in [-1, 1] and returns `tanh(x + map)`, the
-additive map coming from the network; in training mode a Bernoulli(`mix_probability`) pixel
+Every generator takes a whole slice `(B, 1, H, W)` in [-1, 1] and returns `tanh(x + map)` (or,
+with `map_base: identity`, `tanh(atanh(x) + map)`), the additive map coming from the network; in training mode a Bernoulli(`mix_probability`) pixel
 mask keeps the map at most pixels and puts the input pixel in its place elsewhere (SAGAN).
 SAGAN cuts the slice into `windows` x `windows` windows, runs them as one batch, tells each
 window where it is with a position code, and merges the outputs back (`window_split` /
@@ -263,9 +263,22 @@ class PositionInjection(nn.Module):
 
 
 # --------------------------------------------------------------------------- generators
+MAP_BASES = ("input", "identity")
+_ATANH_LIMIT = 1.0 - 1e-3  # atanh(+-1) is infinite; the background (-1) maps to -3.8
+
+
 class AdditiveGenerator(nn.Module):
-    """G(x) = tanh(x + map(x)); in training, a Bernoulli(mix_probability) pixel mask m mixes the map
-    with the input pixels: map <- m * map + (1 - m) * x (SAGAN; None: no mixing, Brainomaly)."""
+    """G(x) = tanh(base(x) + map(x)); in training, a Bernoulli(mix_probability) pixel mask m mixes
+    the map with the input pixels (SAGAN; None: no mixing, Brainomaly).
+
+    `map_base` "input" (the papers' code): base(x) = x, mixing map <- m * map + (1 - m) * x. The map
+    starts at zero, so G starts as tanh(x), which dims bright pixels (tanh(1) = 0.76): until training
+    learns map = atanh(x) - x, |x - G(x)| is largest on the brightest tissue (CSF on T2w).
+    "identity": base(x) = atanh(x), the same family of generators written relative to the identity:
+    G starts as exactly x, the map is what G changes, and mixing (map <- m * map) passes the input
+    pixel through unchanged."""
+
+    map_base = "input"
 
     def __init__(self, mix_probability: float | None = None):
         super().__init__()
@@ -273,7 +286,7 @@ class AdditiveGenerator(nn.Module):
 
     @staticmethod
     def zero_init(layer: nn.Module) -> None:
-        """The layer that outputs the map starts at zero: G starts as tanh(x), close to the identity."""
+        """The layer that outputs the map starts at zero: G starts as tanh(base(x))."""
         for parameter in layer.parameters():
             nn.init.zeros_(parameter)
 
@@ -282,10 +295,12 @@ class AdditiveGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.additive_map(x)
+        identity = self.map_base == "identity"
         if self.training and self.mix_probability is not None and self.mix_probability < 1:
             keep = torch.bernoulli(torch.full_like(residual[:, :1], float(self.mix_probability)))
-            residual = keep * residual + (1.0 - keep) * x
-        return torch.tanh(x + residual)
+            residual = keep * residual + (0.0 if identity else (1.0 - keep) * x)
+        base = torch.atanh(x.clamp(-_ATANH_LIMIT, _ATANH_LIMIT)) if identity else x
+        return torch.tanh(base + residual)
 
 
 class SaganGenerator(AdditiveGenerator):
@@ -416,10 +431,13 @@ def build_generator(model: str = "sagan", generator: str = "cnn", positional_enc
                     fusion: bool = True, mix_probability: float | None = 0.95, heads: int = 8,
                     image_size: int = 64, code_channels: int | None = None, swin_feature_size: int = 24,
                     swin_depths=(2, 2, 2, 2), swin_heads=(3, 6, 12, 24), brainomaly_residual: int | None = None,
-                    in_channels: int = 1) -> AdditiveGenerator:
+                    in_channels: int = 1, map_base: str = "input") -> AdditiveGenerator:
     """The generator of one configuration: `model` sagan | brainomaly, `generator` cnn | swin,
-    `positional_encoding` binary | sinusoidal | learned | rope | alibi | attention_bias.
+    `positional_encoding` binary | sinusoidal | learned | rope | alibi | attention_bias,
+    `map_base` input | identity (`AdditiveGenerator`).
     Brainomaly ignores the SAGAN-only settings (windows, position code, gates, fusion, mixing)."""
+    if map_base not in MAP_BASES:
+        raise ValueError(f"map_base must be one of {', '.join(MAP_BASES)}, got {map_base!r}.")
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}.")
     if generator not in GENERATORS:
@@ -427,17 +445,21 @@ def build_generator(model: str = "sagan", generator: str = "cnn", positional_enc
     if model == "brainomaly":
         if generator != "cnn":
             raise ValueError("model 'brainomaly' has only the CNN generator (generator: cnn).")
-        return BrainomalyGenerator(in_channels, conv_dim, n_residual if brainomaly_residual is None else brainomaly_residual)
-    if generator == "swin":
+        network = BrainomalyGenerator(in_channels, conv_dim,
+                                      n_residual if brainomaly_residual is None else brainomaly_residual)
+    elif generator == "swin":
         # SwinUNETR halves the input five times and instance-normalises the last 1 x 1 map, which fails in
         # training: windows under 64 px are not possible, so at 64 px the Swin generator sees the whole
         # slice, and position comes from its own relative position bias (no window code).
         swin_windows = windows if image_size // windows >= 64 else 1
-        return SwinGenerator(in_channels, swin_windows, positional_encoding if swin_windows > 1 else None,
-                             code_channels, swin_feature_size, swin_depths, swin_heads,
-                             mix_probability=mix_probability, image_size=image_size)
-    return SaganGenerator(in_channels, conv_dim, n_residual, windows, positional_encoding, code_channels,
-                          attention_gates, fusion, mix_probability, heads, image_size)
+        network = SwinGenerator(in_channels, swin_windows, positional_encoding if swin_windows > 1 else None,
+                                code_channels, swin_feature_size, swin_depths, swin_heads,
+                                mix_probability=mix_probability, image_size=image_size)
+    else:
+        network = SaganGenerator(in_channels, conv_dim, n_residual, windows, positional_encoding, code_channels,
+                                 attention_gates, fusion, mix_probability, heads, image_size)
+    network.map_base = map_base
+    return network
 
 
 class PatchCritic(nn.Module):

@@ -316,17 +316,19 @@ def shipped_model_dir(bundle_root: str | os.PathLike, name: str) -> str:
 
 
 SWITCHES = ("model", "positional_encoding", "generator")
+# switches of the network's function that the weights record; weights older than one used its first value
+RECORDED = {**{name: None for name in SWITCHES}, "map_base": "input"}
 
 
 def recorded_switches(model_dir: str | os.PathLike | None) -> dict:
-    """The switches (model, positional_encoding, generator) recorded with the weights in model_dir."""
+    """The switches (model, positional_encoding, generator, map_base) recorded with the weights in model_dir."""
     import json
 
     info_path = Path(model_dir) / "model_info.json" if model_dir else None
     if info_path is None or not info_path.is_file():
         return {}
     info = json.loads(info_path.read_text())
-    return {k: info[k] for k in SWITCHES if k in info}
+    return {k: info.get(k, before) for k, before in RECORDED.items() if k in info or before is not None}
 
 
 def generator_for_weights(model_dir: str | os.PathLike | None = None, **settings) -> torch.nn.Module:
