@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -22,6 +23,16 @@ def isolated_home(tmp_path_factory):
         os.environ.pop("MEDANOMALY_HOME", None)
     else:
         os.environ["MEDANOMALY_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def keep_the_locale():
+    """Writing DICOM with SimpleITK (GDCM) switches the process locale to "C", after which Python
+    opens text files as ASCII; every test starts from the locale the session started with."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from monai.transforms import LoadImage
 from medanomaly import io
 from medanomaly.bundles import BundleProcess, BundleRunError, ConfigText, bundle_command, find_bundle, list_bundles
 from medanomaly.bundles import engine
-from medanomaly.bundles.outputs import OutputFolderBusy, lock_output_dir
+from medanomaly.bundles.outputs import OutputFolderBusyError, lock_output_dir
 from medanomaly.bundles.registry import BUNDLE_PATH_ENV, BundleNotFound
 from medanomaly.data import load_datalist
 
@@ -360,7 +360,7 @@ def another_run_holding(folder: Path):
 
 def test_a_second_run_into_a_busy_output_folder_stops_and_a_killed_run_frees_it(tmp_path):
     with another_run_holding(tmp_path) as pid:
-        with pytest.raises(OutputFolderBusy, match=f"process {pid}.*{tmp_path.name}"):
+        with pytest.raises(OutputFolderBusyError, match=f"process {pid}.*{tmp_path.name}"):
             lock_output_dir(tmp_path)
     lock_output_dir(tmp_path)  # the system released the killed process's lock: no stale lock file blocks
 

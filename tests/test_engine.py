@@ -183,3 +183,19 @@ def test_calibration_stores_the_threshold_that_flags_at_most_the_target_fraction
     # at most 1 % flagged, and the threshold is the smallest such bin edge (one bin lower flags more than 1 %)
     assert flagged <= 0.01 < one_bin_lower
     assert info["target_fpr"] == 0.01 and info["calibration_volumes"] == 3 and info["backbone"] == "x"
+
+
+def test_the_pseudo_healthy_image_is_written_in_the_inputs_intensities_inside_the_brain():
+    from monai.data import MetaTensor
+
+    from medanomaly.data.transforms import INTENSITY_HIGH, INTENSITY_LOW
+
+    reconstruction = torch.rand(4, 5, 6)
+    image = MetaTensor(torch.zeros(1, 4, 5, 6), meta={INTENSITY_LOW: 100.0, INTENSITY_HIGH: 500.0})
+    brain = np.zeros((4, 5, 6), dtype=bool)
+    brain[1:3, 1:4, 2:5] = True
+    d = {engine.PRED: torch.stack([torch.zeros(4, 5, 6), reconstruction]), "image": image}
+    out = engine.SaveAnomalyOutputsd._scanner_intensities(d, brain)
+    expected = (100.0 + 400.0 * reconstruction.numpy()) * brain  # [0, 1] back to the scanner's window
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert torch.equal(d[engine.PRED][1], reconstruction)  # the prediction itself is untouched

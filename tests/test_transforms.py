@@ -114,7 +114,8 @@ def test_persistent_cache_reuses_preprocessed_volumes_across_runs(tiny, tmp_path
     plain = chain(items[0])
     loads = []
     original = LoadImaged.__call__
-    monkeypatch.setattr(LoadImaged, "__call__", lambda self, data, *a, **k: loads.append(1) or original(self, data, *a, **k))
+    monkeypatch.setattr(LoadImaged, "__call__",  # one count per item: the loader of the image (masks load apart)
+                        lambda self, data, *a, **k: ("image" in self.keys and loads.append(1)) or original(self, data, *a, **k))
 
     first = PersistentCacheDataset(items, chain, cache_dir=cache, num_workers=0, progress=False)
     assert len(loads) == 1 and len(list(cache.glob("*.pt"))) == 1
@@ -141,3 +142,22 @@ def test_persistent_cache_reuses_preprocessed_volumes_across_runs(tiny, tmp_path
 
     PersistentCacheDataset(items, chain, cache_dir=cache, persistent=False, num_workers=0, progress=False)
     assert len(loads) == 5 and len(list(cache.glob("*.pt"))) == 4  # in memory only
+
+
+def test_brain_mask_in_the_foregrounds_box_equals_the_whole_volume_rule():
+    """Labelling and hole filling run inside the foreground's box (memory follows the brain): the
+    same mask as on the whole grid, with a hole, a second smaller blob and a brain at the border."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    volume = np.zeros((60, 70, 50), np.float32)
+    volume[10:40, 20:55, 0:30] = 100 + rng.random((30, 35, 30))  # touches the grid's border
+    volume[20:25, 30:35, 10:15] = 0  # a hole inside
+    volume[50:53, 5:8, 40:45] = 80  # a smaller blob elsewhere
+    foreground = volume > 0.02 * np.percentile(volume[volume > 0], 99)
+    labels, _ = ndimage.label(foreground)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    expected = ndimage.binary_fill_holes(labels == sizes.argmax())
+    np.testing.assert_array_equal(brain_mask_from_image(volume), expected)
+    assert brain_mask_from_image(volume)[22, 32, 12] and not brain_mask_from_image(volume)[51, 6, 42]

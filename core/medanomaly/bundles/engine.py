@@ -156,24 +156,30 @@ class SaveAnomalyOutputsd(MapTransform):
             return d
         source, name = _source_file(d), _subject_name(d)
         brain = supplied_brain_mask(d)
-        heatmap = scored_heatmap(d) * brain
+        heatmap = scored_heatmap(d)
+        heatmap *= brain  # in place: on a large grid every copy counts
         paths = output_paths(self.output_dir, name, self.extension)
         writers = {"heatmap": lambda path: io.write_heatmap(heatmap, source, path)}
         if self.threshold is not None:
             writers["segmentation"] = lambda path: io.write_segmentation(
                 (heatmap > self.threshold).astype(np.uint8), source, path)
         if self.pseudo_healthy:
-            writers["pseudo_healthy"] = lambda path: io.write_volume(self._scanner_intensities(d) * brain, source, path)
+            writers["pseudo_healthy"] = lambda path: io.write_volume(self._scanner_intensities(d, brain), source, path)
         written = write_together({kind: paths[kind] for kind in writers}, writers)
         d["outputs"] = {"subject": name, "input": str(source), "threshold": self.threshold,
                         "volume_score": float(heatmap[brain].mean()) if brain.any() else 0.0, **written}
         return d
 
     @staticmethod
-    def _scanner_intensities(d: Mapping) -> np.ndarray:
-        reconstruction = _to_numpy(d[PRED][1]).astype(np.float32)
+    def _scanner_intensities(d: Mapping, brain: np.ndarray) -> np.ndarray:
+        """The pseudo-healthy image in the input's intensities (the normalisation undone), 0 outside the brain."""
+        reconstruction = _to_numpy(d[PRED][1]).astype(np.float32)  # a copy, changed in place below
         window = intensity_window(d[IMAGE])
-        return reconstruction if window is None else window[0] + reconstruction * (window[1] - window[0])
+        if window is not None:
+            reconstruction *= window[1] - window[0]
+            reconstruction += window[0]
+        reconstruction *= brain
+        return reconstruction
 
 
 def write_together(paths: Mapping[str, Path], writers: Mapping[str, callable]) -> dict[str, str]:
@@ -228,8 +234,9 @@ def _label_array(item: Mapping, shape: tuple) -> np.ndarray:
 def scored_heatmap(item: Mapping) -> np.ndarray:
     """The inverted anomaly map on the input grid; voxels the method did not score (NaN or
     infinite) are 0, as are those outside its crop (the inverse transforms pad with 0)."""
-    heatmap = _to_numpy(item[PRED][0]).astype(np.float32)
-    return np.where(np.isfinite(heatmap), heatmap, np.float32(0.0))
+    heatmap = _to_numpy(item[PRED][0]).astype(np.float32)  # a copy: the prediction stays as it is
+    heatmap[~np.isfinite(heatmap)] = 0.0
+    return heatmap
 
 
 def supplied_brain_mask(item: Mapping) -> np.ndarray:

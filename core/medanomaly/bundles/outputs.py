@@ -11,7 +11,7 @@ LOCK_FILE = ".medanomaly.lock"
 OUTPUT_SUFFIXES = ("_heatmap", "_pseudo_healthy", "_anomaly")  # what `output_paths` appends to a name
 
 
-class OutputFolderBusy(RuntimeError):
+class OutputFolderBusyError(RuntimeError):
     """Another run is writing into the same output folder."""
 
 
@@ -68,7 +68,7 @@ def lock_output_dir(output_dir: str | Path) -> None:
     except BlockingIOError:
         owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise OutputFolderBusy(f"Another MedAnomaly run (process {owner}) is writing into {folder}. Wait for it to "
+        raise OutputFolderBusyError(f"Another MedAnomaly run (process {owner}) is writing into {folder}. Wait for it to "
                                "finish, or choose another output folder.") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())

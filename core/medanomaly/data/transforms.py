@@ -47,17 +47,33 @@ class CheckVolumed(MapTransform):
         return d
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box (one slice per axis) holding every non-zero voxel of a non-empty mask."""
+    box = []
+    for axis in range(mask.ndim):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
+    return tuple(box)
+
+
 def brain_mask_from_image(volume: np.ndarray, threshold_fraction: float = 0.02) -> np.ndarray:
     """Brain mask of a skull-stripped volume: voxels above a small fraction of the robust
     maximum, the largest connected component, holes filled."""
-    robust_max = np.percentile(volume[volume > 0], 99) if np.any(volume > 0) else 0.0
+    positive = volume[volume > 0]
+    robust_max = np.percentile(positive, 99) if positive.size else 0.0
+    del positive
     foreground = volume > threshold_fraction * robust_max
-    labels, n_components = ndimage.label(foreground)
-    if n_components == 0:
+    if not foreground.any():
         raise io.VolumeError("The image has no foreground: cannot find the brain.")
+    # labelling and hole filling inside the foreground's box: memory follows the brain, not the grid
+    # (outside the box is background, so a hole is a hole in the box as in the whole volume)
+    box = bounding_box(foreground)
+    labels, _ = ndimage.label(foreground[box])
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return ndimage.binary_fill_holes(labels == sizes.argmax())
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[box] = ndimage.binary_fill_holes(labels == sizes.argmax())
+    return mask
 
 
 class BrainMaskd(MapTransform):
