@@ -399,8 +399,8 @@ def _round(values) -> tuple:
 
 # --------------------------------------------------------------------------- SimpleITK <-> MONAI
 def volume_array(image: sitk.Image) -> np.ndarray:
-    """Voxel values of a 3D SimpleITK image as a numpy array in (X, Y, Z) order (a copy)."""
-    return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+    """Voxel values of a 3D SimpleITK image as a numpy array in (X, Y, Z) order (one copy)."""
+    return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
 
 
 def image_to_metatensor(image: sitk.Image, source: str | None = None) -> MetaTensor:
@@ -444,7 +444,7 @@ def metatensor_to_image(tensor, affine=None) -> sitk.Image:
     if array.ndim != 3:
         raise ValueError(f"Expected an (X, Y, Z) or (1, X, Y, Z) array, got shape {tuple(array.shape)}.")
     spacing, origin, direction = _geometry_from_affine(affine)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image = sitk.GetImageFromArray(array.transpose(2, 1, 0))  # strided view: SimpleITK copies it once
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     image.SetDirection(direction)
@@ -512,7 +512,8 @@ def _on_grid(array, reference, dtype) -> sitk.Image:
             f"The array has shape {tuple(array.shape)} but the reference grid ({grid.path}) has size "
             f"{grid.size}; arrays must be (X, Y, Z) on the reference grid."
         )
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype, copy=False).transpose(2, 1, 0)))
+    # SimpleITK copies the strided (Z, Y, X) view straight into the image: no contiguous copy first
+    image = sitk.GetImageFromArray(array.astype(dtype, copy=False).transpose(2, 1, 0))
     image.SetSpacing(grid.spacing)
     image.SetOrigin(grid.origin)
     image.SetDirection(grid.direction)
@@ -642,7 +643,8 @@ def write_segmentation(mask_xyz, reference, path, name: str = "Anomaly",
             f"The mask has shape {tuple(mask.shape)} but the reference grid ({grid.path}) has size {grid.size}."
         )
     dtype = np.uint8 if label_value <= 255 else np.uint16
-    voxels = np.where(mask != 0, label_value, 0).astype(dtype)
+    voxels = np.zeros(mask.shape, dtype=dtype)  # (np.where would build an int64 volume first)
+    voxels[mask != 0] = label_value
     segmentation = {
         "voxels": voxels,
         "ijkToLPS": grid.ijk_to_lps,

@@ -11,6 +11,7 @@ and `SaveAnomalyOutputsd` writes them. `evaluate.yaml` adds `CohortMetricsHandle
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
@@ -156,18 +158,23 @@ class SaveAnomalyOutputsd(MapTransform):
             return d
         source, name = _source_file(d), _subject_name(d)
         brain = supplied_brain_mask(d)
-        heatmap = scored_heatmap(d)
-        heatmap *= brain  # in place: on a large grid every copy counts
-        paths = output_paths(self.output_dir, name, self.extension)
-        writers = {"heatmap": lambda path: io.write_heatmap(heatmap, source, path)}
-        if self.threshold is not None:
-            writers["segmentation"] = lambda path: io.write_segmentation(
-                (heatmap > self.threshold).astype(np.uint8), source, path)
+
+        @functools.cache
+        def heatmap() -> np.ndarray:  # made once, after the pseudo-healthy image (one input-sized copy at a time)
+            values = scored_heatmap(d)
+            values *= brain
+            return values
+
+        writers = {}
         if self.pseudo_healthy:
             writers["pseudo_healthy"] = lambda path: io.write_volume(self._scanner_intensities(d, brain), source, path)
+        writers["heatmap"] = lambda path: io.write_heatmap(heatmap(), source, path)
+        if self.threshold is not None:
+            writers["segmentation"] = lambda path: io.write_segmentation(heatmap() > self.threshold, source, path)
+        paths = output_paths(self.output_dir, name, self.extension)
         written = write_together({kind: paths[kind] for kind in writers}, writers)
         d["outputs"] = {"subject": name, "input": str(source), "threshold": self.threshold,
-                        "volume_score": float(heatmap[brain].mean()) if brain.any() else 0.0, **written}
+                        "volume_score": float(heatmap()[brain].mean()) if brain.any() else 0.0, **written}
         return d
 
     @staticmethod
@@ -248,7 +255,12 @@ def supplied_brain_mask(item: Mapping) -> np.ndarray:
     mask_file = _source_file(item, MASK) if isinstance(item.get(MASK), MetaTensor) else image_file
     if mask_file != image_file:
         return _input_grid_mask(mask_file, image_file, "The brain mask")
-    return brain_mask_from_image(io.volume_array(io.read_volume(image_file)))
+    # the mask of the (Z, Y, X) voxels as SimpleITK holds them, then transposed: no copy of the image
+    # (the view lives only as long as `image`, which is why it is a variable)
+    image = io.read_volume(image_file)
+    mask = brain_mask_from_image(sitk.GetArrayViewFromImage(image)).transpose(2, 1, 0)
+    del image
+    return mask
 
 
 def collect_volume(evaluator, item: Mapping) -> None:
