@@ -436,8 +436,10 @@ def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
                                      "contrast": contrast, "device": "cpu", "output_dir": str(tmp_path),
                                      "n_bootstrap": 10, "save_outputs": False})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    pixel = metrics["pixel"]
-    # voxel level: lesion voxels score above healthy ones, AP above the lesion prevalence (chance)
-    assert pixel["auroc"] > 0.5 and pixel["ap"] > pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
-    if model == "sagan":  # subject level (the paper's mean score); Brainomaly's is below chance here (README)
-        assert metrics["volume"]["auroc"] > 0.5
+    pixel, prevalence = metrics["pixel"], metrics["pixel"]["n_pos"] / (metrics["pixel"]["n_pos"] + metrics["pixel"]["n_neg"])
+    # subject level, the papers' metric (12 lesion x 4 healthy volumes: one swapped pair moves it 0.02);
+    # measured on the T2w demo weights: sagan 0.854, brainomaly 0.812 (docs/README.md)
+    assert metrics["volume"]["auroc"] > 0.75
+    if model == "sagan":  # voxel level (measured: pixel AUROC 0.778, AP 3.1 x the lesion prevalence);
+        # brainomaly's maps are at chance at this budget (pixel AUROC 0.50; its docs show why)
+        assert pixel["auroc"] > 0.7 and pixel["ap"] > 2 * prevalence
