@@ -438,8 +438,8 @@ def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     pixel, prevalence = metrics["pixel"], metrics["pixel"]["n_pos"] / (metrics["pixel"]["n_pos"] + metrics["pixel"]["n_neg"])
     # subject level, the papers' metric (12 lesion x 4 healthy volumes: one swapped pair moves it 0.02);
-    # measured on the T2w demo weights: sagan 0.854, brainomaly 0.812 (docs/README.md)
+    # measured on the T2w demo weights: sagan 0.854, brainomaly 0.875 (docs/README.md)
     assert metrics["volume"]["auroc"] > 0.75
-    if model == "sagan":  # voxel level (measured: pixel AUROC 0.778, AP 3.1 x the lesion prevalence);
-        # brainomaly's maps are at chance at this budget (pixel AUROC 0.50; its docs show why)
-        assert pixel["auroc"] > 0.7 and pixel["ap"] > 2 * prevalence
+    # voxel level, measured: sagan pixel AUROC 0.778 and AP 3.1 x the lesion prevalence; brainomaly 0.615, 1.6 x
+    minimum_auroc, minimum_ap_ratio = (0.7, 2.0) if model == "sagan" else (0.56, 1.3)
+    assert pixel["auroc"] > minimum_auroc and pixel["ap"] > minimum_ap_ratio * prevalence
