@@ -438,8 +438,8 @@ def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     pixel, prevalence = metrics["pixel"], metrics["pixel"]["n_pos"] / (metrics["pixel"]["n_pos"] + metrics["pixel"]["n_neg"])
     # subject level, the papers' metric (12 lesion x 4 healthy volumes: one swapped pair moves it 0.02);
-    # measured on the T2w demo weights: sagan 0.854, brainomaly 0.875 (docs/README.md)
-    assert metrics["volume"]["auroc"] > 0.75
-    # voxel level, measured: sagan pixel AUROC 0.778 and AP 3.1 x the lesion prevalence; brainomaly 0.615, 1.6 x
-    minimum_auroc, minimum_ap_ratio = (0.7, 2.0) if model == "sagan" else (0.56, 1.3)
-    assert pixel["auroc"] > minimum_auroc and pixel["ap"] > minimum_ap_ratio * prevalence
+    # measured on the T2w demo weights (docs/README.md): volume AUROC sagan 0.771, brainomaly 0.875; pixel AUROC
+    # 0.771 / 0.615 and pixel AP 3.1 x / 1.6 x the lesion prevalence. Limits a few volume pairs below.
+    volume_auroc, pixel_auroc, ap_ratio = (0.7, 0.7, 2.0) if model == "sagan" else (0.8, 0.56, 1.3)
+    assert metrics["volume"]["auroc"] > volume_auroc
+    assert pixel["auroc"] > pixel_auroc and pixel["ap"] > ap_ratio * prevalence
