@@ -174,6 +174,7 @@ def test_root_cause_skips_monai_wrappers():
 medanomaly.io.VolumeError: /data/flat.nrrd is 2D: a 3D volume is needed.
 The above exception was the direct cause of the following exception:
 RuntimeError: applying transform <medanomaly.data.transforms.CheckVolumed object>
+RuntimeError: Failed to instantiate component 'monai.engines.evaluator.SupervisedEvaluator' with keywords: device
 RuntimeError: Failed to evaluate ConfigExpression: "$@evaluator.run()"
 """
     assert root_cause(log) == "VolumeError: /data/flat.nrrd is 2D: a 3D volume is needed."

@@ -251,12 +251,11 @@ def test_ensemble_loads_every_fold_model(tmp_path):
 # --- the committed demo model ----------------------------------------------------------------
 
 def _slices_with_labels(item: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Preprocessed image, brain mask and lesion label `(Z, 1, H, W)` of one datalist item. The
-    label goes through the same pipeline as an image (same brain mask, so the same crop)."""
-    volume = preprocessing()({"image": item["image"], "mask": item["mask"]})
-    label = preprocessing()({"image": item["label"], "mask": item["mask"]})["image"] > 0.5 if "label" in item else None
-    image, mask = (volume[k][0].permute(2, 0, 1)[:, None].as_tensor() for k in ("image", "mask"))
-    return image, mask, (label[0].permute(2, 0, 1)[:, None].as_tensor() if label is not None else None)
+    """Preprocessed image, brain mask and lesion label `(Z, 1, H, W)` of one datalist item (the label
+    on the same grid, `preprocessing(label=True)`; None for a healthy subject)."""
+    volume = preprocessing(label=True)({key: item[key] for key in ("image", "mask", "label") if key in item})
+    image, mask, label = (volume[k][0].permute(2, 0, 1)[:, None].as_tensor() for k in ("image", "mask", "label"))
+    return image, mask, ((label > 0.5) if label.any() else None)
 
 
 @pytest.fixture(scope="module")

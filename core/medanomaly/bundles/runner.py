@@ -43,7 +43,7 @@ def workflow_configs(bundle: BundleInfo, workflow: str) -> list[str]:
 _EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Missing|NotFound)): (.+)$")
 
 
-_WRAPPERS = ("Failed to evaluate", "applying transform")
+_WRAPPERS = ("Failed to evaluate", "applying transform", "Failed to instantiate")
 
 
 def root_cause(log: str) -> str | None:
