@@ -199,3 +199,24 @@ def test_the_pseudo_healthy_image_is_written_in_the_inputs_intensities_inside_th
     expected = (100.0 + 400.0 * reconstruction.numpy()) * brain  # [0, 1] back to the scanner's window
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     assert torch.equal(d[engine.PRED][1], reconstruction)  # the prediction itself is untouched
+
+
+def test_metrics_record_the_weights_they_evaluated(tmp_path):
+    """A variant's weights sit in their own folder (sagan's models/brainomaly): metrics.json says which
+    weights were evaluated, so the benchmark's row reads that model_info, not the bundle's default one."""
+    from types import SimpleNamespace
+
+    from medanomaly.metrics import CohortEvaluator
+
+    weights = tmp_path / "models" / "brainomaly"
+    engine.update_model_info(weights, model="brainomaly", train_seconds=713.4)
+    evaluator = CohortEvaluator(n_bins=100)
+    heatmap = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
+    label = np.zeros_like(heatmap, dtype=bool)
+    label[2:4, 2:4, 1:3] = True
+    evaluator.add_volume("s1", heatmap, label, np.ones_like(label))
+    handler = engine.CohortMetricsHandler(evaluator, str(tmp_path / "eval"), n_boot=5, model_dir=str(weights))
+    handler.started = 0.0
+    handler._write(SimpleNamespace(state=SimpleNamespace(device="cpu")))
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["model_info"] == {"model": "brainomaly", "train_seconds": 713.4}

@@ -283,6 +283,7 @@ def _evaluate(bundle: BundleInfo, datalist: Path, run_dir: Path, device, demo, n
     try:
         _run_evaluation(bundle, overrides, demo, run_dir / "benchmark.log", on_progress, timeout_minutes)
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        model_info = metrics.get("model_info", model_info)  # the weights the bundle evaluated (a variant's own)
     except Exception as error:  # a failing bundle never stops the others
         return {"row": failed_row(bundle.name, FAILED, _short_error(error), time.perf_counter() - started, model_info),
                 "log": str(run_dir / "benchmark.log")}

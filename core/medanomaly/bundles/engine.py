@@ -318,9 +318,10 @@ class CohortMetricsHandler(CohortHandler):
     to redraw curves later: `CohortEvaluator.load`) and ROC / PR / Dice-vs-threshold plots."""
 
     def __init__(self, evaluator, output_dir: str, threshold: float | None = None, n_boot: int = 1000,
-                 title: str = ""):
+                 title: str = "", model_dir: str | None = None):
         super().__init__(evaluator)
         self.output_dir, self.threshold, self.n_boot, self.title = Path(output_dir), threshold, n_boot, title
+        self.model_dir = model_dir
 
     def attach(self, engine: Engine) -> None:
         lock_output_dir(self.output_dir)
@@ -337,6 +338,8 @@ class CohortMetricsHandler(CohortHandler):
         summary["timing"] = {"seconds": round(seconds, 2), "device": str(engine.state.device),
                              "seconds_per_volume": round(seconds / max(len(self.evaluator.records), 1), 3),
                              **peak_memory()}
+        if self.model_dir is not None:  # the weights evaluated (a variant's own folder, e.g. models/brainomaly)
+            summary["model_info"] = read_model_info(self.model_dir)
         io.write_json(self.output_dir / "metrics.json", summary, indent=2)
         rows = self.evaluator.per_volume()
         with open(self.output_dir / "per_volume.csv", "w", newline="") as f:
