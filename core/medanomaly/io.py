@@ -218,8 +218,9 @@ def _check_even_slices(folder: Path, files: list[str], normal, tolerance: float 
         reader.ReadImageInformation()
         positions.append(float(np.dot(reader.GetOrigin()[:3], normal)))
     steps = np.abs(np.diff(positions))
-    if steps.size and (steps.max() - steps.min()) > tolerance * max(float(np.median(steps)), 1e-6):
-        gaps = [i + 1 for i, step in enumerate(steps) if abs(step - np.median(steps)) > tolerance * np.median(steps)]
+    typical = max(float(np.median(steps)), 1e-6) if steps.size else 0.0
+    if steps.size and (steps.max() - steps.min()) > tolerance * typical:
+        gaps = [i + 1 for i, step in enumerate(steps) if abs(step - typical) > tolerance * typical]
         raise VolumeError(
             f"The DICOM series in '{folder}' has uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm; "
             f"irregular after slice(s) {gaps[:5]}): a slice is probably missing. Re-export the complete series, "
@@ -290,7 +291,6 @@ def _inspect(path) -> tuple[VolumeInfo, list[str] | None, bool]:
             raise VolumeError(f"'{dicom_files[-1]}' in the DICOM series '{path}' cannot be read; "
                               "the series is damaged, re-export it.") from None
         spacing[2] = float(np.linalg.norm(np.subtract(last.GetOrigin(), origin)) / (len(dicom_files) - 1))
-        _check_even_slices(path, dicom_files, direction[:, 2])
 
     if min(size) < 2:
         raise VolumeError(
@@ -327,6 +327,8 @@ def read_volume(path, allow_constant: bool = False) -> sitk.Image:
     info, dicom_files, collapse_4d = _inspect(path)
     if dicom_files is None:
         _check_complete(Path(path))
+    elif len(dicom_files) > 1:  # here, not in every header check: it reads every slice's header
+        _check_even_slices(path, dicom_files, np.reshape(info.direction, (3, 3))[:, 2])
     try:
         if dicom_files is not None and len(dicom_files) > 1:
             reader = sitk.ImageSeriesReader()
@@ -561,12 +563,12 @@ def _atomic_path(path: Path, suffix: str):
             tmp.unlink()
 
 
-def _check_written(image: sitk.Image, path: Path) -> None:
+def _check_written(size: tuple, path: Path) -> None:
     """Reads a just-written image file back (a writer can fail silently on a full disk): its header,
     and its data to the end (NIfTI: streamed; NRRD / MetaImage: read, their readers fail on missing data)."""
     written = check_volume_file(path)
-    if written.size != tuple(image.GetSize()[:3]):
-        raise VolumeError(f"the written file holds size {written.size}, not {tuple(image.GetSize())}")
+    if written.size != tuple(size):
+        raise VolumeError(f"the written file holds size {written.size}, not {tuple(size)}")
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_complete(path)
     else:
@@ -578,7 +580,7 @@ def _write_image(image: sitk.Image, path) -> Path:
     suffix = _suffix(path, WRITE_SUFFIXES)
     with _atomic_path(path, suffix) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
-        _check_written(image, tmp)
+        _check_written(image.GetSize()[:3], tmp)
     return path
 
 
@@ -663,8 +665,7 @@ def write_segmentation(mask_xyz, reference, path, name: str = "Anomaly",
     }
     with _atomic_path(path, ".seg.nrrd") as tmp:
         slicerio.write_segmentation(str(tmp), segmentation)
-        if tuple(sitk.ReadImage(str(tmp)).GetSize()[:3]) != grid.size:  # read back: see _check_written
-            raise VolumeError(f"the written segmentation does not hold size {grid.size}")
+        _check_written(grid.size, tmp)
     return path
 
 

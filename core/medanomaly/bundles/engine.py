@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -189,7 +189,7 @@ class SaveAnomalyOutputsd(MapTransform):
         return reconstruction
 
 
-def write_together(paths: Mapping[str, Path], writers: Mapping[str, callable]) -> dict[str, str]:
+def write_together(paths: Mapping[str, Path], writers: Mapping[str, Callable[[Path], object]]) -> dict[str, str]:
     """Writes a set of outputs all or nothing: each to a hidden partial file first, then all renamed
     into place, so a failure (full disk) never leaves a new heatmap beside an old segmentation."""
     partial = {kind: path.parent / f".{path.name}.partial{''.join(path.suffixes[-2:])}" for kind, path in paths.items()}
@@ -258,9 +258,7 @@ def supplied_brain_mask(item: Mapping) -> np.ndarray:
     # the mask of the (Z, Y, X) voxels as SimpleITK holds them, then transposed: no copy of the image
     # (the view lives only as long as `image`, which is why it is a variable)
     image = io.read_volume(image_file)
-    mask = brain_mask_from_image(sitk.GetArrayViewFromImage(image)).transpose(2, 1, 0)
-    del image
-    return mask
+    return brain_mask_from_image(sitk.GetArrayViewFromImage(image)).transpose(2, 1, 0)
 
 
 def collect_volume(evaluator, item: Mapping) -> None:

@@ -97,7 +97,7 @@ class BundleInfo:
 
 
 class ModelInfoError(ValueError):
-    """A model_info.json that cannot be read; the message names the file."""
+    """A bundle's model_info.json or metadata.json that cannot be read; the message names the file."""
 
 
 def read_model_info(model_dir: str | os.PathLike) -> dict:
@@ -143,7 +143,7 @@ def bundle_problem(bundle: BundleInfo) -> str | None:
     """Why a bundle cannot be listed (a damaged metadata.json or model_info.json), or None."""
     try:
         bundle.metadata, bundle.model_info  # noqa: B018 - reading them is the check
-    except (ModelInfoError, OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # ModelInfoError is a ValueError
         return str(err)
     return None
 

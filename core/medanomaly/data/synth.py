@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from medanomaly.data import synth_mr
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, MODALITY_LABELS, check_contrast, check_contrasts
-from medanomaly.data.datalist import read_datalist, write_datalist
+from medanomaly.data.datalist import PATH_KEYS, load_datalist, read_datalist, write_datalist
 from medanomaly.data.synth_fields import (
     TemplateMaps,
     bspline_field,
@@ -865,15 +865,13 @@ def datalist_items(datalist, keys="test_lesion", contrast: str | None = None) ->
     preset generated on first use, in `contrast`), file paths absolute; the datalist's top-level
     "contrast" is copied into its entries (an entry's own wins). Empty splits and files that do
     not exist are errors that name the datalist, before any volume is read."""
-    from medanomaly.data.datalist import load_datalist
-
     path = resolve_datalist(datalist, contrast)
     declared = read_datalist(path).get("contrast")
     keys = [keys] if isinstance(keys, str) else list(keys)
     items = [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
     if not items:
         raise ValueError(f"The datalist {path} has no volumes under {', '.join(map(repr, keys))}: nothing to run on.")
-    missing = [(item.get("subject", item["image"]), key, item[key]) for item in items for key in ("image", "mask", "label")
+    missing = [(item.get("subject", item["image"]), key, item[key]) for item in items for key in PATH_KEYS
                if isinstance(item.get(key), str) and not os.path.exists(item[key])]
     if missing:
         subject, key, file = missing[0]
