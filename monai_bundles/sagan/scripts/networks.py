@@ -4,11 +4,11 @@ block with RoPE / ALiBi / learned relative bias, a Swin-transformer generator); 
 generator; and the PatchGAN critic.
 
 Every generator takes a whole slice `(B, 1, H, W)` in [-1, 1] and returns `tanh(x + map)` (or,
-with `map_base: identity`, `tanh(atanh(x) + map)`), the additive map coming from the network; in training mode a Bernoulli(`mix_probability`) pixel
-mask keeps the map at most pixels and puts the input pixel in its place elsewhere (SAGAN).
-SAGAN cuts the slice into `windows` x `windows` windows, runs them as one batch, tells each
-window where it is with a position code, and merges the outputs back (`window_split` /
-`window_merge`, exact inverses).
+with `map_base: identity`, `tanh(atanh(x) + map)`), the additive map coming from the network; in
+training mode a Bernoulli(`mix_probability`) pixel mask keeps the map at most pixels and puts the
+input pixel in its place elsewhere (SAGAN). SAGAN cuts the slice into `windows` x `windows`
+windows, runs them as one batch, tells each window where it is with a position code, and merges
+the outputs back (`window_split` / `window_merge`, exact inverses).
 """
 
 from __future__ import annotations
