@@ -43,3 +43,21 @@ def infer_on_nrrd(bundle: str, scan: Path, out_dir: Path, threshold: float, over
     np.testing.assert_array_equal(segmentation > 0, values > threshold)
     return values, segments
 
+
+
+def write_dicom_series(image: sitk.Image, directory: Path, series_uid: str, skip: int | None = None) -> None:
+    """Write a 3D image as an int16 DICOM series, one file per slice (geometry kept in each slice's
+    header); `skip` leaves that slice out (a series with a missing slice)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        if k == skip:
+            continue
+        slice_ = image[:, :, k:k + 1]
+        for tag, value in {"0008|0060": "MR", "0020|000d": "1.2.3.4.5", "0020|000e": series_uid,
+                           "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1)}.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(directory / f"{series_uid}_{k:03d}.dcm"))
+        writer.Execute(slice_)

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from medanomaly.bundles import engine
 from medanomaly.bundles.outputs import OutputFolderBusyError, lock_output_dir
 from medanomaly.bundles.registry import BUNDLE_PATH_ENV, BundleNotFound
 from medanomaly.data import load_datalist
+
+from checks import write_dicom_series
 
 HAS_DAE_WEIGHTS = find_bundle("dae").has_weights
 
@@ -156,24 +157,6 @@ def test_a_mask_within_the_documented_tolerance_is_accepted(tmp_path):
 
 
 # --------------------------------------------------------------------------- DICOM
-def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str, skip: int | None = None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    image = sitk.Cast(image, sitk.sitkInt16)
-    for k in range(image.GetDepth()):
-        if k == skip:
-            continue
-        s = image[:, :, k]
-        s.SetMetaData("0020|000e", series_uid)
-        s.SetMetaData("0020|0013", str(k + 1))
-        s.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
-        s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        s.SetMetaData("0008|0060", "MR")
-        writer.SetFileName(str(folder / f"{series_uid}_{k:03d}.dcm"))
-        writer.Execute(s)
-
-
 def test_dicom_folder_with_two_series_is_read_as_one_series_by_every_reader(tmp_path):
     folder = tmp_path / "dicom"
     write_dicom_series(brain_volume((40, 40, 8), seed=1), folder, "1.2.3.1")  # smaller, listed first
@@ -465,12 +448,10 @@ def test_nested_settings_and_config_values_pass(tmp_path):
 def test_an_output_folder_that_is_a_file_stops_before_the_bundle_starts(tmp_path):
     scan = write(brain_volume(), tmp_path / "scan.nii.gz")
     (tmp_path / "out").write_text("I am a file")
-    started = time.perf_counter()
     result = medanomaly("detect", "dae", str(scan), "--output-dir", str(tmp_path / "out"))
     assert result.returncode != 0 and "is a file" in result.stderr
     assert (tmp_path / "out").read_text() == "I am a file"
     assert "dae inference" not in result.stderr  # no progress bar: the bundle never started
-    assert time.perf_counter() - started < 60
 
 
 def test_a_read_only_output_folder_stops_before_the_bundle_starts(tmp_path):

@@ -12,7 +12,7 @@ from monai.transforms import LoadImage
 from scipy.spatial.transform import Rotation
 
 from medanomaly import io
-from checks import assert_same_grid
+from checks import assert_same_grid, write_dicom_series
 
 # SWIG (itk, SimpleITK) objects trigger these on import; they are not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
@@ -133,20 +133,6 @@ def test_writer_rejects_wrong_shape_and_suffix_without_leaving_files(tmp_path):
     with pytest.raises(ValueError, match="must end with"):
         io.write_volume(np.zeros(SIZE), image, tmp_path / "bad.png")
     assert list(tmp_path.iterdir()) == []
-
-
-def write_dicom_series(image, directory, series_uid):
-    """Write a 3D int16 image as one DICOM file per slice (geometry kept in each slice's header)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k:k + 1]
-        for tag, value in {"0008|0060": "MR", "0020|000d": "1.2.3.4.5", "0020|000e": series_uid,
-                           "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1)}.items():
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(directory / f"{series_uid}_{k:03d}.dcm"))
-        writer.Execute(slice_)
 
 
 def make_dicom_image(depth, seed):
