@@ -217,7 +217,7 @@ def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, m
                                    "stage2_iterations": 1}, demo=True)
     model_dir = run / "models"
     info = json.loads((model_dir / "model_info.json").read_text())
-    assert info["variant"] == "demo" and info["stages_done"] == [1, 2] and info["random_backbone"] is True
+    assert info["variant"] == "demo" and info["stages_done"] == [1, 2] and info["random_backbone"] is False and info["perceptual_backbone"] == "medanomaly"  # the demo backbone
     assert info["stage1_iterations_done"] == 2 and info["stage2_iterations_done"] == 1
     saved = load_model_file(model_dir)
     assert set(saved["mask_thresholds"]) == {"0.05", "0.02", "0.01"}
