@@ -6,6 +6,7 @@ the committed demo model, and the bundle's workflows end to end through `run_bun
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -137,6 +138,152 @@ def test_training_step_runs_r1_path_length_and_ema():
     assert not torch.equal(ema.const, before["const"]) and not torch.equal(ema.const, generator.const)
     assert float(generator.mapping.w_avg.abs().sum()) > 0  # w_avg is tracked in training
     assert all(not p.requires_grad for p in ema.parameters())
+
+
+# --- losses, lazy regularisation and EMA against hand computations ---------------------------------
+
+class LinearCritic(torch.nn.Module):
+    """D(x) = <w, x> + b: its input gradient is w for every image, so R1 = |w|^2."""
+
+    def __init__(self, weight: torch.Tensor, bias: float = 0.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.clone().reshape(1, 1, *weight.shape))
+        self.bias = torch.nn.Parameter(torch.tensor([bias]))
+
+    def forward(self, x):
+        return (x * self.weight).sum((1, 2, 3))[:, None] + self.bias
+
+
+class ConstantGenerator(torch.nn.Module):
+    """A generator stub: every latent maps to the same learnable image; one buffer (copied, not averaged, by EMA)."""
+
+    style_dim = 512
+
+    def __init__(self, image: torch.Tensor):
+        super().__init__()
+        self.image = torch.nn.Parameter(image.clone().reshape(1, 1, *image.shape))
+        self.register_buffer("counter", torch.tensor(7.0))
+
+    def forward(self, z, mixing_prob=0.0):
+        return self.image.expand(z.shape[0], -1, -1, -1)
+
+
+def test_r1_penalty_is_the_squared_input_gradient_norm_averaged_over_the_batch():
+    """R1 of a linear critic D(x) = <w, x> + b is |w|^2 = 1 + 4 + 9 + 0.25 = 14.25 for any batch; of the
+    quadratic critic D(x) = |x|^2 / 2 (gradient x) the batch mean of |x|^2: (4 + 16 + 0) / 3 = 20 / 3. The
+    penalty is differentiable in D's parameters (dR1/dw = 2w), as the lazy R1 step needs."""
+    critic = LinearCritic(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), bias=5.0)
+    real = torch.rand(3, 1, 2, 2).requires_grad_(True)
+    r1 = _S.r1_penalty(critic(real), real)
+    assert float(r1.detach()) == pytest.approx(14.25)
+    r1.backward()
+    torch.testing.assert_close(critic.weight.grad, 2 * critic.weight.detach())
+    real = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), -2.0), torch.zeros(1, 2, 2)])
+    real.requires_grad_(True)
+    assert float(_S.r1_penalty(0.5 * real.pow(2).sum((1, 2, 3))[:, None], real).detach()) == pytest.approx(20 / 3)
+
+
+def test_lazy_r1_step_scales_the_critic_gradient_by_gamma_over_2_times_the_interval():
+    """With SGD (lr 0.01), gamma 10 and r1_interval 4, the R1 step of a linear critic is
+    w <- w - lr * gamma / 2 * interval * dR1/dw = (1 - lr * gamma * interval) w = 0.6 w after the
+    logistic step (the bias has no R1 gradient), only on iterations divisible by the interval; the
+    reported r1 is |w|^2 after the logistic step."""
+    def run(iteration: int, r1_gamma: float):
+        torch.manual_seed(0)
+        critic = LinearCritic(torch.tensor([[1.0, -2.0], [3.0, 0.5]]), bias=0.2)
+        generator = ConstantGenerator(torch.tensor([[0.5, -0.5], [0.25, 0.0]]))
+        step = StyleGAN2Step(critic, torch.optim.SGD(critic.parameters(), lr=0.01), None, r1_gamma=r1_gamma,
+                             r1_interval=4, pl_weight=0.0, mixing_prob=0.0)
+        real = torch.tensor([[[[0.9, 0.1], [-0.3, 0.4]]], [[[0.2, -0.8], [0.6, 0.0]]]])
+        out = step.step(generator, torch.optim.SGD(generator.parameters(), lr=0.0), real, iteration)
+        return critic.weight.detach().clone(), critic.bias.detach().clone(), out
+
+    w_plain, b_plain, out = run(4, 0.0)
+    assert "r1" not in out
+    w_r1, b_r1, out = run(4, 10.0)
+    torch.testing.assert_close(w_r1, (1 - 0.01 * 10.0 * 4) * w_plain)
+    torch.testing.assert_close(b_r1, b_plain)
+    assert float(out["r1"]) == pytest.approx(float(w_plain.pow(2).sum()), rel=1e-6)
+    w_off, _, out = run(3, 10.0)  # not an R1 iteration
+    torch.testing.assert_close(w_off, w_plain)
+    assert "r1" not in out
+
+
+class LinearSynthesis:
+    """A synthesis stub linear in a W+ code of 2 layers x 1 dimension: the image (2 x 2 pixels, a and
+    c read row by row) of code (u, v) is u * a + v * c, so J_w^T y = (y . a, y . c)."""
+
+    def __init__(self):
+        self.a = torch.tensor([1.0, 2.0, 0.0, -1.0], requires_grad=True)
+        self.c = torch.tensor([0.5, 0.0, 3.0, 1.0], requires_grad=True)
+
+    def __call__(self, ws):
+        return (ws[:, 0, :1] * self.a + ws[:, 1, :1] * self.c).reshape(-1, 1, 2, 2)
+
+
+def test_path_length_penalty_and_its_running_mean_by_hand():
+    """lengths_b = sqrt(((y_b . a)^2 + (y_b . c)^2) / 2) (mean over the 2 W+ layers of the squared
+    gradient), y ~ N(0, I) / sqrt(H W) = N(0, I) / 2; running mean a <- a + decay (mean_b lengths - a)
+    (0 -> m1 -> m2 over two calls, detached); penalty = mean_b (lengths_b - a)^2, differentiable in
+    the generator."""
+    synthesis = LinearSynthesis()
+    ws = torch.tensor([[[0.3], [-1.2]], [[2.0], [0.7]], [[-0.5], [0.1]]], requires_grad=True)
+    mean = torch.zeros(())
+    for seed, decay in ((1, 0.01), (2, 0.01), (3, 0.5)):
+        torch.manual_seed(seed)
+        penalty, new_mean = _S.path_length_penalty(synthesis(ws), ws, mean, decay=decay)
+        torch.manual_seed(seed)  # the same noise, drawn again
+        y = (torch.randn(3, 1, 2, 2) / 2).reshape(3, 4).tolist()
+        a, c = synthesis.a.tolist(), synthesis.c.tolist()
+        lengths = [math.sqrt((sum(p * q for p, q in zip(yb, a)) ** 2 + sum(p * q for p, q in zip(yb, c)) ** 2) / 2)
+                   for yb in y]
+        expected_mean = float(mean) + decay * (sum(lengths) / 3 - float(mean))
+        assert float(new_mean) == pytest.approx(expected_mean, rel=1e-5) and not new_mean.requires_grad
+        assert float(penalty.detach()) == pytest.approx(sum((x - expected_mean) ** 2 for x in lengths) / 3, rel=1e-5)
+        # differentiable in the generator: the gradient of the hand formula, written with torch
+        (grad_a,) = torch.autograd.grad(penalty, synthesis.a)
+        y_t = torch.tensor(y)
+        lengths_t = (((y_t @ synthesis.a) ** 2 + (y_t @ synthesis.c) ** 2) / 2).sqrt()
+        (expected_a,) = torch.autograd.grad((lengths_t - expected_mean).pow(2).mean(), synthesis.a)
+        torch.testing.assert_close(grad_a, expected_a)
+        mean = new_mean
+
+
+@pytest.mark.parametrize("ema_kimg, ema_rampup, after_one, after_two", [
+    (10.0, 0.5, 0.75, 0.875),     # ramp-up: half-life 0.5 x 4 = 2 images (beta 1/4), then 4 images (beta 1/2)
+    (0.002, 0.5, 0.75, 0.9375),   # half-life capped at 2 images by ema_kimg: beta 1/4 twice
+    (0.004, None, 0.5, 0.75),     # no ramp-up: half-life 4 images, beta 1/2 twice
+])
+def test_ema_after_one_and_two_updates_by_hand(ema_kimg, ema_rampup, after_one, after_two):
+    """ema <- beta ema + (1 - beta) G with beta = 0.5 ** (batch / half_life), half_life =
+    min(ema_kimg * 1000, ema_rampup * images seen) (batch 4). From ema = 0 and a fixed generator G
+    (lr 0): ema = (1 - beta1) G, then (1 - beta1 beta2) G. Buffers are copied, not averaged."""
+    image = torch.tensor([[1.0, -2.0], [4.0, 0.5]])
+    generator = ConstantGenerator(image)
+    ema = _S.ema_copy(generator)
+    with torch.no_grad():
+        ema.image.zero_()
+        ema.counter.zero_()
+    critic = LinearCritic(torch.ones(2, 2))
+    step = StyleGAN2Step(critic, torch.optim.SGD(critic.parameters(), lr=0.01), ema, r1_gamma=0.0, pl_weight=0.0,
+                         mixing_prob=0.0, ema_kimg=ema_kimg, ema_rampup=ema_rampup)
+    g_opt = torch.optim.SGD(generator.parameters(), lr=0.0)
+    real = torch.zeros(4, 1, 2, 2)
+    step.step(generator, g_opt, real, iteration=1)
+    torch.testing.assert_close(ema.image[0, 0], after_one * image)
+    assert float(ema.counter) == 7.0
+    step.step(generator, g_opt, real, iteration=2)
+    torch.testing.assert_close(ema.image[0, 0], after_two * image)
+    assert step.images_seen == 8
+
+
+def test_training_config_uses_stylegan2s_ema_half_life_and_ramp_up():
+    """train.yaml's step: 10 kimg half-life (ema_kimg) and the default ramp-up of 0.05 x images seen."""
+    import inspect
+
+    step = _config("train").get("train#step")
+    assert step["ema_kimg"] == "@ema_kimg" and _config("train").get("ema_kimg") == 10.0 and "ema_rampup" not in step
+    assert inspect.signature(StyleGAN2Step).parameters["ema_rampup"].default == 0.05
 
 
 def test_paper_defaults_are_the_configs_defaults():
