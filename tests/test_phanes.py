@@ -4,6 +4,7 @@ the inpainter, and the bundle's workflows end to end through `medanomaly.bundles
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,72 @@ def test_encoder_loss_weighs_the_negative_elbos_as_the_reference():
         losses[weight] = VAEStep(vae, lr=0.0, negative_weight=weight)(x)["loss_e"]
     assert VAEStep(SoftIntroVAE(1, **TINY_VAE)).negative_weight == 0.25
     assert losses[0.5] > losses[0.25]
+
+
+# --------------------------------------------------------------------------- the losses, by hand
+LOSSES = _SCRIPTS["scripts.losses"]  # the module
+
+
+def test_kl_divergence_is_the_closed_form_kl_to_the_standard_normal():
+    """Per image, KL(N(mu, exp(logvar)) || N(0, I)) = 0.5 sum(exp(logvar) + mu^2 - 1 - logvar): for
+    mu = (1, 0), logvar = (0, log 4) that is 0.5 + 0.5 (3 - log 4); zero at the prior; equal to
+    torch.distributions' KL summed over the latent dimensions on random values."""
+    mu = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    logvar = torch.tensor([[0.0, math.log(4.0)], [0.0, 0.0]])
+    torch.testing.assert_close(LOSSES.kl_divergence(mu, logvar), torch.tensor([0.5 + 0.5 * (3 - math.log(4.0)), 0.0]))
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    normal = torch.distributions.Normal
+    expected = torch.distributions.kl_divergence(normal(mu, (0.5 * logvar).exp()), normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(LOSSES.kl_divergence(mu, logvar), expected)
+
+
+def test_reconstruction_error_is_the_sum_of_squared_errors_per_image():
+    """(1 - 0)^2 + (0.5 - 1)^2 + 0 + (2 + 1)^2 = 10.25 for the first image, 4 x 0.5^2 = 1 for the second."""
+    x = torch.tensor([[[[1.0, 0.5], [0.0, 2.0]]], [[[0.5, 0.5], [0.5, 0.5]]]])
+    y = torch.tensor([[[[0.0, 1.0], [0.0, -1.0]]], [[[0.0, 1.0], [0.0, 1.0]]]])
+    torch.testing.assert_close(LOSSES.reconstruction_error(x, y), torch.tensor([10.25, 1.0]))
+
+
+def test_embedding_loss_sums_half_mse_and_cosine_distance_over_levels():
+    """Level 1 (B = 2, 2 features): MSE 3/4 (x 0.5 = 0.375), cosine distances 1 (orthogonal) and 0
+    (parallel), mean 0.5; level 2 (2 x 1 x 1 x 2, flattened): MSE 1 (x 0.5), cosine distances 0 and
+    2 (opposite), mean 1. Total 0.375 + 0.5 + 0.5 + 1 = 2.375."""
+    a = [torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[[[3.0, 4.0]]], [[[1.0, 0.0]]]])]
+    b = [torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([[[[3.0, 4.0]]], [[[-1.0, 0.0]]]])]
+    assert float(LOSSES.embedding_loss(a, b)) == pytest.approx(2.375)
+    assert float(LOSSES.embedding_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_style_loss_compares_normalised_gram_matrices_and_perceptual_loss_the_features():
+    """Style: per level the mean |G(x) - G(y)| of the Gram matrices F F^T / (C H W). Level 1 (B = 2,
+    C = 2, 1 x 2 pixels): G(x) = [[5, 2], [2, 1]] / 4, G(y) = [[1, 1], [1, 2]] / 4, |diff| sums to 1.75
+    over 8 entries (the second images are equal): 0.21875; level 2 (C = 1, 2 x 1 pixels): Grams 4 / 2
+    vs 2 / 2 and 2 / 2 vs 0: mean 1. Perceptual: the sum over levels of the mean absolute feature
+    difference, (0 + 2 + 1 + 0) / 8 + (1 + 1 + 1 + 1) / 4 = 1.375."""
+    x1 = torch.tensor([[[[1.0, 2.0]], [[0.0, 1.0]]], [[[1.0, 1.0]], [[1.0, 1.0]]]])
+    y1 = torch.tensor([[[[1.0, 0.0]], [[1.0, 1.0]]], [[[1.0, 1.0]], [[1.0, 1.0]]]])
+    x2 = torch.tensor([[[[2.0], [0.0]]], [[[1.0], [1.0]]]])
+    y2 = torch.tensor([[[[1.0], [1.0]]], [[[0.0], [0.0]]]])
+    assert float(LOSSES.style_loss([x1, x2], [y1, y2])) == pytest.approx(0.21875 + 1.0)
+    assert float(LOSSES.perceptual_loss([x1, x2], [y1, y2])) == pytest.approx(0.375 + 1.0)
+    assert float(LOSSES.style_loss([x1], [x1])) == 0.0
+
+
+def test_soft_mask_patchgan_losses_on_a_hand_made_case():
+    """A 4 x 4 mask over a 2 x 2 patch map: the top-left patch fully inpainted, the top-right one
+    pixel of 4. Discriminator: patches of the composed image -> 1 - inpainted fraction
+    ([[0, 0.75], [1, 1]]), real patches -> 1; least squares:
+    mean(0.0625, 0.0625, 0, 1) + mean(0, 1, 0.25, 0) = 0.28125 + 0.3125. Generator: (D - 1)^2
+    weighted by the inpainted fractions, (1 x 0.5625 + 0.25 x 0.25) / 1.25 = 0.5; 0 without a mask."""
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1
+    mask[..., 0, 3] = 1
+    d_fake = torch.tensor([[[[0.25, 0.5], [1.0, 0.0]]]])
+    d_real = torch.tensor([[[[1.0, 0.0], [0.5, 1.0]]]])
+    assert float(LOSSES.discriminator_loss(d_real, d_fake, mask)) == pytest.approx(0.28125 + 0.3125)
+    assert float(LOSSES.generator_adversarial_loss(d_fake, mask)) == pytest.approx(0.5)
+    assert float(LOSSES.generator_adversarial_loss(d_fake, torch.zeros_like(mask))) == 0.0
 
 
 def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fill_value(tiny):
