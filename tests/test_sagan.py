@@ -356,6 +356,70 @@ def test_configs_build_each_switch_and_the_recorded_switches_win(tmp_path):
     assert type(generator).__name__ == "BrainomalyGenerator" and generator.variant == "brainomaly"
 
 
+# --------------------------------------------------------------------------- switches recorded with the weights
+SWITCH_VALUES = {"model": "sagan", "positional_encoding": "rope", "generator": "cnn", "map_base": "identity"}
+
+
+def test_training_records_every_switch_that_the_weights_are_read_with(tmp_path):
+    """train.yaml's ModelInfoHandler writes each of the four switches of the network's function
+    (model, positional_encoding, generator, map_base: sagan.RECORDED) with the values of the run,
+    and recorded_switches reads those four back from model_info.json, ignoring the other fields."""
+    assert set(sagan.RECORDED) == set(SWITCH_VALUES)
+    parser = ConfigParser()
+    parser.read_config([str(SAGAN.config_file(n)) for n in ("train", "demo")])
+    parser.update({"device": "cpu", **SWITCH_VALUES})
+    (index,) = [i for i, h in enumerate(parser.get("train#handlers"))
+                if h.get("_target_") == "medanomaly.bundles.engine.ModelInfoHandler"]
+    fields = parser.get(f"train#handlers#{index}#fields")
+    recorded = {key: parser.get_parsed_content(f"train#handlers#{index}#fields#{key}") for key in SWITCH_VALUES
+                if key in fields}
+    assert recorded == SWITCH_VALUES
+    (tmp_path / "model_info.json").write_text(json.dumps({**recorded, "variant": "demo", "threshold": 0.1}))
+    assert sagan.recorded_switches(tmp_path) == SWITCH_VALUES
+
+
+def test_weights_older_than_map_base_are_read_with_the_input_base(tmp_path):
+    """A model_info.json without map_base (weights older than the switch) means map_base "input";
+    switches it does not record are not imposed (the config's stand); no model_info.json: nothing.
+    generator_for_weights builds such weights with the input base whatever the config says."""
+    (tmp_path / "model_info.json").write_text(json.dumps({"variant": "demo", "threshold": 0.1}))
+    assert sagan.recorded_switches(tmp_path) == {"map_base": "input"}
+    (tmp_path / "model_info.json").write_text(json.dumps({"model": "sagan", "positional_encoding": "alibi"}))
+    assert sagan.recorded_switches(tmp_path) == {"model": "sagan", "positional_encoding": "alibi", "map_base": "input"}
+    assert sagan.recorded_switches(tmp_path / "elsewhere") == {} and sagan.recorded_switches(None) == {}
+    with bundle_scripts("sagan") as scripts:
+        generator = scripts.generator_for_weights(tmp_path, map_base="identity", positional_encoding="binary", **SMALL)
+    assert generator.map_base == "input" and generator.attention is not None  # alibi: relative attention
+    assert generator.variant == "sagan-alibi"
+
+
+def test_inference_builds_the_network_the_weights_recorded(tmp_path):
+    """Weights trained with positional_encoding rope and map_base identity (model_info.json), run by
+    inference.yaml left at its defaults (binary, input): the network inference builds and loads
+    maps a slice exactly as the trained generator does, while the same weights read with the input
+    base would not."""
+    torch.manual_seed(0)
+    trained = nets.build_generator(**SMALL, positional_encoding="rope", map_base="identity").eval()
+    with torch.no_grad():
+        for parameter in trained.parameters():  # a trained generator: its map is not zero
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model_info.json").write_text(json.dumps({**SWITCH_VALUES, "variant": "demo", "threshold": 0.1}))
+    parser = ConfigParser()
+    parser.read_config(str(SAGAN.config_file("inference")))
+    parser.update({"device": "cpu", "model_dir": str(tmp_path), "conv_dim": SMALL["conv_dim"],
+                   "n_residual": SMALL["n_residual"], "heads": SMALL["heads"]})
+    assert parser.get("positional_encoding") == "binary" and parser.get("map_base") == "input"
+    with bundle_scripts("sagan"):
+        network = parser.get_parsed_content("network").eval()
+    assert network.map_base == "identity" and network.variant == "sagan-rope"
+    x = torch.rand(2, 1, 64, 64) * 1.8 - 0.9
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), trained(x))
+        trained.map_base = "input"
+        assert not torch.allclose(network(x), trained(x), atol=1e-3)
+
+
 def test_shipped_demo_weights_load_for_sagan_and_brainomaly():
     for folder, name in ((SAGAN.model_dir, "sagan"), (SAGAN.model_dir / "brainomaly", "brainomaly")):
         info = json.loads((folder / "model_info.json").read_text())
