@@ -128,6 +128,66 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     assert isinstance(trainer.state.output, list) and "loss" in trainer.state.output[0]  # decollated as usual
 
 
+class NoiseOracle(torch.nn.Module):
+    """A denoiser that knows the clean slice (it is the condition here): it returns the true noise
+    (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t) plus `scale` x the slice's value, so a constant slice of
+    value v has the per-pixel error scale * v. Records the timesteps it is given."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, scale: float):
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.clone())
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
+        self.timesteps: list[int] = []
+
+    def forward(self, x, timesteps):
+        noisy, clean = x[:, :1], x[:, 1:]
+        alpha_bar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        self.timesteps += timesteps.tolist()
+        return (noisy - alpha_bar.sqrt() * clean) / (1 - alpha_bar).sqrt() + self.scale * clean
+
+
+def test_validation_loss_model_selection_and_early_stop_on_a_known_case(tmp_path):
+    """train.yaml's validation (its step, val_loss metric, best-model saver and early stop) on four
+    constant healthy slices of values 0.2 ... 0.8 (batch 2), with the noise oracle as the EMA
+    network. Slice i's loss is the Min-SNR weighted MSE (scale v_i)^2 min(SNR(t_i), 1) / SNR(t_i);
+    val_loss is the mean of the batch means. The timesteps are the same at every validation
+    (re-seeded). Scales 2, 1, 3: model.pt holds the lowest val_loss (scale 1), the evaluator's best
+    metric is that one, and the worse third run stops training (patience 1)."""
+    from ignite.engine import Engine
+
+    values = [0.2, 0.4, 0.6, 0.8]
+    data = [{"image": torch.full((1, 8, 8), v), "corrupted": torch.full((1, 8, 8), v)} for v in values]
+    scheduler = make_scheduler("ddpm")
+    with bundle_scripts("cddpm") as scripts:
+        ema = scripts.ema_model(NoiseOracle(scheduler.alphas_cumprod, 2.0))
+        parser = _config("train", device="cpu", amp=False, model_dir=str(tmp_path), val_batch_size=2,
+                         early_stop_patience=1, ema=ema)
+        parser["validate#dataset#data"] = data
+        evaluator = parser.get_parsed_content("validate#evaluator")
+        trainer = Engine(lambda engine, batch: None)
+        parser.get_parsed_content("validate#early_stop").set_trainer(trainer)
+    assert parser.get("snr_gamma") == 1.0
+    oracle = ema.module
+    alpha_bar = scheduler.alphas_cumprod.double()
+    runs = []
+    for scale in (2.0, 1.0, 3.0):
+        with torch.no_grad():
+            oracle.scale.fill_(scale)
+        oracle.timesteps = []
+        evaluator.run()
+        snr = torch.stack([alpha_bar[t] / (1 - alpha_bar[t]) for t in oracle.timesteps])
+        losses = [(scale * v) ** 2 * float(min(s, 1.0) / s) for v, s in zip(values, snr)]
+        expected = ((losses[0] + losses[1]) / 2 + (losses[2] + losses[3]) / 2) / 2
+        assert evaluator.state.metrics["val_loss"] == pytest.approx(expected, rel=1e-4)
+        runs.append((list(oracle.timesteps), expected))
+        saved = torch.load(tmp_path / "model.pt", weights_only=True)
+        assert float(saved["scale"]) == (2.0 if scale == 2.0 else 1.0)
+        assert trainer.should_terminate == (scale == 3.0)
+    assert runs[0][0] == runs[1][0] == runs[2][0] and len(set(runs[0][0])) > 1
+    assert runs[1][1] < runs[0][1] < runs[2][1]
+    assert evaluator.state.best_metric == pytest.approx(runs[1][1], rel=1e-6)
+
+
 def test_ddim_and_ddpm_sampling_shapes_range_and_seeding():
     network = tiny_unet().eval()
     _, condition = blob_batch(3)
