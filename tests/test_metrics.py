@@ -462,6 +462,83 @@ def test_cohort_with_perfect_heatmap():
     assert rows[-1]["dice"] is None and rows[-1]["ap"] is None and rows[-1]["fpr"] == 0.0
 
 
+# ---------------------------------------------------------------------- per-volume Dice, FPR operating point
+def _column(voxels):
+    """A volume (n, 1, 1) from (score, lesion, in brain) triples: heatmap, label, mask."""
+    scores, lesion, brain = (np.array(v, dtype=float).reshape(-1, 1, 1) for v in zip(*voxels))
+    return scores, lesion, brain
+
+
+def _voxels(n, score, lesion=0, brain=1):
+    return [(score, lesion, brain)] * n
+
+
+def test_per_volume_dice_mean_and_std_over_lesion_volumes_by_hand():
+    """Four lesion volumes of 16 brain voxels, scores 0.75 ("flagged") or 0.25, and a healthy one:
+    Dice 1 (4 of 4 flagged, no false positive), 2 x 2 / (4 + 4) = 0.5, 2 x 1 / (2 + 6) = 0.25 and 0 (3
+    lesion voxels, none flagged). Mean 0.4375, population std sqrt(35 / 256); the healthy volume is
+    not a Dice volume. The pooled best threshold (TP 7, flagged 14, P 13: Dice 14 / 27, against
+    26 / 77 flagging everything) is the lowest bin edge above 0.25 (0.3 with 10 bins), where the
+    per-volume Dice are the same. Each volume's own best Dice: 1, 0.5, 0.25 and 6 / 19 (flag all)."""
+    volumes = {
+        "a": _voxels(4, 0.75, 1) + _voxels(12, 0.25),
+        "b": _voxels(2, 0.75, 1) + _voxels(2, 0.25, 1) + _voxels(2, 0.75) + _voxels(10, 0.25),
+        "c": _voxels(1, 0.75, 1) + _voxels(1, 0.25, 1) + _voxels(5, 0.75) + _voxels(9, 0.25),
+        "d": _voxels(3, 0.25, 1) + _voxels(13, 0.25),
+        "healthy": _voxels(3, 0.75) + _voxels(13, 0.25),
+    }
+    evaluator = CohortEvaluator(n_bins=10)
+    for subject, voxels in volumes.items():
+        scores, lesion, brain = _column(voxels)
+        evaluator.add_volume(subject, scores, lesion, brain)
+    summary = evaluator.summary(n_boot=0, threshold=0.5)
+    at = summary["at_threshold"]["dice_per_volume"]
+    assert at["n"] == 4 and at["threshold"] == 0.5
+    assert at["mean"] == pytest.approx(0.4375) and at["std"] == pytest.approx(math.sqrt(35 / 256))
+    assert summary["pixel"]["max_dice"]["dice"] == pytest.approx(14 / 27)
+    assert summary["pixel"]["max_dice"]["threshold"] == pytest.approx(0.3)
+    best = summary["dice_per_volume"]
+    assert best["threshold"] == pytest.approx(0.3) and best["mean"] == pytest.approx(0.4375)
+    assert [r["dice"] for r in evaluator.per_volume(0.5)] == pytest.approx([1.0, 0.5, 0.25, 0.0, None])
+    assert summary["max_dice_per_volume"]["mean"] == pytest.approx((1 + 0.5 + 0.25 + 6 / 19) / 4)
+
+
+def test_at_target_fpr_threshold_and_lesion_metrics_by_hand_with_tied_scores():
+    """Healthy brain voxels (two volumes, 20 voxels): 10 at 0.05, 6 at 0.35, 3 tied at 0.65, 1 at
+    0.95; a voxel outside a brain mask at 0.9 does not count. With 10 bins, edges 0.7 ... 0.9 flag
+    1 / 20 = 0.05 and edges 0.4 ... 0.6 flag 4 / 20 = 0.2 (the three ties together): FPR 0.1 needs
+    0.7, the smallest edge reaching it; FPR 0.2 (at most the target) is reached from 0.4. At 0.7 the lesion
+    volumes (lesions 0.95 0.75 0.65 0.35 | 0.72 0.05; other brain voxels 0.85 0.65 6 x 0.05 | 0.99
+    4 x 0.05) have TP 3, FP 2, P 6: precision 0.6, recall 0.5, Dice 6 / 11, FPR 2 / 13 on their
+    healthy tissue; per volume Dice 4 / 7 and 2 / 4 (mean 15 / 28, std 1 / 28)."""
+    evaluator = CohortEvaluator(n_bins=10)
+    lesion_volumes = {
+        "l1": [(s, 1, 1) for s in (0.95, 0.75, 0.65, 0.35)] + [(s, 0, 1) for s in (0.85, 0.65)] + _voxels(6, 0.05),
+        "l2": [(0.72, 1, 1), (0.05, 1, 1), (0.99, 0, 1)] + _voxels(4, 0.05),
+    }
+    healthy_volumes = {
+        "h1": _voxels(5, 0.05) + _voxels(3, 0.35) + _voxels(2, 0.65) + _voxels(1, 0.9, brain=0),
+        "h2": _voxels(5, 0.05) + _voxels(3, 0.35) + _voxels(1, 0.65) + _voxels(1, 0.95),
+    }
+    for subject, voxels in {**lesion_volumes, **healthy_volumes}.items():
+        scores, lesion, brain = _column(voxels)
+        evaluator.add_volume(subject, scores, lesion if lesion.any() else None, brain)
+    at = evaluator.summary(n_boot=0, target_fpr=0.1)["at_target_fpr"]
+    assert at["target_fpr"] == 0.1
+    assert at["threshold"] == pytest.approx(0.7) and at["threshold_used"] == pytest.approx(0.7)
+    assert at["fpr_healthy"] == pytest.approx(0.05)
+    assert at["precision"] == pytest.approx(0.6) and at["recall"] == pytest.approx(0.5)
+    assert at["dice"] == pytest.approx(6 / 11) and at["fpr_lesion_volumes"] == pytest.approx(2 / 13)
+    per_volume = at["dice_per_volume"]
+    assert per_volume["n"] == 2 and per_volume["mean"] == pytest.approx(15 / 28)
+    assert per_volume["std"] == pytest.approx(1 / 28)
+    at = evaluator.summary(n_boot=0, target_fpr=0.2)["at_target_fpr"]
+    assert at["threshold"] == pytest.approx(0.4) and at["fpr_healthy"] == pytest.approx(0.2)
+    # at 0.4: TP 4 (0.95 0.75 0.65 | 0.72), FP 3 (0.85 0.65 | 0.99): Dice 8 / 13, precision 4 / 7, recall 4 / 6
+    assert at["dice"] == pytest.approx(8 / 13) and at["precision"] == pytest.approx(4 / 7)
+    assert at["recall"] == pytest.approx(4 / 6)
+
+
 def test_cohort_with_random_heatmap_is_at_chance():
     def random_heatmap(rng, label, mask):
         return np.where(mask, rng.random(mask.shape), 0.0)
