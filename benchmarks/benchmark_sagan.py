@@ -26,6 +26,7 @@ from pathlib import Path
 
 from medanomaly.benchmark import format_table, summary_row
 from medanomaly.bundles import find_bundle, run_bundle
+from medanomaly.bundles.model_info import has_weights, read_model_info, weights_file
 from medanomaly.data import PRESETS, ensure_cohort
 
 ROWS = {  # name: switches
@@ -58,13 +59,11 @@ def train_row(name: str, switches: dict, datalist: Path, device: str | None, ite
 
 
 def _trained(model_dir: Path, iterations: int) -> bool:
-    info = model_dir / "model_info.json"
-    return (model_dir / "model.pt").is_file() and info.is_file() and \
-        json.loads(info.read_text()).get("iterations_done") == iterations
+    return has_weights(model_dir) and read_model_info(model_dir).get("iterations_done") == iterations
 
 
 def _evaluated(out: Path, model_dir: Path) -> bool:
-    metrics, weights = out / "metrics.json", model_dir / "model.pt"
+    metrics, weights = out / "metrics.json", weights_file(model_dir)
     return metrics.is_file() and weights.is_file() and metrics.stat().st_mtime > weights.stat().st_mtime
 
 
@@ -92,7 +91,7 @@ def main(argv=None) -> list[dict]:
     for name in args.rows:
         switches = ROWS[name]
         shipped = bundle.root / SHIPPED[name] if name in SHIPPED else None
-        if shipped is not None and (shipped / "model.pt").is_file() and not args.retrain:
+        if shipped is not None and has_weights(shipped) and not args.retrain:
             model_dir, weights = shipped, "shipped demo"
         elif args.train_iterations > 0:
             folder = output_dir / name / "train"
@@ -107,7 +106,7 @@ def main(argv=None) -> list[dict]:
         else:
             rows.append({"row": name, "bundle": name, "weights": "not trained"})
             continue
-        info = json.loads((Path(model_dir) / "model_info.json").read_text())
+        info = read_model_info(model_dir)
         out = output_dir / name / (f"evaluate-{args.score_reduction}" + ("-shipped" if weights == "shipped demo" else ""))
         started = time.perf_counter()
         if args.fresh or not _evaluated(out, Path(model_dir)):

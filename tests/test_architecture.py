@@ -12,6 +12,8 @@ inside functions (a lazy import is still a dependency).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "core" / "medanomaly"
 APPS = {"medanomaly.cli", "medanomaly.console", "medanomaly.benchmark", "medanomaly.demo", "medanomaly.report"}
 LAUNCH = {"medanomaly.bundles", "medanomaly.bundles.registry", "medanomaly.bundles.runner",
-          "medanomaly.bundles.progress", "medanomaly.bundles.outputs"}
+          "medanomaly.bundles.progress", "medanomaly.bundles.outputs", "medanomaly.bundles.model_info"}
 RUNTIME = {"medanomaly.bundles.engine", "medanomaly.bundles.contrast"}
+HEAVY = {"torch", "monai", "ignite", "numpy", "SimpleITK"}
 LEVEL = {"apps": 3, "launch": 2, "runtime": 2, "library": 1}
 # launch and runtime share a level: runtime modules use the launch helpers (registry, outputs), but the
 # launch layer must stay torch-free, so it may not import the runtime (checked separately)
@@ -73,6 +76,16 @@ def test_the_launch_layer_imports_no_torch_and_no_runtime_module():
         names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not names & {"torch", "monai", "ignite", "numpy"}, f"{name} imports {names & {'torch', 'monai', 'ignite'}}"
         assert not GRAPH[name] & RUNTIME, f"{name} imports the runtime layer"
+
+
+def test_importing_the_launch_layer_loads_no_torch():
+    """A lazy import inside a function (e.g. `model_info.update_model_info` loading `medanomaly.io`)
+    is allowed; loading torch when the CLI or Slicer merely imports the launch layer is not."""
+    script = (f"import importlib, sys; [importlib.import_module(m) for m in {sorted(LAUNCH)!r}]; "
+              "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent).stdout.split()
+    assert not set(loaded) & HEAVY, f"importing the launch layer loaded {set(loaded) & HEAVY}"
 
 
 def test_no_import_cycles():

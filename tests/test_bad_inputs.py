@@ -25,6 +25,7 @@ from monai.transforms import LoadImage
 from medanomaly import io
 from medanomaly.bundles import BundleProcess, BundleRunError, ConfigText, bundle_command, find_bundle, list_bundles
 from medanomaly.bundles import engine
+from medanomaly.bundles.model_info import load_threshold
 from medanomaly.bundles.outputs import OutputFolderBusyError, lock_output_dir
 from medanomaly.bundles.registry import BUNDLE_PATH_ENV, BundleNotFound
 from medanomaly.data import load_datalist
@@ -315,7 +316,7 @@ def test_json_outputs_are_strict_json_with_non_finite_numbers_as_null(tmp_path, 
 def test_an_uncalibrated_null_threshold_falls_back_with_a_warning(tmp_path, caplog):
     io.write_json(tmp_path / "model_info.json", {"threshold": float("inf")})
     with caplog.at_level(logging.WARNING):
-        assert engine.load_threshold(tmp_path, default=0.5) == 0.5
+        assert load_threshold(tmp_path, default=0.5) == 0.5
     assert "No calibrated threshold" in caplog.text
 
 

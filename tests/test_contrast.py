@@ -19,7 +19,8 @@ from monai.bundle import ConfigParser
 
 from medanomaly.bundles import bundle_scripts, engine, list_bundles
 from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, training_contrast
-from medanomaly.bundles.registry import REPOSITORY_BUNDLES, weights_contrasts
+from medanomaly.bundles.model_info import update_model_info, weights_contrasts
+from medanomaly.bundles.registry import REPOSITORY_BUNDLES
 from medanomaly.data.contrast import CONTRASTS, check_contrast, check_contrasts, contrast_of_file, contrast_of_item
 
 REPOSITORY = sorted((b for b in list_bundles() if b.root.parent == REPOSITORY_BUNDLES), key=lambda b: b.name)
@@ -42,7 +43,7 @@ def _datalist(path: Path, **content) -> Path:
 
 def _weights(folder: Path, contrast) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    engine.update_model_info(folder, bundle="dae", contrast=contrast)
+    update_model_info(folder, bundle="dae", contrast=contrast)
     return folder
 
 

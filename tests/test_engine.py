@@ -1,4 +1,4 @@
-"""The shared inference plumbing's small pieces: inputs, weights, thresholds, checkpoints."""
+"""The shared inference plumbing's small pieces: inputs, weights, checkpoints."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from medanomaly.bundles import engine
+from medanomaly.bundles.model_info import update_model_info
 from medanomaly.bundles.outputs import output_paths, volume_name
 
 
@@ -52,15 +53,6 @@ def test_weights_load_with_errors_that_say_what_to_do(tmp_path):
     torch.save({"model": trained.state_dict()}, tmp_path / "model.pt")  # CheckpointSaver's layout
     engine.load_weights(network, tmp_path)
     torch.testing.assert_close(network.weight, trained.weight)
-
-
-def test_model_info_merges_and_threshold_falls_back_loudly(tmp_path, caplog):
-    assert engine.load_threshold(tmp_path, default=0.3) == 0.3
-    assert "No calibrated threshold" in caplog.text
-    engine.update_model_info(tmp_path, variant="demo")
-    engine.update_model_info(tmp_path, threshold=0.125)
-    assert json.loads((tmp_path / "model_info.json").read_text()) == {"variant": "demo", "threshold": 0.125}
-    assert engine.load_threshold(tmp_path) == 0.125
 
 
 def test_resume_takes_the_final_then_the_newest_periodic_checkpoint(tmp_path):
@@ -209,7 +201,7 @@ def test_metrics_record_the_weights_they_evaluated(tmp_path):
     from medanomaly.metrics import CohortEvaluator
 
     weights = tmp_path / "models" / "brainomaly"
-    engine.update_model_info(weights, model="brainomaly", train_seconds=713.4)
+    update_model_info(weights, model="brainomaly", train_seconds=713.4)
     evaluator = CohortEvaluator(n_bins=100)
     heatmap = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
     label = np.zeros_like(heatmap, dtype=bool)

@@ -38,7 +38,8 @@ from pathlib import Path
 from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, start_bundle
 from medanomaly.console import CommandError
 from medanomaly.results import ROLES
-from medanomaly.bundles.registry import MODEL_FILE, BundleInfo, BundleNotFound, read_model_info
+from medanomaly.bundles.model_info import MODEL_FILE, has_weights, read_model_info
+from medanomaly.bundles.registry import BundleInfo, BundleNotFound
 from medanomaly.data import PRESETS, resolve_datalist
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, check_contrast, check_contrasts
 
@@ -160,7 +161,7 @@ def _model_dir(bundle: BundleInfo, models_root: Path | None) -> Path:
     weights, else the bundle's own `models/`."""
     if models_root is not None:
         for candidate in (models_root / bundle.name / "models", models_root / bundle.name):
-            if (candidate / MODEL_FILE).is_file():
+            if has_weights(candidate):
                 return candidate
     return bundle.model_dir
 
@@ -263,7 +264,7 @@ def _evaluate(bundle: BundleInfo, datalist: Path, run_dir: Path, device, demo, n
     started = time.perf_counter()
     model_dir = _model_dir(bundle, models_root)
     model_info = read_model_info(model_dir)
-    if not (model_dir / MODEL_FILE).is_file():
+    if not has_weights(model_dir):
         return {"row": failed_row(bundle.name, NO_WEIGHTS, f"no {MODEL_FILE} in {model_dir}: train the bundle first "
                                   f"(medanomaly train {bundle.name})", model_info=model_info)}
     if demo is False and model_info.get("variant") == "demo":

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from medanomaly.bundles import find_bundle, list_bundles
 from medanomaly.bundles.outputs import SUMMARY_FILE
-from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound, ModelInfoError
+from medanomaly.bundles.model_info import ModelInfoError
+from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound
 from medanomaly.bundles.runner import check_override_keys
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 

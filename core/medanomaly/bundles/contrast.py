@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Mapping, Sequence
 
-from medanomaly.bundles.registry import read_model_info, weights_contrasts
+from medanomaly.bundles.model_info import read_model_info, weights_contrasts
 from medanomaly.data.contrast import CONTRASTS, check_contrast, contrast_of_item
 from medanomaly.data.datalist import load_datalist, read_datalist
 

@@ -31,7 +31,7 @@ from medanomaly import io, scoring
 from medanomaly.bundles.outputs import (SUMMARY_FILE, VOLUME_SUFFIXES, is_output_file, lock_output_dir,
                                          output_paths, subject_name, volume_name)
 from medanomaly.bundles.progress import VolumeProgress
-from medanomaly.bundles.registry import MODEL_FILE, MODEL_INFO_FILE, read_model_info
+from medanomaly.bundles.model_info import MODEL_FILE, read_model_info, update_model_info
 from medanomaly.data import IMAGE, LABEL, MASK, axial_axis, brain_mask_from_image, intensity_window
 from medanomaly.data import datalist_items
 
@@ -401,25 +401,6 @@ def latest_checkpoint(model_dir: str | os.PathLike) -> str | None:
         return str(model_dir / "checkpoint.pt")
     periodic = sorted(model_dir.glob("checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]))
     return str(periodic[-1]) if periodic else None
-
-
-def update_model_info(model_dir: str | os.PathLike, **fields) -> dict:
-    """Merges fields into `model_dir/model_info.json` (what the weights are and how to use them)."""
-    path = Path(model_dir) / MODEL_INFO_FILE
-    info = read_model_info(model_dir)
-    info.update(fields)
-    io.write_json(path, info, indent=2, sort_keys=True)
-    return info
-
-
-def load_threshold(model_dir: str | os.PathLike, default: float | None = None) -> float | None:
-    """The calibrated threshold stored with the weights, or `default` (with a warning)."""
-    info = read_model_info(model_dir)
-    if info.get("threshold") is None:  # absent, or null: calibration found no finite threshold
-        logger.warning("No calibrated threshold in %s: segmentation uses %s. Run the calibrate workflow.",
-                       Path(model_dir) / MODEL_INFO_FILE, default)
-        return default
-    return float(info["threshold"])
 
 
 def load_weights(network: torch.nn.Module, model_dir: str | os.PathLike, device=None,

@@ -11,9 +11,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from medanomaly.bundles.model_info import (ModelInfoError, has_weights, read_model_info, trained_with_demo_config,
+                                           weights_contrasts)
+
 BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"
 REPOSITORY_BUNDLES = Path(__file__).resolve().parents[3] / "monai_bundles"
-MODEL_FILE, MODEL_INFO_FILE = "model.pt", "model_info.json"
 
 
 class BundleNotFound(LookupError):
@@ -60,7 +62,7 @@ class BundleInfo:
 
     @property
     def has_weights(self) -> bool:
-        return (self.model_dir / MODEL_FILE).is_file()
+        return has_weights(self.model_dir)
 
     @property
     def model_info(self) -> dict:
@@ -94,39 +96,6 @@ class BundleInfo:
             "demo_weights": self.weights_need_demo_config,
             "contrast": self.weights_contrast,
         }
-
-
-class ModelInfoError(ValueError):
-    """A bundle's model_info.json or metadata.json that cannot be read; the message names the file."""
-
-
-def read_model_info(model_dir: str | os.PathLike) -> dict:
-    """`model_dir/model_info.json` (what those weights were trained with), or {} when absent.
-    Raises `ModelInfoError` naming the file when it is not a JSON object."""
-    path = Path(model_dir) / MODEL_INFO_FILE
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelInfoError(f"{path} is damaged ({err}); restore it, or train and calibrate again.") from None
-    if not isinstance(info, dict):
-        raise ModelInfoError(f"{path} holds a JSON {type(info).__name__}, not an object; restore it.")
-    return info
-
-
-def weights_contrasts(model_dir: str | os.PathLike) -> tuple[str, ...]:
-    """The MR contrast(s) the weights in `model_dir` were trained on (model_info.json "contrast",
-    one name or a list, as recorded), or () when unknown."""
-    recorded = read_model_info(model_dir).get("contrast")
-    if not recorded:
-        return ()
-    return (str(recorded),) if isinstance(recorded, str) else tuple(str(c) for c in recorded)
-
-
-def trained_with_demo_config(model_dir: str | os.PathLike) -> bool:
-    """True when the weights in `model_dir` come from the demo overlay (its smaller network)."""
-    return read_model_info(model_dir).get("variant") == "demo"
 
 
 def bundle_search_path() -> list[Path]:

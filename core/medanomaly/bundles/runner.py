@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from medanomaly.bundles.progress import parse_progress
-from medanomaly.bundles.registry import BundleInfo, find_bundle, trained_with_demo_config
+from medanomaly.bundles.model_info import trained_with_demo_config
+from medanomaly.bundles.registry import BundleInfo, find_bundle
 
 # Config files of each workflow, in the order MONAI merges them (later ones override).
 WORKFLOW_CONFIGS = {

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from medanomaly.bundles.engine import SliceAnomalyMethod
+from medanomaly.bundles.model_info import model_info_file, read_model_info
 from medanomaly.scoring import volume_score
 from monai.transforms import Compose, DeleteItemsd
 
@@ -322,12 +323,9 @@ RECORDED = {**{name: None for name in SWITCHES}, "map_base": "input"}
 
 def recorded_switches(model_dir: str | os.PathLike | None) -> dict:
     """The switches (model, positional_encoding, generator, map_base) recorded with the weights in model_dir."""
-    import json
-
-    info_path = Path(model_dir) / "model_info.json" if model_dir else None
-    if info_path is None or not info_path.is_file():
+    if not model_dir or not model_info_file(model_dir).is_file():
         return {}
-    info = json.loads(info_path.read_text())
+    info = read_model_info(model_dir)
     return {k: info.get(k, before) for k, before in RECORDED.items() if k in info or before is not None}
 
 

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from medanomaly import scoring
-from medanomaly.bundles.engine import SliceAnomalyMethod, update_model_info
+from medanomaly.bundles.engine import SliceAnomalyMethod
+from medanomaly.bundles.model_info import update_model_info
 from medanomaly.data import IMAGE, MASK
 from medanomaly.latent import REPOSITORY_FILE, LatentRepository, select_fraction
 from scripts.inversion import LatentInverter, resize
