@@ -3,7 +3,7 @@
 Layers of `medanomaly` (docs/ARCHITECTURE.md), from the top:
   apps      the command line, its console helpers, benchmark, demo, report: imported by nothing below
   launch    torch-free: find, describe and start bundles (the CLI and Slicer use it at start-up)
-  runtime   inside a bundle process: method base, inferer, handlers, writers, weights
+  runtime   inside a bundle process: method base, inferer, predictions, writers, handlers, weights, inputs
   library   io, data, anomalies, scoring, masking, latent, metrics, perceptual, visualize
 A module may import its own layer and those below it. Every import in a file counts, also those
 inside functions (a lazy import is still a dependency).
@@ -20,9 +20,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "core" / "medanomaly"
 APPS = {"medanomaly.cli", "medanomaly.console", "medanomaly.benchmark", "medanomaly.demo", "medanomaly.report"}
-LAUNCH = {"medanomaly.bundles", "medanomaly.bundles.registry", "medanomaly.bundles.runner",
-          "medanomaly.bundles.progress", "medanomaly.bundles.outputs", "medanomaly.bundles.model_info"}
-RUNTIME = {"medanomaly.bundles.engine", "medanomaly.bundles.contrast"}
+LAUNCH = {f"medanomaly.bundles{name}" for name in
+          ("", ".registry", ".runner", ".progress", ".outputs", ".model_info", ".input_files")}
+RUNTIME = {f"medanomaly.bundles.{name}" for name in
+           ("method", "predictions", "writing", "handlers", "weights", "inputs", "contrast")}
 HEAVY = {"torch", "monai", "ignite", "numpy", "SimpleITK"}
 LEVEL = {"apps": 3, "launch": 2, "runtime": 2, "library": 1}
 # launch and runtime share a level: runtime modules use the launch helpers (registry, outputs), but the
@@ -60,6 +61,11 @@ def imports_of(path: Path) -> set[str]:
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 GRAPH = {name: imports_of(path) - {name} for name, path in MODULES.items()}
+
+
+def test_every_bundles_module_is_in_the_launch_or_the_runtime_layer():
+    bundles = {name for name in MODULES if name.startswith("medanomaly.bundles")}
+    assert bundles == LAUNCH | RUNTIME, f"unlisted: {bundles - LAUNCH - RUNTIME}, gone: {LAUNCH | RUNTIME - bundles}"
 
 
 def test_no_module_imports_a_higher_layer():

@@ -17,7 +17,9 @@ import yaml
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from medanomaly.bundles import bundle_scripts, engine, list_bundles
+from medanomaly.bundles import bundle_scripts, list_bundles
+from medanomaly.bundles.handlers import ModelInfoHandler
+from medanomaly.bundles.inputs import resolve_inputs
 from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, training_contrast
 from medanomaly.bundles.model_info import update_model_info, weights_contrasts
 from medanomaly.bundles.registry import REPOSITORY_BUNDLES
@@ -91,7 +93,7 @@ def test_resolve_inputs_passes_the_contrast_to_resolve_datalist(tmp_path, monkey
     from medanomaly.data import synth
 
     monkeypatch.setattr(synth, "resolve_datalist", lambda name, contrast=None: calls.append((name, contrast)) or datalist)
-    items = engine.resolve_inputs(None, "demo", "test_lesion", contrast="T2w")
+    items = resolve_inputs(None, "demo", "test_lesion", contrast="T2w")
     assert calls == [("demo", "T2w")]
     # the datalist's top-level contrast goes into its entries; an entry's own wins
     assert [i["contrast"] for i in items] == ["T2w", "FLAIR"]
@@ -99,8 +101,8 @@ def test_resolve_inputs_passes_the_contrast_to_resolve_datalist(tmp_path, monkey
 
 def test_file_inputs_carry_the_declared_contrast_only_when_given(tmp_path):
     scan = _volume(tmp_path / "scan.nii.gz")
-    assert engine.resolve_inputs(str(scan)) == [{"image": str(scan), "subject": "scan"}]
-    assert engine.resolve_inputs(str(scan), input_contrast="FLAIR") == [
+    assert resolve_inputs(str(scan)) == [{"image": str(scan), "subject": "scan"}]
+    assert resolve_inputs(str(scan), input_contrast="FLAIR") == [
         {"image": str(scan), "subject": "scan", "contrast": "FLAIR"}]
 
 
@@ -196,7 +198,7 @@ def test_a_datalist_of_several_contrasts_records_them_all(tmp_path):
 
 
 def test_model_info_handler_writes_the_contrast(tmp_path):
-    handler = engine.ModelInfoHandler(str(tmp_path), {"bundle": "dae", "contrast": "T2w"})
+    handler = ModelInfoHandler(str(tmp_path), {"bundle": "dae", "contrast": "T2w"})
     trainer = Engine(lambda engine, batch: [{"loss": 0.5}])
     handler.attach(trainer)
     trainer.run([0, 1], max_epochs=1)

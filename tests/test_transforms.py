@@ -93,7 +93,7 @@ def test_axial_axis_follows_the_affine():
 # --- the persistent preprocessing cache ------------------------------------------------------
 
 def _healthy_items(tiny, n=1):
-    from medanomaly.bundles.engine import resolve_inputs
+    from medanomaly.bundles.inputs import resolve_inputs
 
     return resolve_inputs(datalist=str(tiny), keys="validation_healthy")[:n]
 

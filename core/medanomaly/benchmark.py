@@ -4,7 +4,7 @@ Each bundle runs in its own process (exactly as `python -m monai.bundle run` wou
 method's memory or CUDA state never leaks into the next, and one that fails (or has no
 weights) is reported in the table with the root cause of its failure instead of stopping the
 others. The numbers come from each run's `metrics.json`, `per_volume.json` and
-`histograms.npz` (written by `medanomaly.bundles.engine.CohortMetricsHandler`); the cost
+`histograms.npz` (written by `medanomaly.bundles.handlers.CohortMetricsHandler`); the cost
 columns from the run (wall time, peak memory) and the weights' `model_info.json` (training time).
 
 Each contrast (T1w, T2w, FLAIR) is a run of its own: every bundle's evaluate workflow gets the

@@ -7,7 +7,6 @@ as `python -m monai.bundle run` would run it; this module only parses arguments 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 from medanomaly.bundles import find_bundle, list_bundles
+from medanomaly.bundles.input_files import expand_inputs
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.model_info import ModelInfoError
 from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound
@@ -39,10 +39,14 @@ def _output_folder(path: str) -> str:
     return str(folder.resolve())
 
 
-def _check_inputs_exist(inputs: list[str]) -> None:
-    for entry in inputs:
-        if not Path(entry).exists() and not glob.glob(entry):
-            raise SystemExit(f"error: input {entry} does not exist.")
+def _check_inputs_exist(inputs: list[str], mask: str | None) -> None:
+    """Stops before the bundle starts when an input names no volume (the bundle expands them alike)."""
+    try:
+        expand_inputs(inputs)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    if mask and not Path(mask).exists():
+        raise SystemExit(f"error: the brain mask {mask} does not exist.")
 
 
 def _threshold(text: str) -> float:
@@ -118,7 +122,7 @@ def cmd_train(args) -> None:
 
 def cmd_detect(args) -> None:
     overrides = _common_overrides(args, "inference")
-    _check_inputs_exist([*args.inputs, *([args.mask] if args.mask else [])])
+    _check_inputs_exist(args.inputs, args.mask)
     overrides["input"] = args.inputs if len(args.inputs) > 1 else args.inputs[0]
     overrides["output_ext"] = "." + args.format.lstrip(".")
     if args.mask:

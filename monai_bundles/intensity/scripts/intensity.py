@@ -24,7 +24,8 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines import Workflow
 
-from medanomaly.bundles.engine import ModelInfoHandler, SliceAnomalyMethod
+from medanomaly.bundles.handlers import ModelInfoHandler
+from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.model_info import update_model_info, weights_file
 from medanomaly.data import DEFAULT_CONTRAST, IMAGE, MASK, check_contrast
 

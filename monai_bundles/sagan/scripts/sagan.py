@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medanomaly.bundles.engine import SliceAnomalyMethod
+from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.model_info import model_info_file, read_model_info
 from medanomaly.scoring import volume_score
 from monai.transforms import Compose, DeleteItemsd

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from medanomaly import scoring
-from medanomaly.bundles.engine import SliceAnomalyMethod
+from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.model_info import update_model_info
 from medanomaly.data import IMAGE, MASK
 from medanomaly.latent import REPOSITORY_FILE, LatentRepository, select_fraction
@@ -62,7 +62,7 @@ class SCRPSMethod(SliceAnomalyMethod):
 
 def load_generator(generator: torch.nn.Module, model_dir: str | Path, device=None) -> torch.nn.Module:
     """The EMA generator's weights from `model_dir/model.pt`, frozen, in eval mode."""
-    from medanomaly.bundles.engine import load_weights
+    from medanomaly.bundles.weights import load_weights
 
     generator = load_weights(generator, model_dir, device).eval()
     return generator.requires_grad_(False)

@@ -15,7 +15,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
-from medanomaly.bundles.engine import SliceAnomalyMethod, resolve_inputs
+from medanomaly.bundles.inputs import resolve_inputs
+from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.model_info import update_model_info
 from medanomaly.data import CONTRASTS, resolve_datalist
 from medanomaly.data.companion import companion_lesion_subjects, synthetic_provenance
