@@ -22,9 +22,10 @@ from medanomaly.bundles.handlers import ModelInfoHandler
 from medanomaly.bundles.inputs import resolve_inputs
 from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, training_contrast
 from medanomaly.bundles.model_info import update_model_info, weights_contrasts
-from medanomaly.bundles.registry import REPOSITORY_BUNDLES
+from medanomaly.bundles.registry import repository_bundles
 from medanomaly.data.contrast import CONTRASTS, check_contrast, check_contrasts, contrast_of_file, contrast_of_item
 
+REPOSITORY_BUNDLES = repository_bundles()
 REPOSITORY = sorted((b for b in list_bundles() if b.root.parent == REPOSITORY_BUNDLES), key=lambda b: b.name)
 # the literature bundles, trained on one contrast through the `contrast` key (`supervised` trains on several)
 SINGLE_CONTRAST = [b for b in REPOSITORY if b.name in ("cddpm", "dae", "phanes", "sagan", "scrps")]

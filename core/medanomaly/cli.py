@@ -18,11 +18,11 @@ from medanomaly.bundles import find_bundle, list_bundles
 from medanomaly.bundles.input_files import expand_inputs
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.model_info import ModelInfoError
-from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound
+from medanomaly.bundles.registry import REPOSITORY_ROOT, BundleNotFound
 from medanomaly.bundles.runner import check_override_keys
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 
-_REPOSITORY_README = REPOSITORY_BUNDLES.parent / "README.md"
+_REPOSITORY_README = REPOSITORY_ROOT / "README.md"
 
 
 def _output_folder(path: str) -> str:
