@@ -427,7 +427,7 @@ def test_bundle_trains_calibrates_infers_and_evaluates(tiny, tmp_path, switches)
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["sagan", "brainomaly"])
 def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
-    from medanomaly.bundles.registry import weights_contrasts
+    from medanomaly.bundles.model_info import weights_contrasts
     from medanomaly.data import ensure_cohort
 
     weights = find_bundle("sagan").model_dir / ("brainomaly" if model == "brainomaly" else "")

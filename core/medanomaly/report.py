@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from medanomaly.console import CommandError
 from medanomaly.results import ROLES, contrast_view, display_order, method_label
-from medanomaly.bundles.outputs import subject_name
+from medanomaly.bundles.outputs import SUMMARY_FILE, subject_name
 from medanomaly.metrics import CohortEvaluator, plot_curves
 from medanomaly.visualize import _display, lesion_slice
 
@@ -173,7 +173,7 @@ def _no_subjects_reason(results: dict, datalist: Path) -> str:
 
 
 def _detections(run_dir: str) -> dict[str, dict]:
-    path = Path(run_dir) / "detections.json"
+    path = Path(run_dir) / SUMMARY_FILE
     return {r["subject"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
 
 
