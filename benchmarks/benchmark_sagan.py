@@ -8,8 +8,8 @@ cohort (default: the synthetic demo cohort).
 Rows with shipped demo weights (sagan: models/, brainomaly: models/brainomaly/) are evaluated as
 they are. The other variants have no shipped weights: they are trained here, briefly, with the
 demo overlay (`--train-iterations` critic iterations; `--calibrate` also calibrates their
-thresholds, which the table does not need) -- or, with `--train-iterations 0`, listed as "not trained". `--retrain` trains every row
-with the same short budget, the like-for-like comparison. Each evaluation is one
+thresholds, which the table does not need) -- or, with `--train-iterations 0`, listed as "not trained".
+`--retrain` trains every row with the same short budget, the like-for-like comparison. Each evaluation is one
 `run_bundle("sagan", "evaluate", ...)` in its own process; the table holds the paper's metrics
 (volume AUROC and AP, the subject score being the mean anomaly map), pooled [Dice] and seconds per
 volume, with each row's training iterations, so short-trained rows are not mistaken for shipped ones.
@@ -107,7 +107,8 @@ def main(argv=None) -> list[dict]:
             rows.append({"row": name, "bundle": name, "weights": "not trained"})
             continue
         info = read_model_info(model_dir)
-        out = output_dir / name / (f"evaluate-{args.score_reduction}" + ("-shipped" if weights == "shipped demo" else ""))
+        shipped_suffix = "-shipped" if weights == "shipped demo" else ""
+        out = output_dir / name / f"evaluate-{args.score_reduction}{shipped_suffix}"
         started = time.perf_counter()
         if args.fresh or not _evaluated(out, Path(model_dir)):
             print(f"== {name}: evaluating ({weights}) ...", flush=True)
@@ -128,7 +129,8 @@ def main(argv=None) -> list[dict]:
     a, b = by_name.get("sagan", {}), by_name.get("brainomaly", {})
     if a.get("volume_auroc") is not None and b.get("volume_auroc") is not None:
         same = a.get("iterations") == b.get("iterations")
-        verdict = "beats" if (a["volume_auroc"], a["volume_ap"]) > (b["volume_auroc"], b["volume_ap"]) else "does not beat"
+        beats = (a["volume_auroc"], a["volume_ap"]) > (b["volume_auroc"], b["volume_ap"])
+        verdict = "beats" if beats else "does not beat"
         print(f"\nsagan {verdict} brainomaly on this cohort: volume AUROC {a['volume_auroc']:.3f} vs "
               f"{b['volume_auroc']:.3f}, volume AP {a['volume_ap']:.3f} vs {b['volume_ap']:.3f}, pooled [Dice] "
               f"{a['pooled_dice']:.3f} vs {b['pooled_dice']:.3f}"

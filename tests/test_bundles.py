@@ -23,8 +23,8 @@ from medanomaly.bundles import (
     format_progress,
     list_bundles,
     parse_progress,
+    registry,
 )
-from medanomaly.bundles import registry
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "monai_bundles" / "schema" / "meta_schema_20240725.json"

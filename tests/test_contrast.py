@@ -18,9 +18,9 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from medanomaly.bundles import bundle_scripts, list_bundles
+from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, training_contrast
 from medanomaly.bundles.handlers import ModelInfoHandler
 from medanomaly.bundles.inputs import resolve_inputs
-from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, training_contrast
 from medanomaly.bundles.model_info import update_model_info, weights_contrasts
 from medanomaly.bundles.registry import repository_bundles
 from medanomaly.data.contrast import CONTRASTS, check_contrast, check_contrasts, contrast_of_file, contrast_of_item
@@ -93,7 +93,8 @@ def test_resolve_inputs_passes_the_contrast_to_resolve_datalist(tmp_path, monkey
     calls = []
     from medanomaly.data import synth
 
-    monkeypatch.setattr(synth, "resolve_datalist", lambda name, contrast=None: calls.append((name, contrast)) or datalist)
+    monkeypatch.setattr(synth, "resolve_datalist",
+                        lambda name, contrast=None: calls.append((name, contrast)) or datalist)
     items = resolve_inputs(None, "demo", "test_lesion", contrast="T2w")
     assert calls == [("demo", "T2w")]
     # the datalist's top-level contrast goes into its entries; an entry's own wins

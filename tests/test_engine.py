@@ -12,11 +12,11 @@ import torch
 from medanomaly.bundles.handlers import CalibrationHandler, CohortMetricsHandler, collect_volume
 from medanomaly.bundles.inputs import resolve_inputs
 from medanomaly.bundles.method import ProgressSliceInferer
+from medanomaly.bundles.model_info import update_model_info
+from medanomaly.bundles.outputs import output_paths, volume_name
 from medanomaly.bundles.predictions import PRED, supplied_brain_mask
 from medanomaly.bundles.weights import latest_checkpoint, load_weights
 from medanomaly.bundles.writing import SaveAnomalyOutputsd
-from medanomaly.bundles.model_info import update_model_info
-from medanomaly.bundles.outputs import output_paths, volume_name
 
 
 def _write_volume(path):

@@ -6,9 +6,16 @@ import json
 
 import pytest
 
-from medanomaly.bundles.model_info import (ModelInfoError, has_weights, load_threshold, read_model_info,
-                                           trained_with_demo_config, update_model_info, weights_contrasts,
-                                           weights_file)
+from medanomaly.bundles.model_info import (
+    ModelInfoError,
+    has_weights,
+    load_threshold,
+    read_model_info,
+    trained_with_demo_config,
+    update_model_info,
+    weights_contrasts,
+    weights_file,
+)
 
 
 def test_model_info_merges_and_threshold_falls_back_loudly(tmp_path, caplog):

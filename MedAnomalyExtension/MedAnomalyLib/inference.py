@@ -362,8 +362,10 @@ def read_result(request: DetectionRequest, log: str = "") -> DetectionResult:
 _FAILURES = [
     (re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I),
      "The GPU ran out of memory. Close other programs that use the GPU, or choose CPU as the device."),
-    (re.compile(r"\bMemoryError\b|DefaultCPUAllocator: can't allocate memory|not enough memory|Cannot allocate memory", re.I),
-     "The computer ran out of memory. Close other programs, or crop the volume to the head first (Crop Volume module)."),
+    (re.compile(r"\bMemoryError\b|DefaultCPUAllocator: can't allocate memory|not enough memory|"
+                r"Cannot allocate memory", re.I),
+     "The computer ran out of memory. Close other programs, or crop the volume to the head first "
+     "(Crop Volume module)."),
     (re.compile(r"Torch not compiled with CUDA enabled|No CUDA GPUs are available|Found no NVIDIA driver|"
                 r"CUDA driver version is insufficient|no kernel image is available", re.I),
      "PyTorch cannot use the GPU here. Choose CPU as the device, or install a CUDA build of PyTorch "

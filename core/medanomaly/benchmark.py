@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 
 from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, start_bundle
-from medanomaly.console import CommandError
-from medanomaly.results import ROLES
 from medanomaly.bundles.model_info import MODEL_FILE, has_weights, read_model_info
 from medanomaly.bundles.registry import BundleInfo, BundleNotFound
+from medanomaly.console import CommandError
 from medanomaly.data import PRESETS, resolve_datalist
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, check_contrast, check_contrasts
+from medanomaly.results import ROLES
 
 OK, NO_WEIGHTS, NO_EVALUATE, FAILED = "ok", "no weights", "no evaluate config", "failed"
 RESULTS_JSON, RESULTS_CSV, GROUPS_CSV = "results.json", "results.csv", "results_by_group.csv"
@@ -444,7 +444,8 @@ def _merged(results: dict, output_dir: Path) -> dict:
                 contrasts[c], kept_any = old, True
             continue
         ran = {entry["row"]["bundle"] for entry in new["bundles"]}
-        kept = [e for e in old["bundles"] if e["row"]["bundle"] not in ran] if old and old["datalist"] == new["datalist"] else []
+        same_cohort = old and old["datalist"] == new["datalist"]
+        kept = [e for e in old["bundles"] if e["row"]["bundle"] not in ran] if same_cohort else []
         contrasts[c] = {**new, "bundles": kept + new["bundles"]}
         kept_any = kept_any or bool(kept)
     if not kept_any:

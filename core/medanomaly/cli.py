@@ -16,8 +16,8 @@ from pathlib import Path
 
 from medanomaly.bundles import find_bundle, list_bundles
 from medanomaly.bundles.input_files import expand_inputs
-from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.model_info import ModelInfoError
+from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.registry import REPOSITORY_ROOT, BundleNotFound
 from medanomaly.bundles.runner import check_override_keys
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
@@ -79,7 +79,8 @@ def cmd_list(args) -> None:
         print(json.dumps([b.summary() for b in bundles], indent=2))
         return
     for bundle in bundles:
-        weights = "demo weights" if bundle.weights_need_demo_config else ("weights" if bundle.has_weights else "no weights")
+        weights = "weights" if bundle.has_weights else "no weights"
+        weights = "demo weights" if bundle.weights_need_demo_config else weights
         contrast = (bundle.weights_contrast or "unknown") if bundle.has_weights else "-"
         print(f"{bundle.name:<10} {bundle.version:<8} {weights:<13} {contrast:<11} {bundle.metadata.get('task', '')}")
 
@@ -140,7 +141,8 @@ def cmd_detect(args) -> None:
 
 def cmd_evaluate(args) -> None:
     overrides = _common_overrides(args, "evaluate")
-    overrides["output_dir"] = _output_folder(overrides.get("output_dir") or str(Path("outputs") / args.bundle / "evaluate"))
+    default_folder = Path("outputs") / args.bundle / "evaluate"
+    overrides["output_dir"] = _output_folder(overrides.get("output_dir") or str(default_folder))
     if args.keys:
         overrides["datalist_keys"] = args.keys
     started = run_workflow(args.bundle, "evaluate", overrides, demo=args.demo, quiet=True)

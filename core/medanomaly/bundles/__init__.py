@@ -35,9 +35,9 @@ from medanomaly.bundles.runner import (
 )
 
 __all__ = [
-    "BundleInfo", "BundleNotFound", "BundleProcess", "BundleRunError", "ConfigText", "VolumeProgress", "WORKFLOW_CONFIGS",
-    "bundle_command", "bundle_scripts", "bundle_search_path", "import_bundle_scripts", "find_bundle", "format_progress", "list_bundles", "parse_progress",
-    "report_progress", "run_bundle", "start_bundle",
+    "BundleInfo", "BundleNotFound", "BundleProcess", "BundleRunError", "ConfigText", "VolumeProgress",
+    "WORKFLOW_CONFIGS", "bundle_command", "bundle_scripts", "bundle_search_path", "import_bundle_scripts",
+    "find_bundle", "format_progress", "list_bundles", "parse_progress", "report_progress", "run_bundle", "start_bundle",
 ]
 
 

@@ -11,8 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from medanomaly.bundles.model_info import (ModelInfoError, has_weights, read_model_info, trained_with_demo_config,
-                                           weights_contrasts)
+from medanomaly.bundles.model_info import (
+    ModelInfoError,
+    has_weights,
+    read_model_info,
+    trained_with_demo_config,
+    weights_contrasts,
+)
 
 BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"  # os.pathsep-separated folders of bundles, searched first
 _PACKAGE = Path(__file__).resolve().parents[1]

@@ -13,8 +13,14 @@ from monai.transforms import MapTransform
 
 from medanomaly import io
 from medanomaly.bundles.outputs import output_paths
-from medanomaly.bundles.predictions import (PRED, item_subject_name, scored_heatmap, source_file, supplied_brain_mask,
-                                            to_numpy)
+from medanomaly.bundles.predictions import (
+    PRED,
+    item_subject_name,
+    scored_heatmap,
+    source_file,
+    supplied_brain_mask,
+    to_numpy,
+)
 from medanomaly.data import IMAGE, intensity_window
 
 

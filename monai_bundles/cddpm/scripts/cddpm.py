@@ -24,6 +24,7 @@ from medanomaly import scoring
 from medanomaly.anomalies import smooth_noise
 from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.weights import load_weights
+
 from scripts.diffusion import make_scheduler, sample
 
 _FOLD_FILE = re.compile(r"^model_fold(\d+)\.pt$")

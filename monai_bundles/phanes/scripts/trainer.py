@@ -26,8 +26,15 @@ from medanomaly import masking
 from medanomaly.bundles.model_info import update_model_info, weights_file
 from medanomaly.data import IMAGE, MASK
 
-from scripts.losses import (VGG19Features, discriminator_loss, embedding_loss, generator_adversarial_loss,
-                            kl_divergence, perceptual_loss, reconstruction_error, style_loss)
+from scripts.losses import (
+    discriminator_loss,
+    embedding_loss,
+    generator_adversarial_loss,
+    kl_divergence,
+    perceptual_loss,
+    reconstruction_error,
+    style_loss,
+)
 from scripts.networks import PHANES, PatchDiscriminator
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.model_info import update_model_info
 from medanomaly.data import IMAGE, MASK
 from medanomaly.latent import REPOSITORY_FILE, LatentRepository, select_fraction
+
 from scripts.inversion import LatentInverter, resize
 from scripts.stylegan2 import to_unit
 
@@ -84,7 +85,8 @@ def build_repository(inverter: LatentInverter, data: Sequence[dict], transform: 
     volumes, candidates = [], []
     for item in tqdm(data, desc="loading training volumes"):
         d = transform(item)
-        volumes.append((str(item.get("subject", len(volumes))), d[IMAGE].as_tensor() if hasattr(d[IMAGE], "as_tensor") else d[IMAGE]))
+        image = d[IMAGE].as_tensor() if hasattr(d[IMAGE], "as_tensor") else d[IMAGE]
+        volumes.append((str(item.get("subject", len(volumes))), image))
         candidates += [(len(volumes) - 1, z) for z in brain_slices(d[MASK], min_brain_fraction)]
     chosen = [candidates[i] for i in select_fraction(len(candidates), fraction, seed)]
     logger.info("Latent repository: inverting %d of %d brain slices of %d volumes.", len(chosen), len(candidates),

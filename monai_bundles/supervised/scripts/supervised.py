@@ -68,7 +68,8 @@ def _with_contrast(items: Iterable[dict]) -> list[dict]:
     return unique
 
 
-def contrast_items(datalist, contrasts: Sequence[str] = CONTRASTS, keys: str | Sequence[str] = "validation_lesion") -> list[dict]:
+def contrast_items(datalist, contrasts: Sequence[str] = CONTRASTS,
+                   keys: str | Sequence[str] = "validation_lesion") -> list[dict]:
     """Entries of the `keys` splits of `datalist` (a preset name or a datalist file) over `contrasts`."""
     return _with_contrast(item for path in _contrast_datalists(datalist, contrasts)
                           for item in resolve_inputs(datalist=path, keys=keys))
