@@ -17,6 +17,7 @@ demo: install
 	$(VENV)/bin/medanomaly demo
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-all: install

@@ -14,17 +14,19 @@ import os
 
 import ctk
 import qt
-import vtk
-
 import slicer
+import vtk
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import *
-from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import parameterNodeWrapper
-
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
 
 #
 # MedAnomaly
@@ -71,6 +73,7 @@ def registerSampleData():
     """Adds the module's synthetic lesion volume to the Sample Data module (a local file://
     source, checked against its SHA256)."""
     import SampleData
+
     from MedAnomalyLib import sampledata
 
     path = sampledata.sample_path()
@@ -187,7 +190,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.resetThresholdButton.connect("clicked(bool)", self.onResetThreshold)
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.segmentationShow3DButton.setSegmentationNode)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                             self.ui.segmentationShow3DButton.setSegmentationNode)
 
         # Advanced settings (stored in the application settings, not in the scene)
         self.ui.sourcePathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
@@ -254,7 +258,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode.inputVolume = firstVolumeNode
         if not self._parameterNode.method and self._methods:
             self._parameterNode.method = next(iter(self._methods))
-        if self._parameterNode.device not in [self.ui.deviceComboBox.itemData(i) for i in range(self.ui.deviceComboBox.count)]:
+        devices = [self.ui.deviceComboBox.itemData(i) for i in range(self.ui.deviceComboBox.count)]
+        if self._parameterNode.device not in devices:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(0)
         self.updateGuiFromParameterNode()
 
@@ -300,7 +305,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if method is not None and method.name != self._thresholdRangeMethod:
                 # a method's scores have their own scale: fit the slider to its calibrated threshold
                 self._thresholdRangeMethod = method.name
-                self.setThresholdRange(method.threshold if method.threshold is not None else self._parameterNode.threshold)
+                calibrated = method.threshold
+                self.setThresholdRange(calibrated if calibrated is not None else self._parameterNode.threshold)
             if self._parameterNode.threshold > self.ui.thresholdSlider.maximum:
                 self.setThresholdRange(self._parameterNode.threshold)
             self.ui.thresholdSlider.value = self._parameterNode.threshold
@@ -314,8 +320,9 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         method = self.currentMethod()
         if method is None:
             if not self._methods:
-                self.ui.methodInfoLabel.text = _("No methods found. Press 'Install / check dependencies' in the Advanced "
-                                                 "section, or set the MedAnomaly source folder there.")
+                self.ui.methodInfoLabel.text = _(
+                    "No methods found. Press 'Install / check dependencies' in the Advanced "
+                    "section, or set the MedAnomaly source folder there.")
             else:
                 self.ui.methodInfoLabel.text = ""
             return
@@ -335,7 +342,9 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text = _("Calibrated on healthy scans.") if calibrated is not None else \
                 _("This method has no calibrated threshold: the 99th percentile of the scan's scores is used.")
         else:
-            text = _("Custom threshold.") + (f" " + _("Calibrated: {value:.4g}").format(value=calibrated) if calibrated is not None else "")
+            text = _("Custom threshold.")
+            if calibrated is not None:
+                text += " " + _("Calibrated: {value:.4g}").format(value=calibrated)
         self.ui.thresholdInfoLabel.text = text
         self.ui.resetThresholdButton.enabled = not self._parameterNode.useCalibratedThreshold
 
@@ -381,8 +390,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif plan.empty:
             self.ui.dependenciesStatusLabel.text = _("All installed.")
         else:
-            self.ui.dependenciesStatusLabel.text = _("Missing (installed on the first Apply, after asking): {what}").format(
-                what="; ".join(plan.reasons))
+            missing = _("Missing (installed on the first Apply, after asking): {what}")
+            self.ui.dependenciesStatusLabel.text = missing.format(what="; ".join(plan.reasons))
 
     def onMethodChanged(self, index) -> None:
         if self._updatingGui or self._parameterNode is None or index < 0:
@@ -519,9 +528,10 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._updatingGui = False
                 self.updateGuiFromParameterNode()
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = _("Done in {seconds:.0f} s: {count} voxels ({volume:.1f} ml) above {threshold:.4g}.").format(
-                seconds=task.job.elapsed, count=outputs.voxelCount, volume=outputs.voxelCount * self.logic.voxelVolumeMl(outputs.heatmapVolume),
-                threshold=outputs.threshold)
+            done = _("Done in {seconds:.0f} s: {count} voxels ({volume:.1f} ml) above {threshold:.4g}.")
+            volumeMl = outputs.voxelCount * self.logic.voxelVolumeMl(outputs.heatmapVolume)
+            self.ui.statusLabel.text = done.format(seconds=task.job.elapsed, count=outputs.voxelCount, volume=volumeMl,
+                                                   threshold=outputs.threshold)
         except DetectionCancelled:
             self.ui.statusLabel.text = _("Cancelled. The scene is unchanged.")
         except DetectionError as error:
@@ -531,8 +541,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as error:
             logging.exception("MedAnomaly: loading the results failed")
             self.ui.statusLabel.text = _("Failed: {message}").format(message=str(error))
-            slicer.util.errorDisplay(_("MedAnomaly could not load the results:\n\n{message}").format(message=str(error)),
-                                     detailedText=task.job.log)
+            message = _("MedAnomaly could not load the results:\n\n{message}").format(message=str(error))
+            slicer.util.errorDisplay(message, detailedText=task.job.log)
         finally:
             task.cleanup()
             self._taskOutputs = None
@@ -583,9 +593,11 @@ class DetectionTask:
 class DetectionOutputs:
     """The nodes a detection produced (or replaced)."""
 
-    def __init__(self, heatmapVolume, segmentation, pseudoHealthyVolume, threshold, voxelCount, heatmapMaximum, volumeScore):
-        self.heatmapVolume, self.segmentation, self.pseudoHealthyVolume = heatmapVolume, segmentation, pseudoHealthyVolume
-        self.threshold, self.voxelCount, self.heatmapMaximum, self.volumeScore = threshold, voxelCount, heatmapMaximum, volumeScore
+    def __init__(self, heatmapVolume, segmentation, pseudoHealthyVolume, threshold, voxelCount, heatmapMaximum,
+                 volumeScore):
+        self.heatmapVolume, self.segmentation = heatmapVolume, segmentation
+        self.pseudoHealthyVolume, self.threshold, self.voxelCount = pseudoHealthyVolume, threshold, voxelCount
+        self.heatmapMaximum, self.volumeScore = heatmapMaximum, volumeScore
 
 
 _bundlePathSetByModule = None  # the MEDANOMALY_BUNDLE_PATH value this module put into os.environ
@@ -689,7 +701,8 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
                 _("MedAnomaly needs Python packages that are not installed in Slicer yet. Installing needs a network "
                   "connection and may take several minutes. Install them now?"),
                 _("MedAnomaly: install Python packages"), detailedText=plan.summary()):
-            raise RuntimeError(_("MedAnomaly cannot run without these Python packages:\n{what}").format(what="\n".join(plan.reasons)))
+            message = _("MedAnomaly cannot run without these Python packages:\n{what}")
+            raise RuntimeError(message.format(what="\n".join(plan.reasons)))
 
         if plan.torch:
             self.log(_("Installing PyTorch (this may take several minutes)..."))
@@ -790,7 +803,8 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             raise
         return DetectionTask(job, workFolder, inputVolume.GetID(), method, device, loadPseudoHealthy, keepFiles)
 
-    def finishDetection(self, task, heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None, show=True) -> DetectionOutputs:
+    def finishDetection(self, task, heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None,
+                        show=True) -> DetectionOutputs:
         """Loads the results of a finished task into the scene.
 
         Output nodes that are given are replaced (only the "Anomaly" segment of a segmentation);
@@ -802,7 +816,8 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         result = task.job.result()  # raises DetectionError / DetectionCancelled with the log
         inputVolume = slicer.mrmlScene.GetNodeByID(task.inputVolumeID)
         if inputVolume is None:
-            raise inference.DetectionError(_("The input volume was removed from the scene while the detection ran."), task.job.log)
+            message = _("The input volume was removed from the scene while the detection ran.")
+            raise inference.DetectionError(message, task.job.log)
 
         created = []  # every node added here: removed again if anything fails
         temporary = []  # loaded nodes whose content moved into the outputs: removed at the end
@@ -859,12 +874,14 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         if show:
             self.showResults(inputVolume, heatmapVolume, segmentation, threshold)
         self.log(_("Results: {heatmap}, {segmentation} ({count} voxels above {threshold:.4g}).").format(
-            heatmap=heatmapVolume.GetName(), segmentation=segmentation.GetName(), count=voxelCount, threshold=threshold))
+            heatmap=heatmapVolume.GetName(), segmentation=segmentation.GetName(), count=voxelCount,
+            threshold=threshold))
         return DetectionOutputs(heatmapVolume, segmentation, pseudoHealthyVolume, threshold, voxelCount,
                                 float(heatmapArray.max()) if heatmapArray.size else 0.0, result.volume_score)
 
     def process(self, inputVolume, method, device="cpu", threshold=None, brainMask=None, loadPseudoHealthy=False,
-                heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None, show=True, timeout=None) -> DetectionOutputs:
+                heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None, show=True,
+                timeout=None) -> DetectionOutputs:
         """Runs a detection to its end (blocking; still in a separate process, its log goes to
         `log`) and loads the results. For scripts and the self test."""
         task = self.startDetection(inputVolume, method, device=device, threshold=threshold, brainMask=brainMask,
@@ -909,7 +926,8 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             slicer.util.updateVolumeFromArray(labelmapNode, labelmap)
             segmentIds = vtk.vtkStringArray()
             segmentIds.InsertNextValue(segmentId)
-            if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode, segmentIds):
+            segmentationsLogic = slicer.modules.segmentations.logic()
+            if not segmentationsLogic.ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode, segmentIds):
                 raise RuntimeError(_("The Anomaly segment could not be updated."))
         finally:
             slicer.mrmlScene.RemoveNode(labelmapNode)
@@ -1051,13 +1069,15 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         sourceSegmentation = source.GetSegmentation()
         if sourceSegmentation.GetNumberOfSegments() < 1:
             raise RuntimeError(_("The segmentation file has no segment."))
-        sourceId = sourceSegmentation.GetSegmentIdBySegmentName(results.SEGMENT_NAME) or sourceSegmentation.GetNthSegmentID(0)
+        sourceId = (sourceSegmentation.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
+                    or sourceSegmentation.GetNthSegmentID(0))
         targetSegmentation = target.GetSegmentation()
         oldId = targetSegmentation.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
         if oldId:
             targetSegmentation.RemoveSegment(oldId)
         if not targetSegmentation.CopySegmentFromSegmentation(sourceSegmentation, sourceId, True):
-            raise RuntimeError(_("The Anomaly segment could not be copied into '{name}'.").format(name=target.GetName()))
+            message = _("The Anomaly segment could not be copied into '{name}'.")
+            raise RuntimeError(message.format(name=target.GetName()))
         self.anomalySegmentId(target, create=False)
 
     def _describeSegment(self, segment) -> None:
@@ -1145,6 +1165,7 @@ class MedAnomalyTest(ScriptedLoadableModuleTest):
     def test_BadInputLeavesSceneUnchanged(self):
         """A 2D input is refused with a message before anything is written, and no node is added."""
         import numpy as np
+
         from MedAnomalyLib.inputs import InputError
 
         self.delayDisplay("Input checks")
@@ -1161,6 +1182,7 @@ class MedAnomalyTest(ScriptedLoadableModuleTest):
         """The dae bundle on the synthetic sample volume, on CPU: a heatmap on the input's grid and a
         non-empty Anomaly segment."""
         import SampleData
+
         from MedAnomalyLib import sampledata
 
         self.delayDisplay("Loading the sample volume")

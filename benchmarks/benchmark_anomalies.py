@@ -62,7 +62,8 @@ def bench_tasks(image, brain, others, repeats: int, seed: int) -> None:
             options = {task: {"solver": solver}} if solver else {}
             anomaly = SyntheticAnomaly([task], clean_fraction=0.0, max_anomalies=1, seed=seed,
                                        other_source=others, task_options=options)
-            row(f"{task}" + (f" (solver {solver})" if solver else ""), timed(lambda: anomaly(image, brain), repeats))
+            name = f"{task}" + (f" (solver {solver})" if solver else "")
+            row(name, timed(lambda anomaly=anomaly: anomaly(image, brain), repeats))
     mix = SyntheticAnomaly(seed=seed, other_source=others)
     row("default mix (1-4 anomalies, 20 % clean)", timed(lambda: mix(image, brain), repeats))
     rng = np.random.default_rng(seed)
@@ -78,8 +79,11 @@ def bench_poisson(image, brain, others, repeats: int, seed: int) -> None:
         region = np.zeros(image.shape, dtype=bool)
         start = size // 2 - side // 2
         region[start:start + side, start:start + side] = True
-        cg_stats = timed(lambda: poisson_blend(image, source, region, mixed_gradients=True, solver="cg"), repeats)
-        dst_stats = timed(lambda: poisson_blend(image, source, region, mixed_gradients=True, solver="dst"), repeats)
+        def blend(solver, region=region):
+            return poisson_blend(image, source, region, mixed_gradients=True, solver=solver)
+
+        cg_stats = timed(lambda: blend("cg"), repeats)
+        dst_stats = timed(lambda: blend("dst"), repeats)
         difference = np.abs(poisson_blend(image, source, region, mixed_gradients=True, solver="cg")
                             - poisson_blend(image, source, region, mixed_gradients=True, solver="dst")).max()
         row(f"square {side} x {side}, CG", cg_stats)

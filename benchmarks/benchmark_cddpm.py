@@ -55,7 +55,8 @@ def subset_datalist(datalist: Path, n_volumes: int, folder: Path) -> tuple[Path,
     lesion, healthy = (load_datalist(datalist, key) for key in TEST_KEYS)
     n_healthy = min(len(healthy), max(1, n_volumes // 4)) if n_volumes > 1 else 0
     n_lesion = min(len(lesion), n_volumes - n_healthy)
-    path = write_datalist(folder / "datalist.json", {"test_lesion": lesion[:n_lesion], "test_healthy": healthy[:n_healthy]},
+    subset = {"test_lesion": lesion[:n_lesion], "test_healthy": healthy[:n_healthy]}
+    path = write_datalist(folder / "datalist.json", subset,
                           name=f"{datalist.parent.name} test subset", description=f"first test volumes of {datalist}")
     return path, n_lesion + n_healthy
 
@@ -79,7 +80,9 @@ def main(argv=None) -> list[dict]:
     output_dir = Path(args.output_dir).resolve()
     datalist = ensure_cohort(args.datalist) if args.datalist in PRESETS else Path(args.datalist)
     n_all = sum(len(load_datalist(datalist, key)) for key in TEST_KEYS)
-    slow_cap = args.slow_max_volumes if args.slow_max_volumes is not None else (None if _cuda_device(args.device) else 1)
+    slow_cap = args.slow_max_volumes
+    if slow_cap is None:
+        slow_cap = None if _cuda_device(args.device) else 1
     rows = []
     for name in args.rows:
         bundle, extra, slow = ROWS[name]

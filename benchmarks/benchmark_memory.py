@@ -29,8 +29,8 @@ import resource, subprocess, sys, json, time
 started = time.perf_counter()
 code = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"returncode": code.returncode, "peak_mb": round(peak_mb), "seconds": round(time.perf_counter() - started, 1),
-                  "stderr_tail": code.stderr[-1500:]}))
+print(json.dumps({"returncode": code.returncode, "peak_mb": round(peak_mb),
+                  "seconds": round(time.perf_counter() - started, 1), "stderr_tail": code.stderr[-1500:]}))
 """
 
 

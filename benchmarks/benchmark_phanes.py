@@ -38,7 +38,8 @@ def main(argv=None) -> list[dict]:
     output_dir = Path(args.output_dir).resolve()
     rows = []
     for name, bundle, extra in RUNS:
-        out = output_dir / name.split()[0].replace("(", "").replace(")", "") / ("ra" if extra.get("mode") == "ra" else "")
+        folder = name.split()[0].replace("(", "").replace(")", "")
+        out = output_dir / folder / ("ra" if extra.get("mode") == "ra" else "")
         overrides = {"datalist": args.datalist, "output_dir": str(out), "n_bootstrap": args.n_bootstrap,
                      "device": args.device, "save_outputs": False, **extra}
         if bundle == "phanes" and args.model_dir:

@@ -8,8 +8,8 @@ cohort (default: the synthetic demo cohort).
 Rows with shipped demo weights (sagan: models/, brainomaly: models/brainomaly/) are evaluated as
 they are. The other variants have no shipped weights: they are trained here, briefly, with the
 demo overlay (`--train-iterations` critic iterations; `--calibrate` also calibrates their
-thresholds, which the table does not need) -- or, with `--train-iterations 0`, listed as "not trained". `--retrain` trains every row
-with the same short budget, the like-for-like comparison. Each evaluation is one
+thresholds, which the table does not need) -- or, with `--train-iterations 0`, listed as "not trained".
+`--retrain` trains every row with the same short budget, the like-for-like comparison. Each evaluation is one
 `run_bundle("sagan", "evaluate", ...)` in its own process; the table holds the paper's metrics
 (volume AUROC and AP, the subject score being the mean anomaly map), pooled [Dice] and seconds per
 volume, with each row's training iterations, so short-trained rows are not mistaken for shipped ones.
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from medanomaly.benchmark import format_table, summary_row
 from medanomaly.bundles import find_bundle, run_bundle
+from medanomaly.bundles.model_info import has_weights, read_model_info, weights_file
 from medanomaly.data import PRESETS, ensure_cohort
 
 ROWS = {  # name: switches
@@ -58,13 +59,11 @@ def train_row(name: str, switches: dict, datalist: Path, device: str | None, ite
 
 
 def _trained(model_dir: Path, iterations: int) -> bool:
-    info = model_dir / "model_info.json"
-    return (model_dir / "model.pt").is_file() and info.is_file() and \
-        json.loads(info.read_text()).get("iterations_done") == iterations
+    return has_weights(model_dir) and read_model_info(model_dir).get("iterations_done") == iterations
 
 
 def _evaluated(out: Path, model_dir: Path) -> bool:
-    metrics, weights = out / "metrics.json", model_dir / "model.pt"
+    metrics, weights = out / "metrics.json", weights_file(model_dir)
     return metrics.is_file() and weights.is_file() and metrics.stat().st_mtime > weights.stat().st_mtime
 
 
@@ -92,7 +91,7 @@ def main(argv=None) -> list[dict]:
     for name in args.rows:
         switches = ROWS[name]
         shipped = bundle.root / SHIPPED[name] if name in SHIPPED else None
-        if shipped is not None and (shipped / "model.pt").is_file() and not args.retrain:
+        if shipped is not None and has_weights(shipped) and not args.retrain:
             model_dir, weights = shipped, "shipped demo"
         elif args.train_iterations > 0:
             folder = output_dir / name / "train"
@@ -107,8 +106,9 @@ def main(argv=None) -> list[dict]:
         else:
             rows.append({"row": name, "bundle": name, "weights": "not trained"})
             continue
-        info = json.loads((Path(model_dir) / "model_info.json").read_text())
-        out = output_dir / name / (f"evaluate-{args.score_reduction}" + ("-shipped" if weights == "shipped demo" else ""))
+        info = read_model_info(model_dir)
+        shipped_suffix = "-shipped" if weights == "shipped demo" else ""
+        out = output_dir / name / f"evaluate-{args.score_reduction}{shipped_suffix}"
         started = time.perf_counter()
         if args.fresh or not _evaluated(out, Path(model_dir)):
             print(f"== {name}: evaluating ({weights}) ...", flush=True)
@@ -129,7 +129,8 @@ def main(argv=None) -> list[dict]:
     a, b = by_name.get("sagan", {}), by_name.get("brainomaly", {})
     if a.get("volume_auroc") is not None and b.get("volume_auroc") is not None:
         same = a.get("iterations") == b.get("iterations")
-        verdict = "beats" if (a["volume_auroc"], a["volume_ap"]) > (b["volume_auroc"], b["volume_ap"]) else "does not beat"
+        beats = (a["volume_auroc"], a["volume_ap"]) > (b["volume_auroc"], b["volume_ap"])
+        verdict = "beats" if beats else "does not beat"
         print(f"\nsagan {verdict} brainomaly on this cohort: volume AUROC {a['volume_auroc']:.3f} vs "
               f"{b['volume_auroc']:.3f}, volume AP {a['volume_ap']:.3f} vs {b['volume_ap']:.3f}, pooled [Dice] "
               f"{a['pooled_dice']:.3f} vs {b['pooled_dice']:.3f}"

@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--loop-slices", type=int, default=8, help="slices the per-slice inversion loop is timed on")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--residual", action="store_true", help="add a row scoring |x - G| instead of A_per")
-    parser.add_argument("--jobs", type=int, default=1, help="rows after the first evaluated at once (they read the cache)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="rows after the first evaluated at once (they read the cache)")
     parser.add_argument("--output-dir", default="outputs/benchmark_scrps")
     parser.add_argument("--n-bootstrap", type=int, default=200)
     args = parser.parse_args(argv)
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
     print("The first row inverted every slice; the others read the inversion cache (their seconds exclude inversion).")
     if num_ws != PAPER_NUM_WS:
         print(f"L = {num_ws}: the paper's L2 = {', '.join(map(str, args.l2))} (of 12) are counted from the finest "
-              f"layer: L2 = {', '.join(str(layer(l, num_ws)) for l in args.l2)} here.")
+              f"layer: L2 = {', '.join(str(layer(l2, num_ws)) for l2 in args.l2)} here.")
     by_l2 = {r["l2"]: r for r in rows if r["retrieval"] == "coarse-to-fine" and r["score"] == "perceptual"}
     best = default
     if 0 in by_l2 and best in by_l2:

@@ -32,11 +32,13 @@ def main() -> None:
     parser.add_argument("evaluation_dir", type=Path)
     parser.add_argument("datalist", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--subjects", nargs="+", help="default: the first subject of each lesion family and one healthy")
+    parser.add_argument("--subjects", nargs="+",
+                        help="default: the first subject of each lesion family and one healthy")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
 
-    items = {item["subject"]: item for key in ("test_lesion", "test_healthy") for item in load_datalist(args.datalist, key)}
+    items = {item["subject"]: item for key in ("test_lesion", "test_healthy")
+             for item in load_datalist(args.datalist, key)}
     subjects = args.subjects or list({item.get("family", "healthy"): s for s, item in reversed(items.items())}.values())
     fig, axes = plt.subplots(len(subjects), 4, figsize=(10, 2.6 * len(subjects)), squeeze=False)
     for row, subject in zip(axes, subjects):

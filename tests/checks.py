@@ -32,8 +32,9 @@ def infer_on_nrrd(bundle: str, scan: Path, out_dir: Path, threshold: float, over
     every bundle owes: progress up to 100 %, a heatmap on the scan's grid, and the segmentation equal
     to heatmap > `threshold`. Returns the heatmap's values and the segmentation's segments."""
     progress = []
-    run_bundle(bundle, "inference", {**overrides, "input": str(scan), "output_dir": str(out_dir), "output_ext": ".nrrd"},
-               demo=True, on_progress=lambda fraction, message: progress.append(fraction))
+    overrides = {**overrides, "input": str(scan), "output_dir": str(out_dir), "output_ext": ".nrrd"}
+    run_bundle(bundle, "inference", overrides, demo=True,
+               on_progress=lambda fraction, message: progress.append(fraction))
     assert progress and progress[-1] == 1.0
     stem = Path(scan).name.removesuffix(".nrrd")
     heatmap = io.read_volume(Path(out_dir) / f"{stem}_heatmap.nrrd", allow_constant=True)

@@ -382,7 +382,8 @@ def test_rand_fpid_uses_previous_slices():
             (image * brain)[:, ::-1]]
         square, alpha = item["anomaly_mask"][0].numpy() > 0, item["alpha"]
         matches = [np.allclose(item["corrupted"][0].numpy()[square],
-                               ((1 - alpha) * image * brain + alpha * partner)[square], atol=1e-5) for partner in candidates]
+                               ((1 - alpha) * image * brain + alpha * partner)[square], atol=1e-5)
+                   for partner in candidates]
         assert any(matches), f"slice {k}: the square is no blend with an earlier slice"
 
 

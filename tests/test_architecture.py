@@ -3,7 +3,7 @@
 Layers of `medanomaly` (docs/ARCHITECTURE.md), from the top:
   apps      the command line, its console helpers, benchmark, demo, report: imported by nothing below
   launch    torch-free: find, describe and start bundles (the CLI and Slicer use it at start-up)
-  runtime   inside a bundle process: method base, inferer, handlers, writers, weights
+  runtime   inside a bundle process: method base, inferer, predictions, writers, handlers, weights, inputs
   library   io, data, anomalies, scoring, masking, latent, metrics, perceptual, visualize
 A module may import its own layer and those below it. Every import in a file counts, also those
 inside functions (a lazy import is still a dependency).
@@ -12,15 +12,19 @@ inside functions (a lazy import is still a dependency).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "core" / "medanomaly"
 APPS = {"medanomaly.cli", "medanomaly.console", "medanomaly.benchmark", "medanomaly.demo", "medanomaly.report"}
-LAUNCH = {"medanomaly.bundles", "medanomaly.bundles.registry", "medanomaly.bundles.runner",
-          "medanomaly.bundles.progress", "medanomaly.bundles.outputs"}
-RUNTIME = {"medanomaly.bundles.engine", "medanomaly.bundles.contrast"}
+LAUNCH = {f"medanomaly.bundles{name}" for name in
+          ("", ".registry", ".runner", ".progress", ".outputs", ".model_info", ".input_files")}
+RUNTIME = {f"medanomaly.bundles.{name}" for name in
+           ("method", "predictions", "writing", "handlers", "weights", "inputs", "contrast")}
+HEAVY = {"torch", "monai", "ignite", "numpy", "SimpleITK"}
 LEVEL = {"apps": 3, "launch": 2, "runtime": 2, "library": 1}
 # launch and runtime share a level: runtime modules use the launch helpers (registry, outputs), but the
 # launch layer must stay torch-free, so it may not import the runtime (checked separately)
@@ -59,6 +63,11 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 GRAPH = {name: imports_of(path) - {name} for name, path in MODULES.items()}
 
 
+def test_every_bundles_module_is_in_the_launch_or_the_runtime_layer():
+    bundles = {name for name in MODULES if name.startswith("medanomaly.bundles")}
+    assert bundles == LAUNCH | RUNTIME, f"unlisted: {bundles - LAUNCH - RUNTIME}, gone: {LAUNCH | RUNTIME - bundles}"
+
+
 def test_no_module_imports_a_higher_layer():
     upward = [f"{name} ({layer(name)}) imports {target} ({layer(target)})"
               for name, targets in GRAPH.items() for target in targets
@@ -69,10 +78,22 @@ def test_no_module_imports_a_higher_layer():
 def test_the_launch_layer_imports_no_torch_and_no_runtime_module():
     for name in sorted(LAUNCH):
         tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
-        names = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        names |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        assert not names & {"torch", "monai", "ignite", "numpy"}, f"{name} imports {names & {'torch', 'monai', 'ignite'}}"
+        nodes = list(ast.walk(tree))
+        names = {alias.name.split(".")[0] for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module.split(".")[0] for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        heavy = {"torch", "monai", "ignite", "numpy"}
+        assert not names & heavy, f"{name} imports {names & heavy}"
         assert not GRAPH[name] & RUNTIME, f"{name} imports the runtime layer"
+
+
+def test_importing_the_launch_layer_loads_no_torch():
+    """A lazy import inside a function (e.g. `model_info.update_model_info` loading `medanomaly.io`)
+    is allowed; loading torch when the CLI or Slicer merely imports the launch layer is not."""
+    script = (f"import importlib, sys; [importlib.import_module(m) for m in {sorted(LAUNCH)!r}]; "
+              "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            cwd=PACKAGE.parent).stdout.split()
+    assert not set(loaded) & HEAVY, f"importing the launch layer loaded {set(loaded) & HEAVY}"
 
 
 def test_no_import_cycles():

@@ -24,7 +24,9 @@ from monai.transforms import LoadImage
 
 from medanomaly import io
 from medanomaly.bundles import BundleProcess, BundleRunError, ConfigText, bundle_command, find_bundle, list_bundles
-from medanomaly.bundles import engine
+from medanomaly.bundles.handlers import CohortMetricsHandler
+from medanomaly.bundles.inputs import resolve_inputs
+from medanomaly.bundles.model_info import load_threshold
 from medanomaly.bundles.outputs import OutputFolderBusyError, lock_output_dir
 from medanomaly.bundles.registry import BUNDLE_PATH_ENV, BundleNotFound
 from medanomaly.data import load_datalist
@@ -125,7 +127,7 @@ def test_detect_inputs_are_checked_voxel_by_voxel_before_any_model_loads(tmp_pat
     good = write(brain_volume(), tmp_path / "good.nii.gz")
     bad = write(with_voxel(brain_volume(), (5, 5, 5), np.nan), tmp_path / "bad.nrrd")
     with pytest.raises(io.VolumeError, match="NaN") as err:
-        engine.resolve_inputs([str(good), str(bad)])
+        resolve_inputs([str(good), str(bad)])
     assert "bad.nrrd" in str(err.value)
 
 
@@ -144,7 +146,7 @@ def test_a_mask_on_another_physical_grid_is_refused(tmp_path, change):
         mask_image = sitk.Cast(brain_volume((48, 48, 30)) > 50, sitk.sitkUInt8)
     mask = write(mask_image, tmp_path / "mask.nii.gz")
     with pytest.raises(io.VolumeError, match="not on the grid") as err:
-        engine.resolve_inputs(str(image), mask=str(mask))
+        resolve_inputs(str(image), mask=str(mask))
     assert "mask.nii.gz" in str(err.value) and "Resample" in str(err.value)
 
 
@@ -153,7 +155,7 @@ def test_a_mask_within_the_documented_tolerance_is_accepted(tmp_path):
     mask_image = sitk.Cast(brain_volume() > 50, sitk.sitkUInt8)
     mask_image.SetOrigin((io.GRID_TOLERANCE_MM / 2, 0.0, 0.0))  # float noise of a resampling tool
     mask = write(mask_image, tmp_path / "mask.nii.gz")
-    assert engine.resolve_inputs(str(image), mask=str(mask))[0]["mask"] == str(mask)
+    assert resolve_inputs(str(image), mask=str(mask))[0]["mask"] == str(mask)
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -182,14 +184,14 @@ def test_same_file_name_in_two_folders_gets_two_output_names(tmp_path):
     a = write(brain_volume(seed=1), tmp_path / "a" / "scan.nii.gz")
     b = write(brain_volume(seed=2), tmp_path / "b" / "scan.nii.gz")
     other = write(brain_volume(seed=3), tmp_path / "b" / "t2.nii.gz")
-    items = engine.resolve_inputs([str(a), str(b), str(other)])
+    items = resolve_inputs([str(a), str(b), str(other)])
     assert [item["subject"] for item in items] == ["a_scan", "b_scan", "t2"]
 
 
 def test_the_same_input_twice_is_an_error(tmp_path):
     a = write(brain_volume(), tmp_path / "scan.nii.gz")
     with pytest.raises(ValueError, match="given twice"):
-        engine.resolve_inputs([str(a), str(tmp_path / "." / "scan.nii.gz")])
+        resolve_inputs([str(a), str(tmp_path / "." / "scan.nii.gz")])
 
 
 def test_a_folder_input_skips_earlier_outputs_and_hidden_temporary_files(tmp_path):
@@ -198,14 +200,14 @@ def test_a_folder_input_skips_earlier_outputs_and_hidden_temporary_files(tmp_pat
                  ".hidden.nii.gz"):
         write(brain_volume(), tmp_path / name)
     io.write_segmentation(np.zeros((48, 48, 32), np.uint8), str(scan), tmp_path / "scan_anomaly.seg.nrrd")
-    assert [item["image"] for item in engine.resolve_inputs(str(tmp_path))] == [str(scan)]
+    assert [item["image"] for item in resolve_inputs(str(tmp_path))] == [str(scan)]
 
 
 def test_a_datalist_with_empty_splits_is_an_error_not_an_empty_run(tmp_path):
     datalist = tmp_path / "empty.json"
     datalist.write_text(json.dumps({"test_lesion": [], "test_healthy": []}))
     with pytest.raises(ValueError, match="no volumes under 'test_lesion', 'test_healthy'"):
-        engine.resolve_inputs(datalist=str(datalist), keys=["test_lesion", "test_healthy"])
+        resolve_inputs(datalist=str(datalist), keys=["test_lesion", "test_healthy"])
 
 
 @pytest.mark.parametrize("content, error, message", [
@@ -223,7 +225,7 @@ def test_malformed_datalists_are_named_before_any_volume_is_read(tmp_path, conte
     datalist = tmp_path / "cohort.json"
     datalist.write_text(content)
     with pytest.raises(error, match=message):
-        engine.resolve_inputs(datalist=str(datalist), keys="test_lesion")
+        resolve_inputs(datalist=str(datalist), keys="test_lesion")
 
 
 # --------------------------------------------------------------------------- full disks, read-only folders
@@ -315,14 +317,14 @@ def test_json_outputs_are_strict_json_with_non_finite_numbers_as_null(tmp_path, 
 def test_an_uncalibrated_null_threshold_falls_back_with_a_warning(tmp_path, caplog):
     io.write_json(tmp_path / "model_info.json", {"threshold": float("inf")})
     with caplog.at_level(logging.WARNING):
-        assert engine.load_threshold(tmp_path, default=0.5) == 0.5
+        assert load_threshold(tmp_path, default=0.5) == 0.5
     assert "No calibrated threshold" in caplog.text
 
 
 def test_metrics_are_not_written_when_no_volume_was_evaluated(tmp_path):
     from medanomaly.metrics import CohortEvaluator
 
-    handler = engine.CohortMetricsHandler(CohortEvaluator(), str(tmp_path))
+    handler = CohortMetricsHandler(CohortEvaluator(), str(tmp_path))
     with pytest.raises(ValueError, match="No volume was evaluated"):
         handler._write(engine=None)
     assert not (tmp_path / "metrics.json").exists()

@@ -320,7 +320,8 @@ def test_gap_closed_by_hand():
                               fake_entry("supervised", 0.5, 0.6, "ceiling")["row"])
     broken = benchmark.failed_row("broken", benchmark.FAILED, "ValueError: x")
     benchmark.add_gap_closed([floor, method, ceiling, broken])
-    assert method["pixel_ap_gap_closed"] == pytest.approx(0.5) and method["pooled_dice_gap_closed"] == pytest.approx(0.0)
+    assert method["pixel_ap_gap_closed"] == pytest.approx(0.5)
+    assert method["pooled_dice_gap_closed"] == pytest.approx(0.0)
     assert floor["pixel_ap_gap_closed"] == 0.0 and ceiling["pooled_dice_gap_closed"] == pytest.approx(1.0)
     assert broken["pixel_ap_gap_closed"] is None
     failed_ceiling = {**ceiling, "status": benchmark.FAILED}
@@ -335,7 +336,8 @@ def test_results_are_keyed_by_contrast_with_floor_and_ceiling_labelled(tmp_path)
                "n_bootstrap": 10, "machine": "test",
                "contrasts": {
                    "T1w": {"datalist": str(tmp_path / "none_T1w.json"), "bundles": [
-                       fake_entry("supervised", 0.5, 0.6, "ceiling"), fake_entry("dae", 0.3, 0.2, volume_ci=[0.55, 0.85]),
+                       fake_entry("supervised", 0.5, 0.6, "ceiling"),
+                       fake_entry("dae", 0.3, 0.2, volume_ci=[0.55, 0.85]),
                        fake_entry("intensity", 0.1, 0.2, "floor")]},
                    "FLAIR": {"datalist": str(tmp_path / "none_FLAIR.json"), "bundles": [
                        fake_entry("intensity", 0.4, 0.5, "floor", "FLAIR"), fake_entry("dae", 0.45, 0.5, None, "FLAIR"),
@@ -355,7 +357,8 @@ def test_results_are_keyed_by_contrast_with_floor_and_ceiling_labelled(tmp_path)
         rows = {(r["contrast"], r["bundle"]): r for r in csv.DictReader(f)}
     assert float(rows["T1w", "dae"]["pixel_ap_gap_closed"]) == pytest.approx(0.5)
     assert rows["FLAIR", "dae"]["pixel_ap_gap_closed"] == "" and rows["T1w", "dae"]["volume_auroc_ci_low"] == "0.55"
-    assert benchmark.load_results(tmp_path)["contrasts"]["T1w"]["bundles"][1]["row"]["pixel_ap_gap_closed"] == pytest.approx(0.5)
+    reloaded = benchmark.load_results(tmp_path)["contrasts"]["T1w"]["bundles"][1]["row"]
+    assert reloaded["pixel_ap_gap_closed"] == pytest.approx(0.5)
 
     page = report.write_report(results, tmp_path).read_text()
     assert page.index("<h2 id='T1w'>") < page.index("<h2 id='FLAIR'>")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,10 +18,12 @@ from medanomaly.bundles import (
     BundleRunError,
     VolumeProgress,
     bundle_command,
+    bundle_search_path,
     find_bundle,
     format_progress,
     list_bundles,
     parse_progress,
+    registry,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +66,44 @@ def test_extra_bundle_folders_come_first(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDANOMALY_BUNDLE_PATH", str(tmp_path))
     assert find_bundle("dae").root == copy.resolve()
     assert find_bundle("dae").version == "9.9"
+
+
+def _copy_configs(bundle: str, into: Path) -> Path:
+    """A bundle folder with a copy of `bundle`'s configs (all discovery looks at)."""
+    copy = into / bundle
+    shutil.copytree(find_bundle(bundle).configs_dir, copy / "configs")
+    return copy
+
+
+def test_the_search_path_is_the_variable_then_package_data_then_the_checkout(tmp_path, monkeypatch):
+    env_copy, packaged = _copy_configs("dae", tmp_path / "mine"), _copy_configs("dae", tmp_path / "packaged")
+    monkeypatch.setattr(registry, "PACKAGED_BUNDLES", packaged.parent)
+    monkeypatch.delenv(registry.BUNDLE_PATH_ENV, raising=False)
+    assert find_bundle("dae").root == packaged.resolve()  # package data before the checkout
+    monkeypatch.setenv(registry.BUNDLE_PATH_ENV, os.pathsep.join([str(tmp_path / "missing"), str(env_copy.parent)]))
+    assert bundle_search_path() == [tmp_path / "missing", env_copy.parent, packaged.parent, REPO / "monai_bundles"]
+    assert find_bundle("dae").root == env_copy.resolve()
+    assert [b.root for b in list_bundles() if b.name == "dae"] == [env_copy.resolve()]
+
+
+def test_an_unknown_bundle_names_every_searched_place(tmp_path, monkeypatch):
+    monkeypatch.setenv(registry.BUNDLE_PATH_ENV, os.pathsep.join([str(tmp_path / "missing"), str(tmp_path)]))
+    with pytest.raises(BundleNotFound) as error:
+        find_bundle("no-such-method")
+    message = str(error.value)
+    assert f"{tmp_path / 'missing'} ($MEDANOMALY_BUNDLE_PATH, not a folder)" in message
+    assert f"{tmp_path} ($MEDANOMALY_BUNDLE_PATH)" in message
+    assert f"{REPO / 'monai_bundles'} (the repository checkout)" in message and "available: " in message
+
+
+def test_an_installed_package_has_no_repository_checkout(tmp_path, monkeypatch):
+    site_packages = tmp_path / "lib" / "python3" / "site-packages"
+    monkeypatch.setattr(registry, "_PACKAGE", site_packages / "medanomaly")
+    monkeypatch.setattr(registry, "REPOSITORY_ROOT", tmp_path / "lib")
+    (tmp_path / "lib" / "pyproject.toml").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "lib" / "pyproject.toml").write_text("")  # even beside a stray pyproject.toml
+    assert registry.repository_bundles() is None
+    assert REPO / "monai_bundles" not in bundle_search_path()
 
 
 def test_command_merges_configs_in_monai_order():

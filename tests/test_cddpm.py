@@ -21,6 +21,7 @@ from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_script
 from medanomaly.data import load_datalist, preprocessing, write_datalist
 from medanomaly.data.synth import contrast_datalist
 from medanomaly.metrics import ScoreHistogram
+
 from checks import infer_on_nrrd, pixel_metrics
 
 CDDPM = find_bundle("cddpm")

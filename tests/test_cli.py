@@ -12,7 +12,7 @@ import pytest
 
 from medanomaly import io
 from medanomaly.bundles import find_bundle
-from medanomaly.cli import parse_overrides, format_metrics
+from medanomaly.cli import format_metrics, parse_overrides
 from medanomaly.data import load_datalist
 
 HAS_WEIGHTS = find_bundle("dae").has_weights

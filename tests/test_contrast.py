@@ -17,11 +17,15 @@ import yaml
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from medanomaly.bundles import bundle_scripts, engine, list_bundles
+from medanomaly.bundles import bundle_scripts, list_bundles
 from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, training_contrast
-from medanomaly.bundles.registry import REPOSITORY_BUNDLES, weights_contrasts
+from medanomaly.bundles.handlers import ModelInfoHandler
+from medanomaly.bundles.inputs import resolve_inputs
+from medanomaly.bundles.model_info import update_model_info, weights_contrasts
+from medanomaly.bundles.registry import repository_bundles
 from medanomaly.data.contrast import CONTRASTS, check_contrast, check_contrasts, contrast_of_file, contrast_of_item
 
+REPOSITORY_BUNDLES = repository_bundles()
 REPOSITORY = sorted((b for b in list_bundles() if b.root.parent == REPOSITORY_BUNDLES), key=lambda b: b.name)
 # the literature bundles, trained on one contrast through the `contrast` key (`supervised` trains on several)
 SINGLE_CONTRAST = [b for b in REPOSITORY if b.name in ("cddpm", "dae", "phanes", "sagan", "scrps")]
@@ -42,7 +46,7 @@ def _datalist(path: Path, **content) -> Path:
 
 def _weights(folder: Path, contrast) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    engine.update_model_info(folder, bundle="dae", contrast=contrast)
+    update_model_info(folder, bundle="dae", contrast=contrast)
     return folder
 
 
@@ -89,8 +93,9 @@ def test_resolve_inputs_passes_the_contrast_to_resolve_datalist(tmp_path, monkey
     calls = []
     from medanomaly.data import synth
 
-    monkeypatch.setattr(synth, "resolve_datalist", lambda name, contrast=None: calls.append((name, contrast)) or datalist)
-    items = engine.resolve_inputs(None, "demo", "test_lesion", contrast="T2w")
+    monkeypatch.setattr(synth, "resolve_datalist",
+                        lambda name, contrast=None: calls.append((name, contrast)) or datalist)
+    items = resolve_inputs(None, "demo", "test_lesion", contrast="T2w")
     assert calls == [("demo", "T2w")]
     # the datalist's top-level contrast goes into its entries; an entry's own wins
     assert [i["contrast"] for i in items] == ["T2w", "FLAIR"]
@@ -98,8 +103,8 @@ def test_resolve_inputs_passes_the_contrast_to_resolve_datalist(tmp_path, monkey
 
 def test_file_inputs_carry_the_declared_contrast_only_when_given(tmp_path):
     scan = _volume(tmp_path / "scan.nii.gz")
-    assert engine.resolve_inputs(str(scan)) == [{"image": str(scan), "subject": "scan"}]
-    assert engine.resolve_inputs(str(scan), input_contrast="FLAIR") == [
+    assert resolve_inputs(str(scan)) == [{"image": str(scan), "subject": "scan"}]
+    assert resolve_inputs(str(scan), input_contrast="FLAIR") == [
         {"image": str(scan), "subject": "scan", "contrast": "FLAIR"}]
 
 
@@ -195,7 +200,7 @@ def test_a_datalist_of_several_contrasts_records_them_all(tmp_path):
 
 
 def test_model_info_handler_writes_the_contrast(tmp_path):
-    handler = engine.ModelInfoHandler(str(tmp_path), {"bundle": "dae", "contrast": "T2w"})
+    handler = ModelInfoHandler(str(tmp_path), {"bundle": "dae", "contrast": "T2w"})
     trainer = Engine(lambda engine, batch: [{"loss": 0.5}])
     handler.attach(trainer)
     trainer.run([0, 1], max_epochs=1)

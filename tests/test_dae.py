@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 from medanomaly import io
 from medanomaly.bundles import BundleRunError, bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist
+
 from checks import infer_on_nrrd
 
 DAE = find_bundle("dae")
@@ -76,7 +77,8 @@ def test_median_smoothing_is_applied_to_the_map_before_the_background_is_zeroed(
     mask = torch.ones_like(x)
     mask[..., :, :3] = 0
     raw = DenoisingAutoencoderMethod(_HalfBrightness(), smoothing=None)(torch.cat([x, mask], 1))[:, :1]
-    smoothed = DenoisingAutoencoderMethod(_HalfBrightness(), smoothing="median", smoothing_size=5)(torch.cat([x, mask], 1))
+    smoothing = DenoisingAutoencoderMethod(_HalfBrightness(), smoothing="median", smoothing_size=5)
+    smoothed = smoothing(torch.cat([x, mask], 1))
     residual = (x - _HalfBrightness()(x).clamp(0, 1)).abs()
     torch.testing.assert_close(smoothed[:, :1], scoring.smooth_map(residual, "median", 5) * mask)
     assert not torch.allclose(smoothed[:, :1], raw)

@@ -1,4 +1,4 @@
-"""The shared inference plumbing's small pieces: inputs, weights, thresholds, checkpoints."""
+"""The shared inference plumbing's small pieces: inputs, weights, checkpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medanomaly.bundles import engine
+from medanomaly.bundles.handlers import CalibrationHandler, CohortMetricsHandler, collect_volume
+from medanomaly.bundles.inputs import resolve_inputs
+from medanomaly.bundles.method import ProgressSliceInferer
+from medanomaly.bundles.model_info import update_model_info
 from medanomaly.bundles.outputs import output_paths, volume_name
+from medanomaly.bundles.predictions import PRED, supplied_brain_mask
+from medanomaly.bundles.weights import latest_checkpoint, load_weights
+from medanomaly.bundles.writing import SaveAnomalyOutputsd
 
 
 def _write_volume(path):
@@ -24,52 +30,43 @@ def test_inputs_from_a_file_a_folder_and_a_glob(tmp_path):
     a = _write_volume(tmp_path / "a.nii.gz")
     b = _write_volume(tmp_path / "b.nrrd")
     (tmp_path / "b_anomaly.seg.nrrd").write_text("not an input")
-    assert engine.resolve_inputs(str(a)) == [{"image": str(a), "subject": "a"}]
-    assert [i["image"] for i in engine.resolve_inputs(str(tmp_path))] == [str(a), str(b)]
-    assert [i["image"] for i in engine.resolve_inputs(str(tmp_path / "*.nrrd"))] == [str(b)]
-    assert engine.resolve_inputs(str(a), mask=str(b)) == [{"image": str(a), "subject": "a", "mask": str(b)}]
+    assert resolve_inputs(str(a)) == [{"image": str(a), "subject": "a"}]
+    assert [i["image"] for i in resolve_inputs(str(tmp_path))] == [str(a), str(b)]
+    assert [i["image"] for i in resolve_inputs(str(tmp_path / "*.nrrd"))] == [str(b)]
+    assert resolve_inputs(str(a), mask=str(b)) == [{"image": str(a), "subject": "a", "mask": str(b)}]
     with pytest.raises(ValueError, match="single input"):
-        engine.resolve_inputs(str(tmp_path), mask=str(b))
+        resolve_inputs(str(tmp_path), mask=str(b))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        engine.resolve_inputs(str(tmp_path / "missing.nii.gz"))
+        resolve_inputs(str(tmp_path / "missing.nii.gz"))
     with pytest.raises(ValueError, match="Nothing to run on"):
-        engine.resolve_inputs(None, None)
+        resolve_inputs(None, None)
 
 
 def test_inputs_from_a_datalist(tiny):
-    items = engine.resolve_inputs(None, str(tiny), ["test_lesion", "test_healthy"])
+    items = resolve_inputs(None, str(tiny), ["test_lesion", "test_healthy"])
     assert len(items) == 5 and all("label" in item for item in items)
 
 
 def test_weights_load_with_errors_that_say_what_to_do(tmp_path):
     network = torch.nn.Linear(3, 2)
     with pytest.raises(FileNotFoundError, match="train the bundle first"):
-        engine.load_weights(network, tmp_path)
+        load_weights(network, tmp_path)
     torch.save(torch.nn.Linear(3, 4).state_dict(), tmp_path / "model.pt")
     with pytest.raises(RuntimeError, match="demo.yaml"):
-        engine.load_weights(network, tmp_path)
+        load_weights(network, tmp_path)
     trained = torch.nn.Linear(3, 2)
     torch.save({"model": trained.state_dict()}, tmp_path / "model.pt")  # CheckpointSaver's layout
-    engine.load_weights(network, tmp_path)
+    load_weights(network, tmp_path)
     torch.testing.assert_close(network.weight, trained.weight)
 
 
-def test_model_info_merges_and_threshold_falls_back_loudly(tmp_path, caplog):
-    assert engine.load_threshold(tmp_path, default=0.3) == 0.3
-    assert "No calibrated threshold" in caplog.text
-    engine.update_model_info(tmp_path, variant="demo")
-    engine.update_model_info(tmp_path, threshold=0.125)
-    assert json.loads((tmp_path / "model_info.json").read_text()) == {"variant": "demo", "threshold": 0.125}
-    assert engine.load_threshold(tmp_path) == 0.125
-
-
 def test_resume_takes_the_final_then_the_newest_periodic_checkpoint(tmp_path):
-    assert engine.latest_checkpoint(tmp_path) is None
+    assert latest_checkpoint(tmp_path) is None
     for epoch in (2, 10, 9):
         (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
-    assert engine.latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert engine.latest_checkpoint(tmp_path).endswith("checkpoint.pt")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint.pt")
 
 
 def test_output_names_follow_the_input_name(tmp_path):
@@ -87,7 +84,7 @@ def test_slice_inferer_reports_progress_per_batch():
         def update(self, done, total):
             reports.append((done, total))
 
-    inferer = engine.ProgressSliceInferer(reporter=Recorder(), roi_size=(16, 16), sw_batch_size=4)
+    inferer = ProgressSliceInferer(reporter=Recorder(), roi_size=(16, 16), sw_batch_size=4)
     out = inferer(torch.rand(1, 2, 16, 16, 10), lambda x: x * 2)
     assert out.shape == (1, 2, 16, 16, 10)
     assert reports == [(4, 10), (8, 10), (10, 10)]
@@ -142,7 +139,7 @@ def test_every_model_grid_is_scored_on_the_supplied_voxels(tmp_path, supply_mask
     for name, (pixdim, size, fill) in methods.items():
         inverted = _inverted_prediction(item, pixdim, size, fill)
         evaluator = CohortEvaluator(n_bins=100)
-        engine.collect_volume(evaluator, inverted)
+        collect_volume(evaluator, inverted)
         row = evaluator.per_volume()[0]
         counts[name] = (row["n_brain_voxels"], row["n_lesion_voxels"])
         assert row["lesion_ml"] == pytest.approx(n_lesion * 1.2**3 / 1000, abs=1e-4)  # voxels x voxel volume
@@ -159,7 +156,7 @@ def test_a_mask_off_the_input_grid_is_refused(tmp_path):
                                     lambda x: torch.cat([x, x]))
     inverted["mask"].meta["filename_or_obj"] = str(tmp_path / "small.nii.gz")  # a mask of another grid
     with pytest.raises(Exception, match="is not on the grid"):
-        engine.supplied_brain_mask(inverted)
+        supplied_brain_mask(inverted)
 
 
 def test_calibration_stores_the_threshold_that_flags_at_most_the_target_fraction_of_healthy_voxels(tmp_path):
@@ -174,7 +171,7 @@ def test_calibration_stores_the_threshold_that_flags_at_most_the_target_fraction
         brain[2:18, 2:18, 1:9] = True
         evaluator.add_volume(f"h{i}", heatmap, np.zeros_like(brain), brain)
         maps.append(heatmap[brain])
-    handler = engine.CalibrationHandler(evaluator, str(tmp_path), target_fpr=0.01, fields={"backbone": "x"})
+    handler = CalibrationHandler(evaluator, str(tmp_path), target_fpr=0.01, fields={"backbone": "x"})
     handler._write(engine=None)
     info = json.loads((tmp_path / "model_info.json").read_text())
     healthy = np.concatenate(maps)
@@ -194,11 +191,11 @@ def test_the_pseudo_healthy_image_is_written_in_the_inputs_intensities_inside_th
     image = MetaTensor(torch.zeros(1, 4, 5, 6), meta={INTENSITY_LOW: 100.0, INTENSITY_HIGH: 500.0})
     brain = np.zeros((4, 5, 6), dtype=bool)
     brain[1:3, 1:4, 2:5] = True
-    d = {engine.PRED: torch.stack([torch.zeros(4, 5, 6), reconstruction]), "image": image}
-    out = engine.SaveAnomalyOutputsd._scanner_intensities(d, brain)
+    d = {PRED: torch.stack([torch.zeros(4, 5, 6), reconstruction]), "image": image}
+    out = SaveAnomalyOutputsd._scanner_intensities(d, brain)
     expected = (100.0 + 400.0 * reconstruction.numpy()) * brain  # [0, 1] back to the scanner's window
     np.testing.assert_allclose(out, expected, rtol=1e-6)
-    assert torch.equal(d[engine.PRED][1], reconstruction)  # the prediction itself is untouched
+    assert torch.equal(d[PRED][1], reconstruction)  # the prediction itself is untouched
 
 
 def test_metrics_record_the_weights_they_evaluated(tmp_path):
@@ -209,13 +206,13 @@ def test_metrics_record_the_weights_they_evaluated(tmp_path):
     from medanomaly.metrics import CohortEvaluator
 
     weights = tmp_path / "models" / "brainomaly"
-    engine.update_model_info(weights, model="brainomaly", train_seconds=713.4)
+    update_model_info(weights, model="brainomaly", train_seconds=713.4)
     evaluator = CohortEvaluator(n_bins=100)
     heatmap = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32)
     label = np.zeros_like(heatmap, dtype=bool)
     label[2:4, 2:4, 1:3] = True
     evaluator.add_volume("s1", heatmap, label, np.ones_like(label))
-    handler = engine.CohortMetricsHandler(evaluator, str(tmp_path / "eval"), n_boot=5, model_dir=str(weights))
+    handler = CohortMetricsHandler(evaluator, str(tmp_path / "eval"), n_boot=5, model_dir=str(weights))
     handler.started = 0.0
     handler._write(SimpleNamespace(state=SimpleNamespace(device="cpu")))
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -13,6 +13,7 @@ from monai.bundle import ConfigParser
 from medanomaly import io
 from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
 from medanomaly.data import load_datalist
+
 from checks import assert_same_grid, pixel_metrics
 
 INTENSITY = find_bundle("intensity")
@@ -114,7 +115,8 @@ def test_cli_train_counts_then_calibrates_in_the_chosen_contrast(monkeypatch, tm
     from medanomaly import cli
 
     calls = []
-    monkeypatch.setattr(cli, "run_workflow", lambda bundle, workflow, overrides, demo: calls.append((workflow, overrides)))
+    monkeypatch.setattr(cli, "run_workflow",
+                        lambda bundle, workflow, overrides, demo: calls.append((workflow, overrides)))
     cli.main(["train", "intensity", "--contrast", "T2w", "--datalist", "tiny", "--output-dir", str(tmp_path)])
     assert [workflow for workflow, _ in calls] == ["train", "calibrate"]
     assert all(overrides["contrast"] == "T2w" and overrides["datalist"] == "tiny" for _, overrides in calls)

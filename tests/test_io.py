@@ -12,6 +12,7 @@ from monai.transforms import LoadImage
 from scipy.spatial.transform import Rotation
 
 from medanomaly import io
+
 from checks import assert_same_grid, write_dicom_series
 
 # SWIG (itk, SimpleITK) objects trigger these on import; they are not ours to fix.

@@ -347,7 +347,7 @@ def test_bootstrap_ci_contains_estimate_and_narrows_with_more_items():
     widths = []
     for n_items in (20, 500):
         values = rng.normal(size=n_items)
-        low, high = bootstrap_ci(lambda idx: values[idx].mean(), n_items, n_boot=500, seed=1)
+        low, high = bootstrap_ci(lambda idx, values=values: values[idx].mean(), n_items, n_boot=500, seed=1)
         assert low <= values.mean() <= high
         widths.append(high - low)
     assert widths[1] < widths[0] / 2
@@ -633,7 +633,7 @@ def test_bootstrapped_pixel_ap_equals_a_brute_force_bootstrap_over_volumes():
         scores = (rng.integers(0, 100, 400) + 0.5) / 100
         labels = rng.random(400) < 0.1 + 0.5 * scores * rng.random()
         volumes.append((scores, labels))
-    histograms = [ScoreHistogram(n_bins=100).update(s, l) for s, l in volumes]
+    histograms = [ScoreHistogram(n_bins=100).update(s, y) for s, y in volumes]
     ours = bootstrap_histogram_metric(histograms, "average_precision", n_boot=60, seed=11)
 
     draws = np.random.default_rng(11)

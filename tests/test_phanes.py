@@ -16,6 +16,7 @@ from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_script
 from medanomaly.data import load_datalist
 from medanomaly.data.synth import contrast_datalist
 from medanomaly.scoring import PerceptualDistance, PerceptualWeightsMissing
+
 from checks import pixel_metrics
 
 PHANES_BUNDLE = find_bundle("phanes")
@@ -284,7 +285,8 @@ def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, m
                                    "stage2_iterations": 1}, demo=True)
     model_dir = run / "models"
     info = json.loads((model_dir / "model_info.json").read_text())
-    assert info["variant"] == "demo" and info["stages_done"] == [1, 2] and info["random_backbone"] is False and info["perceptual_backbone"] == "medanomaly"  # the demo backbone
+    assert info["variant"] == "demo" and info["stages_done"] == [1, 2] and info["random_backbone"] is False
+    assert info["perceptual_backbone"] == "medanomaly"  # the demo backbone
     assert info["stage1_iterations_done"] == 2 and info["stage2_iterations_done"] == 1
     saved = load_model_file(model_dir)
     assert set(saved["mask_thresholds"]) == {"0.05", "0.02", "0.01"}
@@ -299,7 +301,8 @@ def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, m
     run_bundle("phanes", "calibrate", {**common, "model_dir": str(model_dir), "output_dir": str(run / "cal")},
                demo=True)
     info = json.loads((model_dir / "model_info.json").read_text())
-    assert "threshold" in info and info["calibration_volumes"] == 1  # the small datalist's one healthy validation volume
+    # the small datalist's one healthy validation volume
+    assert "threshold" in info and info["calibration_volumes"] == 1
 
     # evaluation runs the inference pipeline and writes its outputs too (here: stage 1 alone)
     run_bundle("phanes", "evaluate", {**common, "model_dir": str(model_dir), "output_dir": str(run / "eval"),

@@ -307,7 +307,8 @@ def _datalist(tmp_path, n_training=8, n_lesion=20):
                 for i in range(n)]
 
     return write_datalist(tmp_path / "datalist.json", {
-        "training": entries("training", n_training, "healthy"), "training_lesion": entries("lesion", n_lesion, "tumour"),
+        "training": entries("training", n_training, "healthy"),
+        "training_lesion": entries("lesion", n_lesion, "tumour"),
         "validation_healthy": entries("vh", 2, "healthy"), "validation_lesion": entries("vl", 3, "wmh")})
 
 
@@ -323,7 +324,8 @@ def test_healthy_and_unlabeled_sets_mix_lesion_subjects_at_the_anomaly_ratio(tmp
     assert all("label" not in i and i["family"] == "tumour" for i in lesion)  # unlabeled: masks dropped
     assert sagan.semi_supervised_sets(path, lesion_key="training_lesion", seed=0) == (healthy, unlabeled)  # seeded
     # a datalist with its own unlabeled split is used as it is
-    assert sagan.semi_supervised_sets(path, unlabeled_key="validation_lesion")[1] == load_datalist(path, "validation_lesion")
+    unlabeled = sagan.semi_supervised_sets(path, unlabeled_key="validation_lesion")[1]
+    assert unlabeled == load_datalist(path, "validation_lesion")
     with pytest.raises(ValueError, match="unlabeled"):
         sagan.semi_supervised_sets(path)  # not synthetic, nothing to mix in
     items = sagan.validation_items(path)
@@ -491,7 +493,7 @@ def test_bundle_trains_calibrates_infers_and_evaluates(tiny, tmp_path, switches)
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["sagan", "brainomaly"])
 def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
-    from medanomaly.bundles.registry import weights_contrasts
+    from medanomaly.bundles.model_info import weights_contrasts
     from medanomaly.data import ensure_cohort
 
     weights = find_bundle("sagan").model_dir / ("brainomaly" if model == "brainomaly" else "")
@@ -500,7 +502,8 @@ def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
                                      "contrast": contrast, "device": "cpu", "output_dir": str(tmp_path),
                                      "n_bootstrap": 10, "save_outputs": False})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    pixel, prevalence = metrics["pixel"], metrics["pixel"]["n_pos"] / (metrics["pixel"]["n_pos"] + metrics["pixel"]["n_neg"])
+    pixel = metrics["pixel"]
+    prevalence = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
     # subject level, the papers' metric (12 lesion x 4 healthy volumes: one swapped pair moves it 0.02);
     # measured on the T2w demo weights (docs/README.md): volume AUROC sagan 0.771, brainomaly 0.875; pixel AUROC
     # 0.771 / 0.615 and pixel AP 3.1 x / 1.6 x the lesion prevalence. Limits a few volume pairs below.

@@ -155,8 +155,9 @@ def test_lpips_random_backbone_warns_and_gives_a_local_map(hub_dir, caplog):
 
 
 def test_lpips_env_variable_allows_random_backbone_and_linear_weights_ship_with_lpips(hub_dir, monkeypatch):
-    import lpips
     from pathlib import Path
+
+    import lpips
 
     monkeypatch.setenv(scoring.RANDOM_BACKBONE_ENV, "1")
     model = scoring.PerceptualDistance("squeeze")

@@ -20,12 +20,14 @@ from medanomaly.bundles import bundle_command, bundle_scripts, find_bundle, impo
 from medanomaly.data import load_datalist, preprocessing, write_datalist
 from medanomaly.latent import LatentRepository
 from medanomaly.metrics import ScoreHistogram
+
 from checks import pixel_metrics
 
 SCRPS = find_bundle("scrps")
 SCHEMA = SCRPS.root.parent / "schema" / "meta_schema_20240725.json"
 _S = import_bundle_scripts("scrps")["scripts"]
-Generator, Discriminator, LatentInverter, SCRPSMethod = _S.Generator, _S.Discriminator, _S.LatentInverter, _S.SCRPSMethod
+Generator, Discriminator = _S.Generator, _S.Discriminator
+LatentInverter, SCRPSMethod = _S.LatentInverter, _S.SCRPSMethod
 StyleGAN2Step = _S.StyleGAN2Step
 
 SMALL = {"channel_base": 128, "max_channels": 32, "n_mlp": 2}
@@ -55,7 +57,8 @@ def test_w_plus_has_2_log2_res_minus_2_layers_and_the_right_constant(size, n_ws,
     generator = Generator(size, **SMALL)
     assert generator.num_ws == n_ws and tuple(generator.const.shape[-2:]) == constant
     assert generator(torch.randn(2, 512)).shape == (2, 1, *size)
-    assert Discriminator(size, **{k: v for k, v in SMALL.items() if k != "n_mlp"})(torch.zeros(2, 1, *size)).shape == (2, 1)
+    discriminator = Discriminator(size, **{k: v for k, v in SMALL.items() if k != "n_mlp"})
+    assert discriminator(torch.zeros(2, 1, *size)).shape == (2, 1)
     with pytest.raises(ValueError, match="W\\+"):
         generator.synthesis(torch.zeros(2, n_ws - 1, 512))
     with pytest.raises(ValueError, match="power of two"):
@@ -67,7 +70,8 @@ def test_each_layer_reads_its_w_plus_vector():
     size = (128, 128)
     expected = [("conv0", 0), ("to_rgb0", 1)]
     for i in range(5):
-        expected += [(f"blocks.{i}.conv_up", 1 + 2 * i), (f"blocks.{i}.conv", 2 + 2 * i), (f"blocks.{i}.to_rgb", 3 + 2 * i)]
+        expected += [(f"blocks.{i}.conv_up", 1 + 2 * i), (f"blocks.{i}.conv", 2 + 2 * i),
+                     (f"blocks.{i}.to_rgb", 3 + 2 * i)]
     assert _S.layer_map(size) == expected and expected[-1][1] == 11
     generator = Generator(size, **SMALL)
     seen = {}
@@ -128,7 +132,8 @@ def test_training_step_runs_r1_path_length_and_ema():
                          r1_interval=1, pl_weight=2.0, pl_interval=1, ema_kimg=10.0, ema_rampup=0.5)
     g_opt = torch.optim.Adam(generator.parameters(), 2e-3, betas=(0.0, 0.99))
     out = step.step(generator, g_opt, torch.rand(4, 1, 32, 32) * 2 - 1, iteration=1)
-    assert {"loss", "loss_d", "r1", "path_length"} <= set(out) and all(torch.isfinite(out[k]) for k in ("loss", "loss_d"))
+    assert {"loss", "loss_d", "r1", "path_length"} <= set(out)
+    assert all(torch.isfinite(out[k]) for k in ("loss", "loss_d"))
     assert float(step.pl_mean) > 0 and step.images_seen == 4
     # EMA: ema = beta * ema + (1 - beta) * generator, half-life min(10 kimg, 0.5 x 4 images seen) = 2 images
     beta = 0.5 ** (4 / 2.0)

@@ -17,6 +17,7 @@ from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_script
 from medanomaly.data import CONTRASTS, cohort_root, load_datalist
 from medanomaly.data.companion import COMPANION_SEED_OFFSET, companion_seed
 from medanomaly.data.synth import plan_cohort
+
 from checks import pixel_metrics
 
 SUPERVISED = find_bundle("supervised")
@@ -54,7 +55,8 @@ def test_companion_training_set_never_shares_a_subject_or_seed_with_the_test_spl
     assert {item["contrast"] for item in lesions} == set(CONTRASTS)
     held_out = set()
     for contrast in CONTRASTS:
-        held_out |= _images(Path(tiny).parent / f"datalist_{contrast}.json", ["validation_lesion", "test_lesion", "test_healthy"])
+        held_out |= _images(Path(tiny).parent / f"datalist_{contrast}.json",
+                            ["validation_lesion", "test_lesion", "test_healthy"])
     assert not held_out & {item["image"] for item in items}
     assert not {Path(p).parent.parent for p in held_out} & {Path(item["image"]).parent.parent for item in lesions}
     # another cohort seed, hence other subject seeds than every validation and test subject's
@@ -151,7 +153,8 @@ def test_pooled_max_dice_is_the_best_dice_over_thresholds_of_the_lesion_softmax(
     probability never reaches 0.5 (argmax Dice would be 0)."""
     rng = np.random.default_rng(0)
     labels = [torch.from_numpy(rng.random((1, 8, 8, 4)) < 0.1) for _ in range(2)]
-    logits = [torch.cat([torch.zeros(1, 8, 8, 4), torch.from_numpy(rng.normal(-3, 0.5, (1, 8, 8, 4))).float().clamp(max=-2.05)
+    logits = [torch.cat([torch.zeros(1, 8, 8, 4),
+                         torch.from_numpy(rng.normal(-3, 0.5, (1, 8, 8, 4))).float().clamp(max=-2.05)
                          + 2.0 * label.float()]) for label in labels]
     metric = supervised.PooledMaxDice(n_bins=1000)
     metric.reset()
@@ -172,15 +175,16 @@ def test_metadata_marks_the_bundle_as_the_ceiling():
 @pytest.mark.slow
 def test_bundle_trains_within_its_time_budget_calibrates_and_evaluates(tiny, tiny_preset, tmp_path):
     run = tmp_path / "run"
-    run_bundle("supervised", "train", {"datalist": tiny_preset, "device": "cpu", "num_workers": 0, "output_dir": str(run),
-                                       "n_healthy_subjects": 1, "n_lesion_subjects": 1, "num_iterations": 1000,
-                                       "epoch_length": 2, "max_train_seconds": 30}, demo=True)
+    run_bundle("supervised", "train", {"datalist": tiny_preset, "device": "cpu", "num_workers": 0,
+                                       "output_dir": str(run), "n_healthy_subjects": 1, "n_lesion_subjects": 1,
+                                       "num_iterations": 1000, "epoch_length": 2, "max_train_seconds": 30}, demo=True)
     model_dir = run / "models"
     info = json.loads((model_dir / "model_info.json").read_text())
     assert info["contrast"] == list(CONTRASTS) and info["role"] == "ceiling"
     assert 2 <= info["iterations_done"] < 1000  # stopped by the wall-clock budget, after a validation
     assert (model_dir / "model.pt").is_file() and 0 <= info["best_val_max_dice"] <= 1
-    run_bundle("supervised", "calibrate", {"datalist": tiny_preset, "device": "cpu", "model_dir": str(model_dir)}, demo=True)
+    run_bundle("supervised", "calibrate", {"datalist": tiny_preset, "device": "cpu", "model_dir": str(model_dir)},
+               demo=True)
     assert json.loads((model_dir / "model_info.json").read_text())["calibration_volumes"] == 2 * 3  # every contrast
     run_bundle("supervised", "evaluate", {"datalist": tiny_preset, "contrast": "FLAIR", "device": "cpu",
                                           "model_dir": str(model_dir), "output_dir": str(run / "eval"),

@@ -46,7 +46,8 @@ def test_datalist_loads_with_monai(tiny):
     from monai.data import load_decathlon_datalist
 
     doc = json.loads(tiny.read_text())
-    assert doc["modality"] == {"0": "T1"} and doc["contrast"] == "T1w" and doc["labels"] == {"0": "background", "1": "lesion"}
+    assert doc["modality"] == {"0": "T1"} and doc["contrast"] == "T1w"
+    assert doc["labels"] == {"0": "background", "1": "lesion"}
     assert doc["numTraining"] == PRESETS["tiny"]["training"]
     assert doc["medanomaly"]["preset"] == "tiny" and doc["medanomaly"]["seed"] == 0
     for key in SPLITS:
@@ -309,7 +310,8 @@ def test_cohort_has_one_datalist_per_contrast(tiny):
     docs = {c: json.loads((root / f"datalist_{c}.json").read_text()) for c in ("T1w", "T2w", "FLAIR")}
     assert json.loads(tiny.read_text())["training"] == docs["T1w"]["training"]
     for contrast, doc in docs.items():
-        assert doc["contrast"] == contrast and doc["modality"] == {"0": {"T1w": "T1", "T2w": "T2"}.get(contrast, contrast)}
+        modality = {"T1w": "T1", "T2w": "T2"}.get(contrast, contrast)
+        assert doc["contrast"] == contrast and doc["modality"] == {"0": modality}
         for split in SPLITS:
             for entry, t1 in zip(doc[split], docs["T1w"][split]):
                 assert entry["image"].endswith(f"_{contrast}.nii.gz") and (root / entry["image"]).is_file()

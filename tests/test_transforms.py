@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -93,7 +94,7 @@ def test_axial_axis_follows_the_affine():
 # --- the persistent preprocessing cache ------------------------------------------------------
 
 def _healthy_items(tiny, n=1):
-    from medanomaly.bundles.engine import resolve_inputs
+    from medanomaly.bundles.inputs import resolve_inputs
 
     return resolve_inputs(datalist=str(tiny), keys="validation_healthy")[:n]
 
@@ -114,8 +115,13 @@ def test_persistent_cache_reuses_preprocessed_volumes_across_runs(tiny, tmp_path
     plain = chain(items[0])
     loads = []
     original = LoadImaged.__call__
-    monkeypatch.setattr(LoadImaged, "__call__",  # one count per item: the loader of the image (masks load apart)
-                        lambda self, data, *a, **k: ("image" in self.keys and loads.append(1)) or original(self, data, *a, **k))
+
+    def counted(self, data, *a, **k):  # one count per item: the loader of the image (masks load apart)
+        if "image" in self.keys:
+            loads.append(1)
+        return original(self, data, *a, **k)
+
+    monkeypatch.setattr(LoadImaged, "__call__", counted)
 
     first = PersistentCacheDataset(items, chain, cache_dir=cache, num_workers=0, progress=False)
     assert len(loads) == 1 and len(list(cache.glob("*.pt"))) == 1

@@ -68,7 +68,8 @@ def is_source_folder(path: str | os.PathLike | None) -> bool:
     return (path / "pyproject.toml").is_file() and (path / "core" / "medanomaly" / "__init__.py").is_file()
 
 
-def find_source_folder(start: str | os.PathLike = MODULE_DIR, configured: str | os.PathLike | None = None) -> Path | None:
+def find_source_folder(start: str | os.PathLike = MODULE_DIR,
+                       configured: str | os.PathLike | None = None) -> Path | None:
     """The configured folder if it is a checkout, else ``$MEDANOMALY_SOURCE``, else the
     checkout this module sits in (searched upwards from `start`), else None."""
     for candidate in (configured, os.environ.get(SOURCE_FOLDER_ENV)):
@@ -226,7 +227,10 @@ def install_plan(source: str | os.PathLike | None = None,
         if reason:
             plan.torch.append(name + spec)
             plan.reasons.append(reason)
-    requirements = requirements_from_pyproject(source / "pyproject.toml") if source else read_requirements(requirements_file)
+    if source:
+        requirements = requirements_from_pyproject(source / "pyproject.toml")
+    else:
+        requirements = read_requirements(requirements_file)
     for requirement in requirements:
         reason = unsatisfied(requirement)
         if reason:
@@ -267,7 +271,8 @@ def gpu_names(timeout: float = 5.0) -> list[str]:
 def device_choices(gpus: list[str] | None = None) -> list[tuple[str, str]]:
     """(label, device) pairs for the device selector: GPU first when one is present."""
     gpus = gpu_names() if gpus is None else gpus
-    choices = [(f"GPU (CUDA): {gpus[0]}" + (f" (+{len(gpus) - 1} more)" if len(gpus) > 1 else ""), "cuda")] if gpus else []
+    more = f" (+{len(gpus) - 1} more)" if len(gpus) > 1 else ""
+    choices = [(f"GPU (CUDA): {gpus[0]}{more}", "cuda")] if gpus else []
     return choices + [("CPU", "cpu")]
 
 
@@ -276,7 +281,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description="MedAnomaly's requirements for Slicer's Python.")
     parser.add_argument("--write-requirements", action="store_true",
-                        help=f"regenerate {REQUIREMENTS_FILE.relative_to(MODULE_DIR)} from the checkout's pyproject.toml")
+                        help=f"regenerate {REQUIREMENTS_FILE.relative_to(MODULE_DIR)} from the checkout's "
+                             "pyproject.toml")
     parser.add_argument("--plan", action="store_true", help="print what this Python would still need")
     args = parser.parse_args(argv)
     source = find_source_folder()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from medanomaly.bundles import BundleInfo, BundleProcess, bundle_command, find_bundle, list_bundles, parse_progress
+from medanomaly.bundles.model_info import weights_file
 from medanomaly.bundles.outputs import SUMMARY_FILE, output_paths, volume_name
 
 from MedAnomalyLib.inputs import InputError, check_input, check_same_grid  # noqa: F401 (re-exported)
@@ -194,10 +195,10 @@ class DetectionRequest:
 def check_ready(request: DetectionRequest) -> None:
     """Fails before launching anything when the run cannot work (no weights, no input file)."""
     method = method_by_name(request.method)
-    model_dir = request.model_dir or method.root / "models"
-    if not (Path(model_dir) / "model.pt").is_file():
+    weights = weights_file(request.model_dir or method.root / "models")
+    if not weights.is_file():
         raise DetectionError(
-            f"The method '{method.name}' has no trained weights ({Path(model_dir) / 'model.pt'} is missing). "
+            f"The method '{method.name}' has no trained weights ({weights} is missing). "
             f"Train it first (medanomaly train {method.name}), or choose a method marked 'weights'.")
     if not Path(request.input_file).is_file():
         raise DetectionError(f"The input file {request.input_file} was not written; the volume could not be saved.")
@@ -361,8 +362,10 @@ def read_result(request: DetectionRequest, log: str = "") -> DetectionResult:
 _FAILURES = [
     (re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I),
      "The GPU ran out of memory. Close other programs that use the GPU, or choose CPU as the device."),
-    (re.compile(r"\bMemoryError\b|DefaultCPUAllocator: can't allocate memory|not enough memory|Cannot allocate memory", re.I),
-     "The computer ran out of memory. Close other programs, or crop the volume to the head first (Crop Volume module)."),
+    (re.compile(r"\bMemoryError\b|DefaultCPUAllocator: can't allocate memory|not enough memory|"
+                r"Cannot allocate memory", re.I),
+     "The computer ran out of memory. Close other programs, or crop the volume to the head first "
+     "(Crop Volume module)."),
     (re.compile(r"Torch not compiled with CUDA enabled|No CUDA GPUs are available|Found no NVIDIA driver|"
                 r"CUDA driver version is insufficient|no kernel image is available", re.I),
      "PyTorch cannot use the GPU here. Choose CPU as the device, or install a CUDA build of PyTorch "

@@ -242,7 +242,8 @@ def write_sample(sample_dir: str | Path = SAMPLE_DIR, testing_dir: str | Path = 
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     paths["image"].write_bytes(nrrd_bytes(sample["image"], sample["ijk_to_ras"], DESCRIPTION))
-    paths["lesion"].write_bytes(nrrd_bytes(sample["lesion"], sample["ijk_to_ras"], "ground-truth lesion of " + SAMPLE_FILE))
+    lesion_description = "ground-truth lesion of " + SAMPLE_FILE
+    paths["lesion"].write_bytes(nrrd_bytes(sample["lesion"], sample["ijk_to_ras"], lesion_description))
     if thumbnail is not None:
         paths["thumbnail"] = write_thumbnail(sample["image"], sample["lesion"], thumbnail)
     for index, icon in enumerate(icons):

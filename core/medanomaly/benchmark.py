@@ -4,7 +4,7 @@ Each bundle runs in its own process (exactly as `python -m monai.bundle run` wou
 method's memory or CUDA state never leaks into the next, and one that fails (or has no
 weights) is reported in the table with the root cause of its failure instead of stopping the
 others. The numbers come from each run's `metrics.json`, `per_volume.json` and
-`histograms.npz` (written by `medanomaly.bundles.engine.CohortMetricsHandler`); the cost
+`histograms.npz` (written by `medanomaly.bundles.handlers.CohortMetricsHandler`); the cost
 columns from the run (wall time, peak memory) and the weights' `model_info.json` (training time).
 
 Each contrast (T1w, T2w, FLAIR) is a run of its own: every bundle's evaluate workflow gets the
@@ -36,11 +36,12 @@ import time
 from pathlib import Path
 
 from medanomaly.bundles import BundleRunError, ConfigText, find_bundle, list_bundles, start_bundle
+from medanomaly.bundles.model_info import MODEL_FILE, has_weights, read_model_info
+from medanomaly.bundles.registry import BundleInfo, BundleNotFound
 from medanomaly.console import CommandError
-from medanomaly.results import ROLES
-from medanomaly.bundles.registry import MODEL_FILE, BundleInfo, BundleNotFound, read_model_info
 from medanomaly.data import PRESETS, resolve_datalist
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, check_contrast, check_contrasts
+from medanomaly.results import ROLES
 
 OK, NO_WEIGHTS, NO_EVALUATE, FAILED = "ok", "no weights", "no evaluate config", "failed"
 RESULTS_JSON, RESULTS_CSV, GROUPS_CSV = "results.json", "results.csv", "results_by_group.csv"
@@ -160,7 +161,7 @@ def _model_dir(bundle: BundleInfo, models_root: Path | None) -> Path:
     weights, else the bundle's own `models/`."""
     if models_root is not None:
         for candidate in (models_root / bundle.name / "models", models_root / bundle.name):
-            if (candidate / MODEL_FILE).is_file():
+            if has_weights(candidate):
                 return candidate
     return bundle.model_dir
 
@@ -263,7 +264,7 @@ def _evaluate(bundle: BundleInfo, datalist: Path, run_dir: Path, device, demo, n
     started = time.perf_counter()
     model_dir = _model_dir(bundle, models_root)
     model_info = read_model_info(model_dir)
-    if not (model_dir / MODEL_FILE).is_file():
+    if not has_weights(model_dir):
         return {"row": failed_row(bundle.name, NO_WEIGHTS, f"no {MODEL_FILE} in {model_dir}: train the bundle first "
                                   f"(medanomaly train {bundle.name})", model_info=model_info)}
     if demo is False and model_info.get("variant") == "demo":
@@ -443,7 +444,8 @@ def _merged(results: dict, output_dir: Path) -> dict:
                 contrasts[c], kept_any = old, True
             continue
         ran = {entry["row"]["bundle"] for entry in new["bundles"]}
-        kept = [e for e in old["bundles"] if e["row"]["bundle"] not in ran] if old and old["datalist"] == new["datalist"] else []
+        same_cohort = old and old["datalist"] == new["datalist"]
+        kept = [e for e in old["bundles"] if e["row"]["bundle"] not in ran] if same_cohort else []
         contrasts[c] = {**new, "bundles": kept + new["bundles"]}
         kept_any = kept_any or bool(kept)
     if not kept_any:

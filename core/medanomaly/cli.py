@@ -7,7 +7,6 @@ as `python -m monai.bundle run` would run it; this module only parses arguments 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -16,12 +15,14 @@ import sys
 from pathlib import Path
 
 from medanomaly.bundles import find_bundle, list_bundles
+from medanomaly.bundles.input_files import expand_inputs
+from medanomaly.bundles.model_info import ModelInfoError
 from medanomaly.bundles.outputs import SUMMARY_FILE
-from medanomaly.bundles.registry import REPOSITORY_BUNDLES, BundleNotFound, ModelInfoError
+from medanomaly.bundles.registry import REPOSITORY_ROOT, BundleNotFound
 from medanomaly.bundles.runner import check_override_keys
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 
-_REPOSITORY_README = REPOSITORY_BUNDLES.parent / "README.md"
+_REPOSITORY_README = REPOSITORY_ROOT / "README.md"
 
 
 def _output_folder(path: str) -> str:
@@ -38,10 +39,14 @@ def _output_folder(path: str) -> str:
     return str(folder.resolve())
 
 
-def _check_inputs_exist(inputs: list[str]) -> None:
-    for entry in inputs:
-        if not Path(entry).exists() and not glob.glob(entry):
-            raise SystemExit(f"error: input {entry} does not exist.")
+def _check_inputs_exist(inputs: list[str], mask: str | None) -> None:
+    """Stops before the bundle starts when an input names no volume (the bundle expands them alike)."""
+    try:
+        expand_inputs(inputs)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    if mask and not Path(mask).exists():
+        raise SystemExit(f"error: the brain mask {mask} does not exist.")
 
 
 def _threshold(text: str) -> float:
@@ -74,7 +79,8 @@ def cmd_list(args) -> None:
         print(json.dumps([b.summary() for b in bundles], indent=2))
         return
     for bundle in bundles:
-        weights = "demo weights" if bundle.weights_need_demo_config else ("weights" if bundle.has_weights else "no weights")
+        weights = "weights" if bundle.has_weights else "no weights"
+        weights = "demo weights" if bundle.weights_need_demo_config else weights
         contrast = (bundle.weights_contrast or "unknown") if bundle.has_weights else "-"
         print(f"{bundle.name:<10} {bundle.version:<8} {weights:<13} {contrast:<11} {bundle.metadata.get('task', '')}")
 
@@ -117,7 +123,7 @@ def cmd_train(args) -> None:
 
 def cmd_detect(args) -> None:
     overrides = _common_overrides(args, "inference")
-    _check_inputs_exist([*args.inputs, *([args.mask] if args.mask else [])])
+    _check_inputs_exist(args.inputs, args.mask)
     overrides["input"] = args.inputs if len(args.inputs) > 1 else args.inputs[0]
     overrides["output_ext"] = "." + args.format.lstrip(".")
     if args.mask:
@@ -135,7 +141,8 @@ def cmd_detect(args) -> None:
 
 def cmd_evaluate(args) -> None:
     overrides = _common_overrides(args, "evaluate")
-    overrides["output_dir"] = _output_folder(overrides.get("output_dir") or str(Path("outputs") / args.bundle / "evaluate"))
+    default_folder = Path("outputs") / args.bundle / "evaluate"
+    overrides["output_dir"] = _output_folder(overrides.get("output_dir") or str(default_folder))
     if args.keys:
         overrides["datalist_keys"] = args.keys
     started = run_workflow(args.bundle, "evaluate", overrides, demo=args.demo, quiet=True)

@@ -75,10 +75,11 @@ def format_metrics(name: str, metrics: dict) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     pixel, volume = metrics["pixel"], metrics["volume"]
+    max_dice, per_volume = pixel["max_dice"], metrics["max_dice_per_volume"]
     lines = [
         f"{name}: {metrics['n_lesion_volumes']} lesion + {metrics['n_healthy_volumes']} healthy volumes",
-        f"  pooled [Dice]      {number(pixel['max_dice']['dice'])} (threshold {number(pixel['max_dice']['threshold'])})",
-        f"  per-volume [Dice]  {number(metrics['max_dice_per_volume']['mean'])} ± {number(metrics['max_dice_per_volume']['std'])}",
+        f"  pooled [Dice]      {number(max_dice['dice'])} (threshold {number(max_dice['threshold'])})",
+        f"  per-volume [Dice]  {number(per_volume['mean'])} ± {number(per_volume['std'])}",
         f"  pixel AP           {number(pixel['ap'])}   pixel AUROC {number(pixel['auroc'])}",
         f"  volume AUROC       {number(volume.get('auroc'))}   volume AP {number(volume.get('ap'))}",
     ]

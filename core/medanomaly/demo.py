@@ -9,7 +9,8 @@ import numpy as np
 
 from medanomaly import io
 from medanomaly.bundles import find_bundle
-from medanomaly.bundles.registry import weights_contrasts
+from medanomaly.bundles.model_info import weights_contrasts
+from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.data import DEFAULT_CONTRAST, axial_axis, check_contrast, ensure_cohort, load_datalist
 from medanomaly.metrics import ScoreHistogram
 from medanomaly.visualize import save_detection_panels
@@ -53,7 +54,7 @@ def run_demo(bundle: str = "dae", output_dir: Path = Path("outputs/demo"), devic
     detection_dir = output_dir / "detection"
     run_workflow(bundle, "inference", {"input": subject["image"], "mask": subject["mask"], "contrast": contrast,
                                        "output_dir": str(detection_dir), "device": device}, demo=None, quiet=True)
-    record = json.loads((detection_dir / "detections.json").read_text())[0]
+    record = json.loads((detection_dir / SUMMARY_FILE).read_text())[0]
     image = io.read_volume(subject["image"])
     arrays = {key: io.volume_array(io.read_volume(path, allow_constant=True)) for key, path in
               (("heatmap", record["heatmap"]), ("pseudo_healthy", record["pseudo_healthy"]),

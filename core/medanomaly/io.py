@@ -683,7 +683,8 @@ def read_segmentation(path) -> tuple[np.ndarray, list[dict]]:
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as err:  # slicerio raises IOError, nrrd errors, ...
-        raise VolumeError(f"'{path}' could not be read as a segmentation ({err}). Save it from 3D Slicer as .seg.nrrd.") from None
+        raise VolumeError(f"'{path}' could not be read as a segmentation ({err}). Save it from 3D Slicer as "
+                          ".seg.nrrd.") from None
     voxels = np.asarray(segmentation["voxels"])
     segments = [dict(s) for s in segmentation.get("segments", [])]
     if voxels.ndim == 4:

@@ -52,7 +52,8 @@ def retrieve(queries: torch.Tensor, codes: torch.Tensor, l1: int = 6, k1: int = 
     _check_codes(queries, "queries")
     _check_codes(codes, "repository codes")
     if queries.shape[1:] != codes.shape[1:]:
-        raise ValueError(f"Query codes {tuple(queries.shape[1:])} and repository codes {tuple(codes.shape[1:])} differ.")
+        raise ValueError(f"Query codes {tuple(queries.shape[1:])} and repository codes {tuple(codes.shape[1:])} "
+                         "differ.")
     n_layers, n_codes = codes.shape[1], codes.shape[0]
     if n_codes == 0:
         raise ValueError("The latent repository is empty.")
@@ -87,7 +88,8 @@ def weighted_combination(codes: torch.Tensor, similarities: torch.Tensor) -> tor
 def partial_swap(test_codes: torch.Tensor, retrieved: torch.Tensor, l2: int) -> torch.Tensor:
     """The first ``l2`` layers of the test code, the rest from the retrieved code."""
     if test_codes.shape != retrieved.shape:
-        raise ValueError(f"Codes to swap must have one shape, got {tuple(test_codes.shape)} and {tuple(retrieved.shape)}.")
+        raise ValueError(f"Codes to swap must have one shape, got {tuple(test_codes.shape)} and "
+                         f"{tuple(retrieved.shape)}.")
     if not 0 <= l2 <= test_codes.shape[1]:
         raise ValueError(f"l2 must lie in 0 .. {test_codes.shape[1]}, got {l2}.")
     return torch.cat([test_codes[:, :l2], retrieved[:, l2:]], dim=1)
@@ -151,7 +153,8 @@ class LatentRepository:
         if not path.is_file():
             raise RepositoryMissing(
                 f"No latent repository at {path}: build it after training (medanomaly train runs it; or "
-                f"python -m monai.bundle run --config_file \"['configs/inference.yaml','configs/build_repository.yaml']\" "
+                "python -m monai.bundle run --config_file "
+                "\"['configs/inference.yaml','configs/build_repository.yaml']\" "
                 f"--model_dir {path.parent}).")
         state = torch.load(path, map_location="cpu", weights_only=True)
         repository = cls(state["codes"], state.get("sources"), state.get("info"))

@@ -86,7 +86,8 @@ def clahe_residual(x: torch.Tensor, reconstruction: torch.Tensor, percentile: fl
     """``|CLAHE(x) - CLAHE(x_rec)|`` divided by its own ``percentile``-th percentile (per
     image, over all its pixels) and clipped to 1."""
     if x.shape != reconstruction.shape:
-        raise ValueError(f"x and the reconstruction differ in shape: {tuple(x.shape)} vs {tuple(reconstruction.shape)}.")
+        raise ValueError(f"x and the reconstruction differ in shape: {tuple(x.shape)} vs "
+                         f"{tuple(reconstruction.shape)}.")
     residual = (clahe(x, clip_limit) - clahe(reconstruction, clip_limit)).abs()
     return normalise_per_image(residual, percentile, eps)
 

@@ -152,7 +152,8 @@ def lesion_like(image: torch.Tensor, brain: torch.Tensor, rng: torch.Generator) 
     u = (xx * torch.cos(torch.tensor(angle)) + yy * torch.sin(torch.tensor(angle))) / rx
     v = (-xx * torch.sin(torch.tensor(angle)) + yy * torch.cos(torch.tensor(angle))) / ry
     blob = torch.sigmoid(4 * (1 - (u * u + v * v)))  # 1 inside, soft edge
-    contrast = (0.15 + 0.25 * float(torch.rand(1, generator=rng))) * (1 if float(torch.rand(1, generator=rng)) < 0.5 else -1)
+    strength = 0.15 + 0.25 * float(torch.rand(1, generator=rng))
+    contrast = strength * (1 if float(torch.rand(1, generator=rng)) < 0.5 else -1)
     return (image + contrast * blob * (brain > 0)).clamp(0, 1)
 
 
@@ -239,9 +240,9 @@ def train_backbone(datalist: str, output: str | Path, contrasts: Sequence[str] =
                    max_noise: float = 0.1, consistency_weight: float = 1.0, image_size: int = 64,
                    pixdim: float = 3.0, seed: int = 0, features: Sequence[int] = DEFAULT_FEATURES) -> dict:
     """Trains a `restoration_unet` to predict (corrupted - clean) from the noisy corrupted slice
-    (MSE relative to the batch's anomaly energy: 1 for predicting no anomaly) plus `consistency_weight` x `feature_consistency` of its encoder between
-    the noisy and the noise-free corrupted slice, on `image_size` px axial slices at `pixdim` mm
-    (default: the 64 px, 3 mm geometry of the PHANES and SCRPS demos; the network is fully
+    (MSE relative to the batch's anomaly energy: 1 for predicting no anomaly) plus `consistency_weight` x
+    `feature_consistency` of its encoder between the noisy and the noise-free corrupted slice, on `image_size` px
+    axial slices at `pixdim` mm (default: the 64 px, 3 mm geometry of the PHANES and SCRPS demos; the network is fully
     convolutional and runs at any size). Saves the weights and a record of the run to `output`."""
     from tqdm import tqdm
 

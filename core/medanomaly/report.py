@@ -20,10 +20,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medanomaly.bundles.outputs import SUMMARY_FILE, subject_name
 from medanomaly.console import CommandError
-from medanomaly.results import ROLES, contrast_view, display_order, method_label
-from medanomaly.bundles.outputs import subject_name
 from medanomaly.metrics import CohortEvaluator, plot_curves
+from medanomaly.results import ROLES, contrast_view, display_order, method_label
 from medanomaly.visualize import _display, lesion_slice
 
 REPORT_FILE = "report.html"
@@ -40,8 +40,9 @@ SYNTHETIC_VS_REAL = (
 REFERENCES = (
     f"The {ROLES['floor']} is a documented rule without learning; the {ROLES['ceiling']} is a segmentation "
     "network trained with lesion labels on other subjects: an upper reference on this synthetic data, not an "
-    "anomaly detector, never ranked with the methods. Gap closed = (metric - floor) / (ceiling - floor) within a contrast: 0 is the floor, "
-    "1 the ceiling; n/a without a finished floor and ceiling run of that contrast, or when the ceiling does not beat the floor."
+    "anomaly detector, never ranked with the methods. Gap closed = (metric - floor) / (ceiling - floor) within a "
+    "contrast: 0 is the floor, 1 the ceiling; n/a without a finished floor and ceiling run of that contrast, or when "
+    "the ceiling does not beat the floor."
 )
 
 
@@ -173,7 +174,7 @@ def _no_subjects_reason(results: dict, datalist: Path) -> str:
 
 
 def _detections(run_dir: str) -> dict[str, dict]:
-    path = Path(run_dir) / "detections.json"
+    path = Path(run_dir) / SUMMARY_FILE
     return {r["subject"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
 
 
@@ -340,7 +341,8 @@ def save_subject_viewer(subject: dict, runs: dict[str, str], path: Path) -> Path
     buttons = "".join(f"<button onclick='show({i})'>{html.escape(layer['method'])}</button>"
                       for i, layer in enumerate(layers) if layer.get("method"))
     volumes = json.dumps([{k: v for k, v in layer.items() if k != "method"} for layer in layers])
-    page = f"""<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(str(subject.get('subject')))}</title>
+    title = html.escape(str(subject.get("subject")))
+    page = f"""<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>
 <script src='{NIIVUE_JS}'></script><style>body {{ background: #111; color: #eee; font-family: sans-serif; }}
 #view {{ width: 100%; height: 85vh; }} canvas {{ width: 100%; height: 100%; }} button {{ margin: 4px; }}
 </style></head><body>
@@ -523,7 +525,8 @@ MARKDOWN = (
     ("s / volume", lambda r: _number(r["seconds_per_volume"], 1)),
     ("train", lambda r: _seconds(r["train_seconds"])),
 )
-PAPER_COLUMNS = (("paper: volume AUROC", "volume_auroc"), ("paper: pixel AP", "pixel_ap"), ("paper: [Dice]", "pooled_dice"))
+PAPER_COLUMNS = (("paper: volume AUROC", "volume_auroc"), ("paper: pixel AP", "pixel_ap"),
+                 ("paper: [Dice]", "pooled_dice"))
 
 
 def _markdown_rows(rows: list[dict]) -> list[str]:

@@ -216,7 +216,8 @@ class PerceptualDistance(nn.Module):
         linear_file = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
         if not linear_file.is_file():
             raise PerceptualWeightsMissing(
-                f"The lpips package has no linear-layer weights at '{linear_file}'. Reinstall lpips (pip install lpips)."
+                f"The lpips package has no linear-layer weights at '{linear_file}'. Reinstall lpips "
+                "(pip install lpips)."
             )
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             torch.manual_seed(seed)

@@ -1,7 +1,17 @@
 """Find, describe and run MedAnomaly's MONAI bundles.
 
-This package imports no torch: the Slicer module uses it at start-up. The torch side of the
-shared inference plumbing is `medanomaly.bundles.engine`, imported by the bundle configs.
+This package imports no torch: the Slicer module uses it at start-up (launch layer: registry,
+runner, progress, outputs, model_info, input_files). The torch side, which the bundle configs
+use inside a bundle process (runtime layer), loads on first access:
+
+    volume -> axial slices -> batches -> method -> slices -> volume on the input grid -> files
+
+`inputs.resolve_inputs` gives the items, `medanomaly.data.preprocessing` feeds
+`method.ProgressSliceInferer`, which runs the bundle's `method.SliceAnomalyMethod` on batches of
+slices; `Invertd` brings the maps back to the input grid (`predictions`), `writing.SaveAnomalyOutputsd`
+writes them, and `handlers` report progress, the summary, metrics, thresholds and model_info.json.
+`weights` loads the network's weights and finds the checkpoint to resume from; `contrast` checks
+that inputs match the contrast the weights were trained on.
 """
 
 from medanomaly.bundles.progress import VolumeProgress, format_progress, parse_progress, report_progress
@@ -25,15 +35,19 @@ from medanomaly.bundles.runner import (
 )
 
 __all__ = [
-    "BundleInfo", "BundleNotFound", "BundleProcess", "BundleRunError", "ConfigText", "VolumeProgress", "WORKFLOW_CONFIGS",
-    "bundle_command", "bundle_scripts", "bundle_search_path", "import_bundle_scripts", "find_bundle", "format_progress", "list_bundles", "parse_progress",
-    "report_progress", "run_bundle", "start_bundle",
+    "BundleInfo", "BundleNotFound", "BundleProcess", "BundleRunError", "ConfigText", "VolumeProgress",
+    "WORKFLOW_CONFIGS", "bundle_command", "bundle_scripts", "bundle_search_path", "import_bundle_scripts",
+    "find_bundle", "format_progress", "list_bundles", "parse_progress", "report_progress", "run_bundle", "start_bundle",
 ]
 
 
+# submodules this package does not import itself; the runtime ones (torch) load only when a bundle
+# config asks for them, e.g. `$medanomaly.bundles.weights.load_weights(...)` after `$import medanomaly`
+_LAZY_SUBMODULES = ("contrast", "handlers", "input_files", "inputs", "method", "predictions", "weights", "writing")
+
+
 def __getattr__(name: str):
-    # `medanomaly.bundles.engine` and `.contrast` (torch) load only when a bundle config asks for them.
-    if name in ("engine", "contrast"):
+    if name in _LAZY_SUBMODULES:
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

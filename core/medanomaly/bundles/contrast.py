@@ -11,7 +11,7 @@ import logging
 import os
 from typing import Mapping, Sequence
 
-from medanomaly.bundles.registry import read_model_info, weights_contrasts
+from medanomaly.bundles.model_info import read_model_info, weights_contrasts
 from medanomaly.data.contrast import CONTRASTS, check_contrast, contrast_of_item
 from medanomaly.data.datalist import load_datalist, read_datalist
 
@@ -50,7 +50,8 @@ def mismatch_message(model_dir, expected: Sequence[str], mismatched: Sequence[tu
 
 def weights_bundle_name(model_dir) -> str:
     """The bundle the weights in `model_dir` belong to: model_info's ``bundle``, else the folder above."""
-    return str(read_model_info(model_dir).get("bundle") or os.path.basename(os.path.dirname(os.path.abspath(model_dir))))
+    folder_above = os.path.basename(os.path.dirname(os.path.abspath(model_dir)))
+    return str(read_model_info(model_dir).get("bundle") or folder_above)
 
 
 def check_input_contrasts(items: Sequence[Mapping], model_dir, strict: bool = False) -> Sequence[Mapping]:
@@ -66,5 +67,6 @@ def check_input_contrasts(items: Sequence[Mapping], model_dir, strict: bool = Fa
         message = mismatch_message(model_dir, expected, mismatched)
         if strict:
             raise ValueError(message + " (strict_contrast: true)")
-        logger.warning(message + " Config strict_contrast: true (medanomaly detect|evaluate --strict) makes this an error.")
+        logger.warning(message + " Config strict_contrast: true (medanomaly detect|evaluate --strict) makes this "
+                       "an error.")
     return items

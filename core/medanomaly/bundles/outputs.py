@@ -68,8 +68,8 @@ def lock_output_dir(output_dir: str | Path) -> None:
     except BlockingIOError:
         owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise OutputFolderBusyError(f"Another MedAnomaly run (process {owner}) is writing into {folder}. Wait for it to "
-                               "finish, or choose another output folder.") from None
+        raise OutputFolderBusyError(f"Another MedAnomaly run (process {owner}) is writing into {folder}. Wait for "
+                                    "it to finish, or choose another output folder.") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _held_locks[str(folder)] = fd

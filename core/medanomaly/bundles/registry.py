@@ -11,9 +11,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"
-REPOSITORY_BUNDLES = Path(__file__).resolve().parents[3] / "monai_bundles"
-MODEL_FILE, MODEL_INFO_FILE = "model.pt", "model_info.json"
+from medanomaly.bundles.model_info import (
+    ModelInfoError,
+    has_weights,
+    read_model_info,
+    trained_with_demo_config,
+    weights_contrasts,
+)
+
+BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"  # os.pathsep-separated folders of bundles, searched first
+_PACKAGE = Path(__file__).resolve().parents[1]
+PACKAGED_BUNDLES = _PACKAGE / "monai_bundles"  # bundles shipped inside the installed package, if any
+REPOSITORY_ROOT = _PACKAGE.parents[1]  # the checkout around core/medanomaly when run from one
 
 
 class BundleNotFound(LookupError):
@@ -60,7 +69,7 @@ class BundleInfo:
 
     @property
     def has_weights(self) -> bool:
-        return (self.model_dir / MODEL_FILE).is_file()
+        return has_weights(self.model_dir)
 
     @property
     def model_info(self) -> dict:
@@ -96,43 +105,35 @@ class BundleInfo:
         }
 
 
-class ModelInfoError(ValueError):
-    """A bundle's model_info.json or metadata.json that cannot be read; the message names the file."""
+def repository_bundles() -> Path | None:
+    """`monai_bundles/` of the repository checkout this package runs from (an editable install or
+    PYTHONPATH=core), or None for an installed package, which sits in no `core/` folder."""
+    is_checkout = _PACKAGE.parent.name == "core" and (REPOSITORY_ROOT / "pyproject.toml").is_file()
+    return REPOSITORY_ROOT / "monai_bundles" if is_checkout else None
 
 
-def read_model_info(model_dir: str | os.PathLike) -> dict:
-    """`model_dir/model_info.json` (what those weights were trained with), or {} when absent.
-    Raises `ModelInfoError` naming the file when it is not a JSON object."""
-    path = Path(model_dir) / MODEL_INFO_FILE
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelInfoError(f"{path} is damaged ({err}); restore it, or train and calibrate again.") from None
-    if not isinstance(info, dict):
-        raise ModelInfoError(f"{path} holds a JSON {type(info).__name__}, not an object; restore it.")
-    return info
-
-
-def weights_contrasts(model_dir: str | os.PathLike) -> tuple[str, ...]:
-    """The MR contrast(s) the weights in `model_dir` were trained on (model_info.json "contrast",
-    one name or a list, as recorded), or () when unknown."""
-    recorded = read_model_info(model_dir).get("contrast")
-    if not recorded:
-        return ()
-    return (str(recorded),) if isinstance(recorded, str) else tuple(str(c) for c in recorded)
-
-
-def trained_with_demo_config(model_dir: str | os.PathLike) -> bool:
-    """True when the weights in `model_dir` come from the demo overlay (its smaller network)."""
-    return read_model_info(model_dir).get("variant") == "demo"
+def bundle_search_places() -> list[tuple[Path, str]]:
+    """Where bundles are searched, in order, each with where the place comes from: the folders of
+    $MEDANOMALY_BUNDLE_PATH, then the bundles shipped as package data, then the repository checkout.
+    A bundle name found in an earlier place hides the same name in later ones."""
+    places = [(Path(p), f"${BUNDLE_PATH_ENV}") for p in os.environ.get(BUNDLE_PATH_ENV, "").split(os.pathsep) if p]
+    if PACKAGED_BUNDLES.is_dir():
+        places.append((PACKAGED_BUNDLES, "shipped with the package"))
+    repository = repository_bundles()
+    if repository is not None and repository.is_dir():
+        places.append((repository, "the repository checkout"))
+    return places
 
 
 def bundle_search_path() -> list[Path]:
-    """Folders searched for bundles: $MEDANOMALY_BUNDLE_PATH entries first, then the repository's."""
-    extra = [Path(p) for p in os.environ.get(BUNDLE_PATH_ENV, "").split(os.pathsep) if p]
-    return [*extra, REPOSITORY_BUNDLES]
+    """The folders searched for bundles, in order (`bundle_search_places`)."""
+    return [folder for folder, _ in bundle_search_places()]
+
+
+def _describe_search_places() -> str:
+    described = [f"{folder} ({source}{'' if folder.is_dir() else ', not a folder'})"
+                 for folder, source in bundle_search_places()]
+    return "; ".join(described) or f"nothing (set ${BUNDLE_PATH_ENV} to a folder of bundles)"
 
 
 def _is_bundle(path: Path) -> bool:
@@ -185,8 +186,9 @@ def find_bundle(name_or_path: str | os.PathLike | BundleInfo) -> BundleInfo:
                 raise BundleNotFound(f"Bundle '{bundle.name}' cannot be used: {problem}")
             return bundle
     names = ", ".join(b.name for b in list_bundles()) or "none"
-    raise BundleNotFound(f"No bundle named '{name_or_path}' (available: {names}; search path: "
-                         f"{os.pathsep.join(map(str, bundle_search_path()))}).")
+    raise BundleNotFound(f"No bundle named '{name_or_path}' (available: {names}). Searched, in order: "
+                         f"{_describe_search_places()}. More bundle folders go into ${BUNDLE_PATH_ENV} "
+                         f"(separated by '{os.pathsep}').")
 
 
 def _is_scripts_module(name: str) -> bool:

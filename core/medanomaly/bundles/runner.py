@@ -17,8 +17,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from medanomaly.bundles.model_info import trained_with_demo_config
 from medanomaly.bundles.progress import parse_progress
-from medanomaly.bundles.registry import BundleInfo, find_bundle, trained_with_demo_config
+from medanomaly.bundles.registry import BundleInfo, find_bundle
 
 # Config files of each workflow, in the order MONAI merges them (later ones override).
 WORKFLOW_CONFIGS = {
@@ -123,8 +124,8 @@ def check_override_keys(bundle, workflow: str, keys) -> None:
     known = config_keys(bundle, workflow)
     unknown = [key for key in keys if str(key).split("#")[0] not in known]
     if unknown:
-        hints = "; ".join(f"'{key}' (did you mean {', '.join(difflib.get_close_matches(key, known, 3)) or 'none close'}?)"
-                          for key in unknown)
+        hints = "; ".join(f"'{key}' (did you mean {', '.join(difflib.get_close_matches(key, known, 3)) or 'none close'}"
+                          "?)" for key in unknown)
         raise ValueError(f"Unknown setting for {bundle.name} {workflow}: {hints}. The settings are the keys of "
                          f"{bundle.configs_dir}/{{{','.join(workflow_configs(bundle, workflow))}}}.yaml.")
 
@@ -150,7 +151,8 @@ def bundle_command(
 ) -> list[str]:
     """The `python -m monai.bundle run ...` command line of one workflow."""
     bundle = find_bundle(bundle)
-    names = workflow_configs(bundle, workflow) + (["demo"] if uses_demo_config(bundle, workflow, overrides, demo) else [])
+    with_demo = uses_demo_config(bundle, workflow, overrides, demo)
+    names = workflow_configs(bundle, workflow) + (["demo"] if with_demo else [])
     config_files = [str(bundle.config_file(name)) for name in names]
     command = [
         python or sys.executable, "-m", "monai.bundle", "run",

@@ -868,7 +868,8 @@ def datalist_items(datalist, keys="test_lesion", contrast: str | None = None) ->
     path = resolve_datalist(datalist, contrast)
     declared = read_datalist(path).get("contrast")
     keys = [keys] if isinstance(keys, str) else list(keys)
-    items = [{**({"contrast": declared} if declared else {}), **item} for key in keys for item in load_datalist(path, key)]
+    declared_contrast = {"contrast": declared} if declared else {}
+    items = [{**declared_contrast, **item} for key in keys for item in load_datalist(path, key)]
     if not items:
         raise ValueError(f"The datalist {path} has no volumes under {', '.join(map(repr, keys))}: nothing to run on.")
     missing = [(item.get("subject", item["image"]), key, item[key]) for item in items for key in PATH_KEYS

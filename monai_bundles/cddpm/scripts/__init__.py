@@ -13,8 +13,8 @@ from scripts.cddpm import (
 )
 from scripts.diffusion import (
     DiffusionTrainingStep,
-    StridedDDPM,
     DiffusionValidationStep,
+    StridedDDPM,
     diffusion_loss,
     ema_model,
     make_scheduler,
@@ -26,5 +26,5 @@ from scripts.diffusion import (
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 
 __all__ = ["BUNDLE_ROOT", "ConditionedDiffusionMethod", "DiffusionTrainingStep", "DiffusionValidationStep",
-           "SeedPerVolume", "StridedDDPM", "TextureSource", "diffusion_loss", "ema_model", "fixed_samples", "fold_files",
-           "load_networks", "make_scheduler", "min_snr_weights", "sample", "strided_timesteps"]
+           "SeedPerVolume", "StridedDDPM", "TextureSource", "diffusion_loss", "ema_model", "fixed_samples",
+           "fold_files", "load_networks", "make_scheduler", "min_snr_weights", "sample", "strided_timesteps"]

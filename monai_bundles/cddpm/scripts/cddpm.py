@@ -22,7 +22,9 @@ from ignite.engine import Engine, Events
 
 from medanomaly import scoring
 from medanomaly.anomalies import smooth_noise
-from medanomaly.bundles.engine import SliceAnomalyMethod, load_weights
+from medanomaly.bundles.method import SliceAnomalyMethod
+from medanomaly.bundles.weights import load_weights
+
 from scripts.diffusion import make_scheduler, sample
 
 _FOLD_FILE = re.compile(r"^model_fold(\d+)\.pt$")

@@ -14,8 +14,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.engines.utils import IterationEvents
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from monai.utils import CommonKeys as Keys
 from torch.optim.swa_utils import AveragedModel
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform, RandomizableTransform
 
 from medanomaly import scoring
-from medanomaly.bundles.engine import SliceAnomalyMethod
+from medanomaly.bundles.method import SliceAnomalyMethod
 
 NOISY = "noisy"
 

@@ -24,8 +24,9 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.engines import Workflow
 
-from medanomaly.bundles.engine import ModelInfoHandler, SliceAnomalyMethod, update_model_info
-from medanomaly.bundles.registry import MODEL_FILE
+from medanomaly.bundles.handlers import ModelInfoHandler
+from medanomaly.bundles.method import SliceAnomalyMethod
+from medanomaly.bundles.model_info import update_model_info, weights_file
 from medanomaly.data import DEFAULT_CONTRAST, IMAGE, MASK, check_contrast
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class HealthyIntensityDensity(torch.nn.Module):
 def load_density(model_dir: str | os.PathLike, required: bool = True) -> HealthyIntensityDensity | None:
     """The healthy histogram in `model_dir/model.pt`, or None when it is absent and not `required`
     (the hyperintensity rule needs none)."""
-    path = Path(model_dir) / MODEL_FILE
+    path = weights_file(model_dir)
     if not path.is_file():
         if required:
             raise FileNotFoundError(f"No healthy intensity histogram at {path}: run the bundle's train workflow "
@@ -152,9 +153,9 @@ class SaveHealthyIntensity(ModelInfoHandler):
     def _write(self, engine: Engine) -> None:
         model_dir = Path(self.model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self.density.state_dict(), model_dir / MODEL_FILE)
+        torch.save(self.density.state_dict(), weights_file(model_dir))
         update_model_info(model_dir, **self.fields, n_bins=self.density.n_bins,
                           training_volumes=engine.state.iteration, training_voxels=int(self.density.counts.sum()),
                           train_seconds=round(time.perf_counter() - self.started, 1))
         logger.info("Healthy intensity histogram of %d volumes written to %s",
-                    engine.state.iteration, model_dir / MODEL_FILE)
+                    engine.state.iteration, weights_file(model_dir))

@@ -11,7 +11,8 @@ import logging
 import torch
 
 from medanomaly import masking, scoring
-from medanomaly.bundles.engine import SliceAnomalyMethod, load_weights
+from medanomaly.bundles.method import SliceAnomalyMethod
+from medanomaly.bundles.weights import load_weights
 
 from scripts.trainer import load_model_file
 

@@ -23,15 +23,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medanomaly import masking
-from medanomaly.bundles.engine import update_model_info
+from medanomaly.bundles.model_info import update_model_info, weights_file
 from medanomaly.data import IMAGE, MASK
 
-from scripts.losses import (VGG19Features, discriminator_loss, embedding_loss, generator_adversarial_loss,
-                            kl_divergence, perceptual_loss, reconstruction_error, style_loss)
+from scripts.losses import (
+    discriminator_loss,
+    embedding_loss,
+    generator_adversarial_loss,
+    kl_divergence,
+    perceptual_loss,
+    reconstruction_error,
+    style_loss,
+)
 from scripts.networks import PHANES, PatchDiscriminator
 
 logger = logging.getLogger(__name__)
-MODEL_FILE = "model.pt"
 
 
 def _autocast(device, amp: bool):
@@ -239,14 +245,14 @@ def _slices(batch, device):
 
 
 def save_model(model_dir, model: PHANES, mask_thresholds=None, stages_done=()):
-    path = Path(model_dir) / MODEL_FILE
+    path = weights_file(model_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "mask_thresholds": mask_thresholds or {},
                 "stages_done": list(stages_done)}, path)
 
 
 def load_model_file(model_dir):
-    path = Path(model_dir) / MODEL_FILE
+    path = weights_file(model_dir)
     return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 

@@ -77,7 +77,8 @@ class PositionCode(nn.Module):
     def __init__(self, kind: str, n: int, channels: int | None = None):
         super().__init__()
         if kind not in ABSOLUTE_CODES:
-            raise ValueError(f"positional_encoding '{kind}' is not an absolute window code ({', '.join(ABSOLUTE_CODES)}).")
+            raise ValueError(f"positional_encoding '{kind}' is not an absolute window code "
+                             f"({', '.join(ABSOLUTE_CODES)}).")
         self.kind, self.n = kind, n
         if kind == "binary":
             self.register_buffer("table", binary_codes(n * n), persistent=False)
@@ -346,7 +347,8 @@ class SaganGenerator(AdditiveGenerator):
         self.merge = nn.ModuleList([ProjectionResidualBlock(2 * c, c) for c in skips])
         self.up = nn.ModuleList([up_block(c, c // 2) for c in skips])
         if fusion:
-            self.fuse_up = nn.ModuleList([nn.Sequential(up_block(4 * d, 2 * d), up_block(2 * d, d)), up_block(2 * d, d)])
+            self.fuse_up = nn.ModuleList([nn.Sequential(up_block(4 * d, 2 * d), up_block(2 * d, d)),
+                                          up_block(2 * d, d)])
             self.fuse = ProjectionResidualBlock(3 * d, d)
         else:
             self.fuse_up, self.fuse = None, None
@@ -385,7 +387,8 @@ class BrainomalyGenerator(AdditiveGenerator):
                  mix_probability: float | None = None):
         super().__init__(mix_probability)
         d = conv_dim
-        self.main = nn.Sequential(conv_block(in_channels, d, 7), conv_block(d, 2 * d, 4, 2), conv_block(2 * d, 4 * d, 4, 2),
+        self.main = nn.Sequential(conv_block(in_channels, d, 7), conv_block(d, 2 * d, 4, 2),
+                                  conv_block(2 * d, 4 * d, 4, 2),
                                   *[ResidualBlock(4 * d) for _ in range(n_residual)], up_block(4 * d, 2 * d),
                                   up_block(2 * d, d), nn.Conv2d(d, 1, 7, 1, 3, bias=False))
         self.zero_init(self.main[-1])

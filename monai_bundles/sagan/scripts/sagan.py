@@ -18,15 +18,15 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from medanomaly.bundles.engine import SliceAnomalyMethod
-from medanomaly.scoring import volume_score
 from monai.transforms import Compose, DeleteItemsd
 
+from medanomaly.bundles.method import SliceAnomalyMethod
+from medanomaly.bundles.model_info import model_info_file, read_model_info
 from medanomaly.data import IMAGE, LABEL, MASK, load_datalist, preprocessing, random_axial_slices, resolve_datalist
-from medanomaly.data.transforms import lesion_balanced_axial_slices
-from medanomaly.data.datalist import read_datalist
 from medanomaly.data.companion import companion_lesion_subjects, synthetic_provenance
+from medanomaly.data.datalist import read_datalist
+from medanomaly.data.transforms import lesion_balanced_axial_slices
+from medanomaly.scoring import volume_score
 
 logger = logging.getLogger(__name__)
 CORRUPTED = "corrupted"
@@ -127,7 +127,8 @@ def semi_supervised_sets(datalist, healthy_key: str = "training", unlabeled_key:
     if not abnormal_slices:
         lesions = [{k: v for k, v in item.items() if k != LABEL} for item in lesions]  # unlabeled: no masks
     logger.info("Healthy set: %d subjects; unlabeled set: %d healthy + %d lesion subjects (ratio %.2f).",
-                len(healthy_set), len(unlabeled_healthy), len(lesions), len(lesions) / max(1, len(lesions) + len(unlabeled_healthy)))
+                len(healthy_set), len(unlabeled_healthy), len(lesions),
+                len(lesions) / max(1, len(lesions) + len(unlabeled_healthy)))
     return healthy_set, unlabeled_healthy + lesions
 
 
@@ -148,7 +149,8 @@ def training_sets(datalist, **kwargs) -> dict:
 
 
 def validation_items(datalist, healthy_keys: str | Sequence[str] = "validation_healthy",
-                     unlabeled_keys: str | Sequence[str] = "validation_lesion", contrast: str | None = None) -> list[dict]:
+                     unlabeled_keys: str | Sequence[str] = "validation_lesion",
+                     contrast: str | None = None) -> list[dict]:
     """Validation volumes for AUCp: healthy ones (flag 0) and unlabeled ones (flag 1); labels are dropped."""
     path = _datalist_path(datalist, contrast)
     items = []
@@ -322,12 +324,9 @@ RECORDED = {**{name: None for name in SWITCHES}, "map_base": "input"}
 
 def recorded_switches(model_dir: str | os.PathLike | None) -> dict:
     """The switches (model, positional_encoding, generator, map_base) recorded with the weights in model_dir."""
-    import json
-
-    info_path = Path(model_dir) / "model_info.json" if model_dir else None
-    if info_path is None or not info_path.is_file():
+    if not model_dir or not model_info_file(model_dir).is_file():
         return {}
-    info = json.loads(info_path.read_text())
+    info = read_model_info(model_dir)
     return {k: info.get(k, before) for k, before in RECORDED.items() if k in info or before is not None}
 
 

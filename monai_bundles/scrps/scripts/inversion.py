@@ -46,7 +46,8 @@ class LatentInverter:
         if lpips_weight > 0 and perceptual is None:
             raise ValueError("lpips_weight > 0 needs a perceptual distance (medanomaly.scoring.PerceptualDistance).")
         self.generator, self.perceptual = generator, perceptual
-        self.steps, self.lr, self.lambda_mse, self.lpips_weight = int(steps), float(lr), float(lambda_mse), float(lpips_weight)
+        self.steps, self.lr = int(steps), float(lr)
+        self.lambda_mse, self.lpips_weight = float(lambda_mse), float(lpips_weight)
         self.lr_rampup, self.lr_rampdown = lr_rampup, lr_rampdown
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.last_losses: torch.Tensor | None = None

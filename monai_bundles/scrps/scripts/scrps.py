@@ -12,9 +12,11 @@ import torch
 from tqdm import tqdm
 
 from medanomaly import scoring
-from medanomaly.bundles.engine import SliceAnomalyMethod, update_model_info
+from medanomaly.bundles.method import SliceAnomalyMethod
+from medanomaly.bundles.model_info import update_model_info
 from medanomaly.data import IMAGE, MASK
 from medanomaly.latent import REPOSITORY_FILE, LatentRepository, select_fraction
+
 from scripts.inversion import LatentInverter, resize
 from scripts.stylegan2 import to_unit
 
@@ -61,7 +63,7 @@ class SCRPSMethod(SliceAnomalyMethod):
 
 def load_generator(generator: torch.nn.Module, model_dir: str | Path, device=None) -> torch.nn.Module:
     """The EMA generator's weights from `model_dir/model.pt`, frozen, in eval mode."""
-    from medanomaly.bundles.engine import load_weights
+    from medanomaly.bundles.weights import load_weights
 
     generator = load_weights(generator, model_dir, device).eval()
     return generator.requires_grad_(False)
@@ -83,7 +85,8 @@ def build_repository(inverter: LatentInverter, data: Sequence[dict], transform: 
     volumes, candidates = [], []
     for item in tqdm(data, desc="loading training volumes"):
         d = transform(item)
-        volumes.append((str(item.get("subject", len(volumes))), d[IMAGE].as_tensor() if hasattr(d[IMAGE], "as_tensor") else d[IMAGE]))
+        image = d[IMAGE].as_tensor() if hasattr(d[IMAGE], "as_tensor") else d[IMAGE]
+        volumes.append((str(item.get("subject", len(volumes))), image))
         candidates += [(len(volumes) - 1, z) for z in brain_slices(d[MASK], min_brain_fraction)]
     chosen = [candidates[i] for i in select_fraction(len(candidates), fraction, seed)]
     logger.info("Latent repository: inverting %d of %d brain slices of %d volumes.", len(chosen), len(candidates),

@@ -56,7 +56,8 @@ def layer_map(size: int | Sequence[int]) -> list[tuple[str, int]]:
     """(layer name, index of the W+ vector it reads) in synthesis order."""
     layers = [("conv0", 0), ("to_rgb0", 1)]
     for i in range(num_upsamplings(size)):
-        layers += [(f"blocks.{i}.conv_up", 1 + 2 * i), (f"blocks.{i}.conv", 2 + 2 * i), (f"blocks.{i}.to_rgb", 3 + 2 * i)]
+        layers += [(f"blocks.{i}.conv_up", 1 + 2 * i), (f"blocks.{i}.conv", 2 + 2 * i),
+                   (f"blocks.{i}.to_rgb", 3 + 2 * i)]
     return layers
 
 

@@ -14,5 +14,5 @@ from scripts.supervised import (
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 
-__all__ = ["BUNDLE_ROOT", "BestMetricInfoHandler", "PooledMaxDice", "SupervisedCeilingMethod", "contrast_items", "contrasts_of",
-           "training_items"]
+__all__ = ["BUNDLE_ROOT", "BestMetricInfoHandler", "PooledMaxDice", "SupervisedCeilingMethod", "contrast_items",
+           "contrasts_of", "training_items"]

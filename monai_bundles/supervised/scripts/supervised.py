@@ -15,7 +15,9 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
-from medanomaly.bundles.engine import SliceAnomalyMethod, resolve_inputs, update_model_info
+from medanomaly.bundles.inputs import resolve_inputs
+from medanomaly.bundles.method import SliceAnomalyMethod
+from medanomaly.bundles.model_info import update_model_info
 from medanomaly.data import CONTRASTS, resolve_datalist
 from medanomaly.data.companion import companion_lesion_subjects, synthetic_provenance
 from medanomaly.data.contrast import check_contrasts, contrast_of_item
@@ -66,7 +68,8 @@ def _with_contrast(items: Iterable[dict]) -> list[dict]:
     return unique
 
 
-def contrast_items(datalist, contrasts: Sequence[str] = CONTRASTS, keys: str | Sequence[str] = "validation_lesion") -> list[dict]:
+def contrast_items(datalist, contrasts: Sequence[str] = CONTRASTS,
+                   keys: str | Sequence[str] = "validation_lesion") -> list[dict]:
     """Entries of the `keys` splits of `datalist` (a preset name or a datalist file) over `contrasts`."""
     return _with_contrast(item for path in _contrast_datalists(datalist, contrasts)
                           for item in resolve_inputs(datalist=path, keys=keys))
