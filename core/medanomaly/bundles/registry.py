@@ -69,8 +69,9 @@ class BundleInfo:
 
     @property
     def weights_contrast(self) -> str | None:
-        """The contrast(s) the shipped weights expect, e.g. ``T1w`` or ``T1w/T2w``; None when unknown."""
-        return "/".join(weights_contrasts(self.model_dir)) or None
+        """The contrast(s) the shipped weights serve, e.g. ``T2w`` or ``T2w/FLAIR`` (the default
+        weights' and those of models/<contrast>/); None when unknown."""
+        return "/".join(shipped_contrasts(self.model_dir)) or None
 
     @property
     def weights_need_demo_config(self) -> bool:
@@ -122,6 +123,26 @@ def weights_contrasts(model_dir: str | os.PathLike) -> tuple[str, ...]:
     if not recorded:
         return ()
     return (str(recorded),) if isinstance(recorded, str) else tuple(str(c) for c in recorded)
+
+
+def shipped_model_dir(models_root: str | os.PathLike, contrast: str | None = None) -> Path:
+    """The shipped weights for scans of `contrast`: `models_root/<contrast>/` when the bundle ships
+    weights trained on that contrast there, else `models_root` (its default weights)."""
+    if contrast:
+        candidate = Path(models_root) / str(contrast)
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    return Path(models_root)
+
+
+def shipped_contrasts(models_root: str | os.PathLike) -> tuple[str, ...]:
+    """The contrasts `models_root` has weights for: the default weights' (model_info.json), then
+    each subfolder `<contrast>/` whose weights record that contrast (not a variant's subfolder)."""
+    root, found = Path(models_root), list(weights_contrasts(models_root))
+    for sub in sorted(root.iterdir()) if root.is_dir() else ():
+        if (sub / MODEL_FILE).is_file() and weights_contrasts(sub) == (sub.name,) and sub.name not in found:
+            found.append(sub.name)
+    return tuple(found)
 
 
 def trained_with_demo_config(model_dir: str | os.PathLike) -> bool:
