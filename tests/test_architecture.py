@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "core" / "medanomaly"
 APPS = {"medanomaly.cli", "medanomaly.console", "medanomaly.benchmark", "medanomaly.demo", "medanomaly.report"}
 LAUNCH = {"medanomaly.bundles", "medanomaly.bundles.registry", "medanomaly.bundles.runner",
           "medanomaly.bundles.progress", "medanomaly.bundles.outputs"}
-RUNTIME = {"medanomaly.bundles.engine", "medanomaly.bundles.contrast"}
+RUNTIME = {"medanomaly.bundles.engine", "medanomaly.bundles.contrast", "medanomaly.bundles.training_progress"}
 LEVEL = {"apps": 3, "launch": 2, "runtime": 2, "library": 1}
 # launch and runtime share a level: runtime modules use the launch helpers (registry, outputs), but the
 # launch layer must stay torch-free, so it may not import the runtime (checked separately)
