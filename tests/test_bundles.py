@@ -152,6 +152,49 @@ def test_progress_lines_round_trip():
     assert seen[-1] == (pytest.approx(0.625), "volume 3/4 sub-1: slices 5/10")
 
 
+def test_training_progress_is_iterations_or_the_wall_clock_budget_whichever_ends_first():
+    from ignite.engine import Engine
+
+    from medanomaly.bundles.handlers import TrainingProgress, training_fraction
+
+    assert training_fraction(25, 100) == 0.25
+    assert training_fraction(25, 100, seconds=60, max_seconds=120) == 0.5  # the budget ends it first
+    assert training_fraction(80, 100, seconds=60, max_seconds=120) == 0.8
+    assert training_fraction(100, 100) == training_fraction(5, 100, 500, 120) == 0.999  # 1 only once done
+    seen = []
+    trainer = Engine(lambda engine, batch: None)
+    TrainingProgress(every_seconds=0, label="dae training", report=lambda f, m: seen.append((f, m))).attach(trainer)
+    trainer.run(range(5), max_epochs=2)
+    assert [f for f, _ in seen] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.999, 1.0])
+    assert seen[3][1] == "dae training: iteration 3/10" and seen[-1][1] == "dae training: done after 10 iterations"
+
+
+@pytest.mark.parametrize("bundle", ["cddpm", "dae", "sagan", "scrps", "supervised"])
+def test_every_ignite_training_reports_its_progress(bundle):
+    """train.yaml's trainer handlers include TrainingProgress, given the run's wall-clock budget if it has one."""
+    import yaml
+
+    config = yaml.safe_load((find_bundle(bundle).configs_dir / "train.yaml").read_text())
+    (handler,) = [h for h in config["train"]["handlers"] if str(h.get("_target_", "")).endswith(".TrainingProgress")]
+    assert handler.get("max_seconds") == ("@max_train_seconds" if "max_train_seconds" in config else None)
+
+
+def test_phanes_training_reports_the_iterations_of_both_stages(monkeypatch):
+    import types
+
+    from medanomaly.bundles import bundle_scripts
+
+    seen = []
+    state = types.SimpleNamespace(stage="both", iterations={1: 300, 2: 100}, _last_report=-float("inf"))
+    with bundle_scripts("phanes", "trainer") as scripts:
+        monkeypatch.setattr(scripts.trainer, "report_progress", lambda f, m: seen.append((f, m)))
+        report = scripts.trainer.PhanesTrainer._report_progress
+        report(state, 1, 150)
+        report(state, 1, 151)  # within 5 s of the last line: not repeated
+        report(state, 2, 100)  # the last iteration always reports
+    assert seen == [(0.375, "stage 1: iteration 150/300"), (1.0, "stage 2: iteration 100/100")]
+
+
 def _python_process(code: str) -> BundleProcess:
     return BundleProcess([sys.executable, "-c", code])
 

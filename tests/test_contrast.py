@@ -18,10 +18,10 @@ from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from medanomaly.bundles import bundle_scripts, list_bundles
-from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, training_contrast
+from medanomaly.bundles.contrast import check_input_contrasts, contrast_record, inputs_contrast, training_contrast
 from medanomaly.bundles.handlers import ModelInfoHandler
 from medanomaly.bundles.inputs import resolve_inputs
-from medanomaly.bundles.model_info import update_model_info, weights_contrasts
+from medanomaly.bundles.model_info import shipped_contrasts, shipped_model_dir, update_model_info, weights_contrasts
 from medanomaly.bundles.registry import repository_bundles
 from medanomaly.data.contrast import CONTRASTS, check_contrast, check_contrasts, contrast_of_file, contrast_of_item
 
@@ -106,6 +106,47 @@ def test_file_inputs_carry_the_declared_contrast_only_when_given(tmp_path):
     assert resolve_inputs(str(scan)) == [{"image": str(scan), "subject": "scan"}]
     assert resolve_inputs(str(scan), input_contrast="FLAIR") == [
         {"image": str(scan), "subject": "scan", "contrast": "FLAIR"}]
+
+
+# --------------------------------------------------------------------------- shipped weights per contrast
+def _shipped(folder: Path, contrast) -> Path:
+    (_weights(folder, contrast) / "model.pt").write_bytes(b"")
+    return folder
+
+
+def test_the_shipped_weights_of_a_contrast_are_its_subfolder_else_the_default(tmp_path):
+    root = _shipped(tmp_path / "models", "T2w")
+    _shipped(root / "FLAIR", "FLAIR")
+    _shipped(root / "brainomaly", "T2w")  # a variant's weights, not a contrast's
+    _weights(root / "T1w", "T1w")  # no model.pt: nothing shipped for T1w
+    assert shipped_model_dir(root, "FLAIR") == root / "FLAIR"
+    assert shipped_model_dir(root, "T1w") == shipped_model_dir(root, None) == shipped_model_dir(root, "T2w") == root
+    assert shipped_contrasts(root) == ("T2w", "FLAIR")
+    assert shipped_contrasts(tmp_path / "absent") == ()
+
+
+def test_the_inputs_contrast_is_theirs_when_they_agree_else_the_default():
+    flair = [{"image": "/d/a_FLAIR.nii.gz"}, {"image": "/d/b.nii.gz", "contrast": "flair"}]
+    assert inputs_contrast(flair, "T1w") == "FLAIR"
+    assert inputs_contrast([*flair, {"image": "/d/c_T2w.nii.gz"}], "T1w") == "T1w"  # mixed
+    assert inputs_contrast([*flair, {"image": "/d/scan.nii.gz"}], "T2w") == "T2w"  # one unknown
+    assert inputs_contrast([], None) is None
+
+
+@pytest.mark.parametrize("bundle", REPOSITORY, ids=lambda b: b.name)
+def test_every_inference_config_picks_the_shipped_weights_of_the_inputs_contrast(bundle, tmp_path):
+    """A FLAIR scan gets models/FLAIR/ where the bundle ships it (intensity: and the FLAIR rule); a
+    scan of a contrast without its own weights gets models/."""
+    root = _shipped(tmp_path / "models", "T2w")
+    _shipped(root / "FLAIR", "FLAIR")
+    for scan, expected in (("sub-01_FLAIR.nii.gz", root / "FLAIR"), ("sub-01_T1w.nii.gz", root)):
+        parser = ConfigParser()
+        parser.read_config(str(bundle.config_file("inference")))
+        parser.update({"bundle_root": str(tmp_path), "inputs": [{"image": f"/d/{scan}"}]})
+        with bundle_scripts(bundle):
+            assert parser.get_parsed_content("model_dir") == str(expected)
+            if bundle.name == "intensity":
+                assert parser.get_parsed_content("rule") == ("hyperintensity" if "FLAIR" in scan else "healthy_density")
 
 
 # --------------------------------------------------------------------------- the check

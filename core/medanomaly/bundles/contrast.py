@@ -39,6 +39,14 @@ def training_contrast(datalist, contrast: str | None = None, key: str = "trainin
     return contrast_record(found or [contrast or DEFAULT_CONTRAST])
 
 
+def inputs_contrast(items: Sequence[Mapping], default: str | None = None) -> str | None:
+    """The one contrast of all `items` (each's ``contrast``, else its file's BIDS suffix), or
+    `default` when they do not say or do not agree. It picks the shipped weights
+    (`model_info.shipped_model_dir`): a FLAIR scan gets FLAIR weights where a bundle has them."""
+    found = {contrast_of_item(item) for item in items}
+    return found.pop() if len(found) == 1 and None not in found else default
+
+
 def mismatch_message(model_dir, expected: Sequence[str], mismatched: Sequence[tuple[Mapping, str]]) -> str:
     bundle = weights_bundle_name(model_dir)
     item, found = mismatched[0]

@@ -1,6 +1,7 @@
-"""Ignite handlers the bundle configs attach to their workflows: progress, the `detections.json`
-summary, cohort metrics (evaluate.yaml), the calibrated threshold (calibrate.yaml) and the record
-of what training made (train.yaml), the last two in `model_info.json`.
+"""Ignite handlers the bundle configs attach to their workflows: progress (inference and
+training), the `detections.json` summary, cohort metrics (evaluate.yaml), the calibrated
+threshold (calibrate.yaml) and the record of what training made (train.yaml), the last two in
+`model_info.json`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from medanomaly import io
 from medanomaly.bundles.model_info import read_model_info, update_model_info
 from medanomaly.bundles.outputs import SUMMARY_FILE, lock_output_dir
 from medanomaly.bundles.predictions import PRED, item_subject_name, label_array, scored_heatmap, supplied_brain_mask
-from medanomaly.bundles.progress import VolumeProgress
+from medanomaly.bundles.progress import VolumeProgress, report_progress
 from medanomaly.data import axial_axis
 
 logger = logging.getLogger(__name__)
@@ -199,3 +200,46 @@ class ModelInfoHandler:
                           train_seconds=round(time.perf_counter() - self.started, 1),
                           final_loss=None if loss is None else float(loss),
                           iterations_done=engine.state.iteration)
+
+
+# --------------------------------------------------------------------------- training progress
+def training_fraction(iteration: int, total: int, seconds: float = 0.0, max_seconds: float | None = None) -> float:
+    """How far a training is: iterations done / planned, or, with a wall-clock budget that will end
+    it first, seconds used / budget (the larger of the two); below 1 until it has finished."""
+    fraction = iteration / max(total, 1)
+    if max_seconds:
+        fraction = max(fraction, seconds / max_seconds)
+    return min(fraction, 0.999)
+
+
+class TrainingProgress:
+    """Reports `iteration i/n` of an ignite trainer at most every `every_seconds` (and once at the
+    start and the end). `max_seconds`: the run's wall-clock budget (`max_train_seconds`), if any."""
+
+    def __init__(self, max_seconds: float | None = None, every_seconds: float = 5.0, label: str = "training",
+                 report=report_progress):
+        self.max_seconds, self.every_seconds, self.label, self.report = max_seconds, every_seconds, label, report
+        self.started = self.last = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def start(self, engine: Engine) -> None:
+        self.started = time.monotonic()
+        self.last = -float("inf")
+        self.iteration_completed(engine)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_seconds:
+            return
+        self.last = now
+        state = engine.state
+        total = (state.max_epochs or 1) * (state.epoch_length or 1)
+        fraction = training_fraction(state.iteration, total, now - self.started, self.max_seconds)
+        self.report(fraction, f"{self.label}: iteration {state.iteration}/{total}")
+
+    def completed(self, engine: Engine) -> None:
+        self.report(1.0, f"{self.label}: done after {engine.state.iteration} iterations")

@@ -67,6 +67,26 @@ def weights_contrasts(model_dir: str | os.PathLike) -> tuple[str, ...]:
     return (str(recorded),) if isinstance(recorded, str) else tuple(str(c) for c in recorded)
 
 
+def shipped_model_dir(models_root: str | os.PathLike, contrast: str | None = None) -> Path:
+    """The shipped weights for scans of `contrast`: `models_root/<contrast>/` when the bundle ships
+    weights trained on that contrast there, else `models_root` (its default weights)."""
+    if contrast:
+        candidate = Path(models_root) / str(contrast)
+        if has_weights(candidate):
+            return candidate
+    return Path(models_root)
+
+
+def shipped_contrasts(models_root: str | os.PathLike) -> tuple[str, ...]:
+    """The contrasts `models_root` has weights for: the default weights' (model_info.json), then
+    each subfolder `<contrast>/` whose weights record that contrast (not a variant's subfolder)."""
+    root, found = Path(models_root), list(weights_contrasts(models_root))
+    for sub in sorted(root.iterdir()) if root.is_dir() else ():
+        if has_weights(sub) and weights_contrasts(sub) == (sub.name,) and sub.name not in found:
+            found.append(sub.name)
+    return tuple(found)
+
+
 def trained_with_demo_config(model_dir: str | os.PathLike) -> bool:
     """True when the weights in `model_dir` come from the demo overlay (its smaller network)."""
     return read_model_info(model_dir).get("variant") == "demo"

@@ -15,8 +15,8 @@ from medanomaly.bundles.model_info import (
     ModelInfoError,
     has_weights,
     read_model_info,
+    shipped_contrasts,
     trained_with_demo_config,
-    weights_contrasts,
 )
 
 BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"  # os.pathsep-separated folders of bundles, searched first
@@ -78,8 +78,9 @@ class BundleInfo:
 
     @property
     def weights_contrast(self) -> str | None:
-        """The contrast(s) the shipped weights expect, e.g. ``T1w`` or ``T1w/T2w``; None when unknown."""
-        return "/".join(weights_contrasts(self.model_dir)) or None
+        """The contrast(s) the shipped weights serve, e.g. ``T2w`` or ``T2w/FLAIR`` (the default
+        weights' and those of models/<contrast>/); None when unknown."""
+        return "/".join(shipped_contrasts(self.model_dir)) or None
 
     @property
     def weights_need_demo_config(self) -> bool:

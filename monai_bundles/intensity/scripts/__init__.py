@@ -11,10 +11,9 @@ from scripts.intensity import (
     SaveHealthyIntensity,
     default_rule,
     load_density,
-    shipped_model_dir,
 )
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 
 __all__ = ["BUNDLE_ROOT", "DEFAULT_RULES", "RULES", "HealthyIntensityDensity", "HealthyIntensityFitter",
-           "IntensityAnomalyMethod", "SaveHealthyIntensity", "default_rule", "load_density", "shipped_model_dir"]
+           "IntensityAnomalyMethod", "SaveHealthyIntensity", "default_rule", "load_density"]

@@ -27,7 +27,7 @@ from monai.engines import Workflow
 from medanomaly.bundles.handlers import ModelInfoHandler
 from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.model_info import update_model_info, weights_file
-from medanomaly.data import DEFAULT_CONTRAST, IMAGE, MASK, check_contrast
+from medanomaly.data import IMAGE, MASK, check_contrast
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +44,6 @@ def check_rule(rule: str) -> str:
     if rule not in RULES:
         raise ValueError(f"Unknown rule {rule!r}; choose one of {', '.join(RULES)}.")
     return rule
-
-
-def shipped_model_dir(bundle_root: str | os.PathLike, contrast: str) -> str:
-    """models/ for the default contrast (T1w), models/<contrast>/ for the others (as sagan's variants)."""
-    contrast = check_contrast(contrast)
-    root = Path(bundle_root) / "models"
-    return str(root if contrast == DEFAULT_CONTRAST else root / contrast)
 
 
 class HealthyIntensityDensity(torch.nn.Module):

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from medanomaly import masking
 from medanomaly.bundles.model_info import update_model_info, weights_file
+from medanomaly.bundles.progress import report_progress
 from medanomaly.data import IMAGE, MASK
 
 from scripts.losses import (
@@ -279,6 +280,7 @@ class PhanesTrainer:
         self.checkpoint_interval, self.log_interval = checkpoint_interval, log_interval
         self.resume, self.seed, self.info = resume, seed, dict(info or {})
         self.rng = np.random.default_rng(seed)
+        self._last_report = -float("inf")
         self.mask_thresholds: dict = {}
         self.stages_done: list = []
 
@@ -340,6 +342,7 @@ class PhanesTrainer:
                                       threshold, self.n_ellipses, self.rng)
                 last = self.inpainter_step(x, mask)
             done = iteration + 1
+            self._report_progress(stage, done)
             if done % self.log_interval == 0 or done == total:
                 logger.info("stage %d iteration %d/%d %s", stage, done, total,
                             " ".join(f"{k}={v:.5g}" for k, v in last.items()))
@@ -354,6 +357,18 @@ class PhanesTrainer:
             f"stage{stage}_iterations_done": total, f"stage{stage}_seconds": round(time.perf_counter() - started, 1),
             f"stage{stage}_final_losses": {k: round(v, 6) for k, v in last.items()},
             "mask_thresholds": self.mask_thresholds, "stages_done": self.stages_done})
+
+    def _report_progress(self, stage, done, every_seconds=5.0):
+        """A `[medanomaly] progress` line (the bar of `medanomaly train` and Slicer) at most every
+        `every_seconds`: the iterations done over those of every stage this run trains."""
+        now = time.monotonic()
+        if now - self._last_report < every_seconds and done < self.iterations[stage]:
+            return
+        self._last_report = now
+        stages = [1, 2] if self.stage == "both" else [int(self.stage)]
+        before = sum(self.iterations[s] for s in stages if s < stage)
+        total = sum(self.iterations[s] for s in stages)
+        report_progress((before + done) / max(total, 1), f"stage {stage}: iteration {done}/{self.iterations[stage]}")
 
     def _calibrate(self):
         logger.info("Calibrating the mask thresholds on %d healthy validation volume(s).", len(self.validation))
