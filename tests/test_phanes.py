@@ -36,6 +36,7 @@ InpainterStep = _SCRIPTS["scripts.trainer"].InpainterStep
 VAEStep = _SCRIPTS["scripts.trainer"].VAEStep
 autocast = _SCRIPTS["scripts.trainer"]._autocast
 load_model_file = _SCRIPTS["scripts.trainer"].load_model_file
+TRAINER = _SCRIPTS["scripts.trainer"]
 
 TINY_VAE = dict(channels=(4, 8, 8), zdim=8, image_size=32)
 
@@ -231,6 +232,45 @@ def test_soft_mask_patchgan_losses_on_a_hand_made_case():
     assert float(LOSSES.discriminator_loss(d_real, d_fake, mask)) == pytest.approx(0.28125 + 0.3125)
     assert float(LOSSES.generator_adversarial_loss(d_fake, mask)) == pytest.approx(0.5)
     assert float(LOSSES.generator_adversarial_loss(d_fake, torch.zeros_like(mask))) == 0.0
+
+
+class _ConstantVAE(torch.nn.Module):
+    """A 'VAE' whose reconstruction is the constant `level` everywhere."""
+
+    def __init__(self, level):
+        super().__init__()
+        self.level = torch.nn.Parameter(torch.tensor(float(level)))
+
+    def forward(self, x):
+        return self.level.expand_as(x)
+
+
+def _healthy_volume(values, brain):
+    """A (1, H, W, D) image and brain mask as the validation dataset yields them."""
+    return {"image": torch.as_tensor(values, dtype=torch.float32)[None], "mask": torch.as_tensor(brain)[None]}
+
+
+def test_stage1_validation_is_the_brain_mse_of_the_reconstruction_and_keeps_the_best_vae():
+    """healthy_reconstruction_mse averages (D(E(x)) - x)^2 over brain pixels only (slices without brain
+    skipped); the trainer's stage-1 validation keeps the state of the lowest score and records the curve."""
+    import types
+
+    values = np.zeros((2, 2, 3), np.float32)
+    values[..., 0] = [[1.0, 0.5], [0.0, 9.0]]  # 9.0 lies outside the brain
+    brain = np.zeros((2, 2, 3), bool)
+    brain[..., 0] = [[True, True], [True, False]]
+    volumes = [_healthy_volume(values, brain)]
+    # brain pixels 1.0, 0.5, 0.0 against a constant 0.5: (0.25 + 0 + 0.25) / 3
+    assert TRAINER.healthy_reconstruction_mse(_ConstantVAE(0.5), volumes, "cpu") == pytest.approx(0.5 / 3)
+    state = types.SimpleNamespace(model=types.SimpleNamespace(vae=_ConstantVAE(0.0)), validation=volumes,
+                                  device="cpu", validation_curve=[], best_vae=None)
+    for done, level in ((100, 0.0), (200, 0.5), (300, 1.0)):  # MSE 1.25/3, 0.5/3, 1.25/3
+        state.model.vae.level.data.fill_(level)
+        TRAINER.PhanesTrainer._validate_stage1(state, done)
+    assert state.validation_curve == [[100, pytest.approx(1.25 / 3, abs=1e-6)], [200, pytest.approx(0.5 / 3, abs=1e-6)],
+                                      [300, pytest.approx(1.25 / 3, abs=1e-6)]]
+    assert float(state.best_vae["level"]) == 0.5
+    assert TRAINER.PhanesTrainer._validation_record(state)["stage1_best_iteration"] == 200
 
 
 def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fill_value(tiny):

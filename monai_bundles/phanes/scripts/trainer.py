@@ -195,12 +195,8 @@ def vae_mask_maps(vae, perceptual, x, saliency_sigma=2.0):
     return masking.mask_map(x, rec, perceptual, saliency_sigma=saliency_sigma), rec
 
 
-@torch.no_grad()
-def calibrate_mask_thresholds(vae, perceptual, volumes, device, fprs=masking.DEFAULT_FPRS, batch_size=32,
-                              max_values=2_000_000, seed=0):
-    """Mask-map thresholds at the target healthy false-positive fractions, from the brain pixels
-    of every axial slice (with brain) of the healthy validation volumes."""
-    values = []
+def brain_slice_batches(volumes, device, batch_size=32):
+    """(slices, brain masks) batches, (B, 1, H, W), of every axial slice with brain of `volumes`."""
     for item in volumes:
         image, brain = item[IMAGE], item[MASK]  # (1, H, W, D)
         image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
@@ -210,10 +206,30 @@ def calibrate_mask_thresholds(vae, perceptual, volumes, device, fprs=masking.DEF
         keep = masks.flatten(1).any(1)
         slices, masks = slices[keep], masks[keep]
         for start in range(0, len(slices), batch_size):
-            x = slices[start:start + batch_size].to(device)
-            m = masks[start:start + batch_size].to(device)
-            maps, _ = vae_mask_maps(vae, perceptual, x)
-            values.append(maps[m > 0].cpu())
+            yield slices[start:start + batch_size].to(device), masks[start:start + batch_size].to(device)
+
+
+@torch.no_grad()
+def healthy_reconstruction_mse(vae, volumes, device, batch_size=32) -> float:
+    """Stage 1's validation score (lower is better): the mean squared error of the deterministic
+    reconstruction D(mu) over the brain pixels of the healthy validation volumes."""
+    vae.eval()
+    total, count = 0.0, 0.0
+    for x, m in brain_slice_batches(volumes, device, batch_size):
+        total += float((((vae(x).float() - x) ** 2) * m).sum())
+        count += float(m.sum())
+    return total / max(count, 1.0)
+
+
+@torch.no_grad()
+def calibrate_mask_thresholds(vae, perceptual, volumes, device, fprs=masking.DEFAULT_FPRS, batch_size=32,
+                              max_values=2_000_000, seed=0):
+    """Mask-map thresholds at the target healthy false-positive fractions, from the brain pixels
+    of every axial slice (with brain) of the healthy validation volumes."""
+    values = []
+    for x, m in brain_slice_batches(volumes, device, batch_size):
+        maps, _ = vae_mask_maps(vae, perceptual, x)
+        values.append(maps[m > 0].cpu())
     values = torch.cat(values) if values else torch.zeros(0)
     if values.numel() > max_values:
         values = values[torch.from_numpy(np.random.default_rng(seed).choice(values.numel(), max_values, False))]
@@ -264,7 +280,7 @@ class PhanesTrainer:
                  stage="both", stage1_iterations=100000, stage2_iterations=100000, learning_rate=5e-5,
                  inpainter_learning_rate=1e-4, vae_losses=None, inpainter_losses=None, discriminator=None,
                  features=None, n_ellipses=10, vae_masks=True, mask_fpr=0.05, checkpoint_interval=500,
-                 log_interval=50, resume=False, seed=0, info=None):
+                 log_interval=50, validation_interval=None, resume=False, seed=0, info=None):
         self.model, self.loader, self.validation = model.to(device), train_loader, validation_data
         self.perceptual = perceptual.to(device) if perceptual is not None else None
         self.model_dir, self.device, self.amp = Path(model_dir), device, amp
@@ -278,6 +294,10 @@ class PhanesTrainer:
                                             **(inpainter_losses or {}))
         self.n_ellipses, self.vae_masks, self.mask_fpr = n_ellipses, vae_masks, mask_fpr
         self.checkpoint_interval, self.log_interval = checkpoint_interval, log_interval
+        # stage 1 is validated every `validation_interval` iterations; the best VAE is kept
+        self.validation_interval = int(validation_interval) if validation_interval else None
+        self.best_vae: dict | None = None
+        self.validation_curve: list = []  # [iteration, healthy validation reconstruction MSE]
         self.resume, self.seed, self.info = resume, seed, dict(info or {})
         self.rng = np.random.default_rng(seed)
         self._last_report = -float("inf")
@@ -293,6 +313,8 @@ class PhanesTrainer:
         state = {"model": self.model.state_dict(), "optimizers": step.state_dict(), "iteration": iteration,
                  "mask_thresholds": self.mask_thresholds, "rng": self.rng.bit_generator.state,
                  "torch_rng": torch.get_rng_state()}
+        if stage == 1:
+            state["best_vae"], state["validation_curve"] = self.best_vae, self.validation_curve
         if stage == 2:
             state["discriminator"] = self.discriminator.state_dict()
         self.model_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +331,8 @@ class PhanesTrainer:
         (self.vae_step if stage == 1 else self.inpainter_step).load_state_dict(state["optimizers"])
         if stage == 2 and "discriminator" in state:
             self.discriminator.load_state_dict(state["discriminator"])
+        if stage == 1:
+            self.best_vae, self.validation_curve = state.get("best_vae"), state.get("validation_curve", [])
         self.mask_thresholds = state.get("mask_thresholds", {})
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -343,6 +367,8 @@ class PhanesTrainer:
                 last = self.inpainter_step(x, mask)
             done = iteration + 1
             self._report_progress(stage, done)
+            if stage == 1 and self.validation_interval and (done % self.validation_interval == 0 or done == total):
+                self._validate_stage1(done)
             if done % self.log_interval == 0 or done == total:
                 logger.info("stage %d iteration %d/%d %s", stage, done, total,
                             " ".join(f"{k}={v:.5g}" for k, v in last.items()))
@@ -350,13 +376,31 @@ class PhanesTrainer:
                 self._save_checkpoint(stage, done)
         if stage not in self.stages_done:
             self.stages_done.append(stage)
+        if stage == 1 and self.best_vae is not None:
+            self.model.vae.load_state_dict(self.best_vae)
         if stage == 1 and (start < total or not self.mask_thresholds):
             self._calibrate()
         save_model(self.model_dir, self.model, self.mask_thresholds, self.stages_done)
         update_model_info(self.model_dir, **self.info, **{
             f"stage{stage}_iterations_done": total, f"stage{stage}_seconds": round(time.perf_counter() - started, 1),
             f"stage{stage}_final_losses": {k: round(v, 6) for k, v in last.items()},
-            "mask_thresholds": self.mask_thresholds, "stages_done": self.stages_done})
+            "mask_thresholds": self.mask_thresholds, "stages_done": self.stages_done,
+            **(self._validation_record() if stage == 1 and self.validation_curve else {})})
+
+    def _validate_stage1(self, done):
+        """Healthy validation reconstruction MSE now; the VAE is kept when it is the best so far."""
+        mse = healthy_reconstruction_mse(self.model.vae, self.validation, self.device)
+        best = min((m for _, m in self.validation_curve), default=float("inf"))
+        self.validation_curve.append([done, round(mse, 6)])
+        if mse < best:
+            self.best_vae = {k: v.detach().cpu().clone() for k, v in self.model.vae.state_dict().items()}
+        logger.info("stage 1 iteration %d: healthy validation reconstruction MSE %.5f (best %.5f)", done, mse,
+                    min(mse, best))
+
+    def _validation_record(self):
+        best_iteration, best_mse = min(self.validation_curve, key=lambda point: point[1])
+        return {"stage1_validation_mse": self.validation_curve, "stage1_best_iteration": best_iteration,
+                "stage1_best_validation_mse": best_mse}
 
     def _report_progress(self, stage, done, every_seconds=5.0):
         """A `[medanomaly] progress` line (the bar of `medanomaly train` and Slicer) at most every
