@@ -14,10 +14,14 @@ python=${PYTHON:-python}
 run_dir=${RUN_DIR:-runs/${bundle}${INSTALL_SUBDIR:+-$INSTALL_SUBDIR}-demo}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 install_dir="$repo/monai_bundles/$bundle/models${INSTALL_SUBDIR:+/$INSTALL_SUBDIR}"
-# the --set switches (and --contrast) of the training also select the variant (and datalist) for evaluation
+# the --set switches (and --contrast) of the training also select the variant (and datalist) for
+# evaluation; training-only settings (init_from, num_iterations, ...) are not evaluation settings
+evaluation_keys=$($python -c "from medanomaly.bundles import find_bundle; from medanomaly.bundles.runner import config_keys; print(' '.join(config_keys(find_bundle('$bundle'), 'evaluate', demo=False)))")
 switches=()
 for ((i = 1; i <= $#; i++)); do
-  if [[ "${!i}" == "--set" || "${!i}" == "--contrast" ]]; then j=$((i + 1)); switches+=("${!i}" "${!j}"); fi
+  j=$((i + 1))
+  if [[ "${!i}" == "--contrast" ]]; then switches+=("${!i}" "${!j}"); fi
+  if [[ "${!i}" == "--set" && " $evaluation_keys " == *" ${!j%%[=#]*} "* ]]; then switches+=("${!i}" "${!j}"); fi
 done
 
 $python -m medanomaly.cli synth --preset demo
