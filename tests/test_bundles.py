@@ -145,6 +145,11 @@ def test_progress_lines_round_trip():
     assert parse_progress(format_progress(0.4213, "volume 1/2: slices 3/9")) == (0.421, "volume 1/2: slices 3/9")
     assert parse_progress("2026 - INFO - Epoch 1") is None
     assert parse_progress(format_progress(7)) == (1.0, "")
+    # after a tqdm bar's carriage-return output on the shared stdout/stderr pipe
+    bar = "PHANES stage 1:   0%|          | 9/6000 [00:10<1:58:09,  1.18s/it]"
+    assert parse_progress(bar + "\r" + format_progress(0.002, "stage 1: iteration 11/6000")) == (
+        0.002, "stage 1: iteration 11/6000")
+    assert parse_progress("the [medanomaly] progress bar is stuck") is None
     seen = []
     progress = VolumeProgress(4, report=lambda f, m: seen.append((f, m)))
     progress.start_volume(2, "sub-1")

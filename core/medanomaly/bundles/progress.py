@@ -24,8 +24,11 @@ def report_progress(fraction: float, message: str = "", stream=None) -> None:
 
 
 def parse_progress(line: str) -> tuple[float, str] | None:
-    """(fraction, message) of a progress line, None for any other line."""
-    match = _LINE.match(line.strip())
+    """(fraction, message) of a progress line, None for any other line. A progress line may follow a
+    progress bar's carriage-return output on the same line (stderr and stdout share one pipe): the
+    part from the last progress prefix on counts."""
+    start = line.rfind(PREFIX)
+    match = _LINE.match(line[start:].strip()) if start >= 0 else None
     if match is None:
         return None
     return float(match["fraction"]), match["message"] or ""
