@@ -274,7 +274,7 @@ def test_list_shows_the_weights_contrast():
     result = subprocess.run([sys.executable, "-m", "medanomaly.cli", "list"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     dae = next(line for line in result.stdout.splitlines() if line.startswith("dae "))
-    assert " T2w " in dae  # the shipped dae weights were fine-tuned on T2w
+    assert " T2w/FLAIR " in dae  # the shipped dae weights: T2w (models/) and FLAIR (models/FLAIR/)
 
 
 def test_cli_passes_contrast_and_strict(monkeypatch, tmp_path):
@@ -303,16 +303,17 @@ def test_slicer_method_shows_the_weights_contrast(monkeypatch):
     from MedAnomalyLib import inference
 
     dae = inference.method_by_name("dae")
-    assert dae.contrast == "T2w" and "Trained on: T2w scans" in dae.tooltip
+    assert dae.contrast == "T2w/FLAIR" and "Trained on: T2w/FLAIR scans" in dae.tooltip
 
 
 @pytest.mark.slow  # ~30 s on 2 busy cores: a bundle process starts
 def test_detect_strict_stops_on_another_contrast_before_the_model_runs(tmp_path):
-    """The whole path: `medanomaly detect --strict` on a FLAIR-named scan with the T2w demo weights."""
-    scan = _volume(tmp_path / "sub-01_FLAIR.nii.gz")
+    """The whole path: `medanomaly detect --strict` on a T1w-named scan: dae ships T2w (models/) and
+    FLAIR (models/FLAIR/) weights, none for T1w, so the default T2w weights are picked and refused."""
+    scan = _volume(tmp_path / "sub-01_T1w.nii.gz")
     result = subprocess.run([sys.executable, "-m", "medanomaly.cli", "detect", "dae", str(scan), "--strict",
                              "--device", "cpu", "--output-dir", str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0
-    assert "trained on T2w" in result.stderr and "is FLAIR" in result.stderr
+    assert "trained on T2w" in result.stderr and "is T1w" in result.stderr
     assert not (tmp_path / "out" / "detections.json").exists()
