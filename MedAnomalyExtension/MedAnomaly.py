@@ -199,6 +199,7 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sourcePathLineEdit.connect("currentPathChanged(QString)", self.onSourceFolderChanged)
         self.ui.bundleFoldersLineEdit.text = os.pathsep.join(self.logic.bundleFolders())
         self.ui.bundleFoldersLineEdit.connect("editingFinished()", self.onBundleFoldersChanged)
+        self.ui.userModelsPathLabel.text = self.logic.userModelsFolder()
 
         # Buttons
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -330,6 +331,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         weights = _("weights present") if method.has_weights else _("no weights: train the method first")
         if method.demo_weights:
             weights = _("demo weights (trained on the synthetic cohort)")
+        if method.model_dir is not None:
+            weights = _("your weights ({folder})").format(folder=method.model_dir)
         if method.contrast:
             weights += "; " + _("for {contrast} scans").format(contrast=method.contrast)
         self.ui.methodInfoLabel.text = f"{first}.\n{weights}"
@@ -371,11 +374,11 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshMethods(self) -> None:
         """Fills the method selector from the bundles present (their weights, calibrated thresholds)."""
-        self._methods = {method.name: method for method in self.logic.methods()}
+        self._methods = {method.key: method for method in self.logic.methods()}
         wasBlocked = self.ui.methodComboBox.blockSignals(True)
         self.ui.methodComboBox.clear()
         for method in self._methods.values():
-            self.ui.methodComboBox.addItem(method.label, method.name)
+            self.ui.methodComboBox.addItem(method.label, method.key)
             self.ui.methodComboBox.setItemData(self.ui.methodComboBox.count - 1, method.tooltip, qt.Qt.ToolTipRole)
         self.ui.methodComboBox.blockSignals(wasBlocked)
         if self._parameterNode is not None:
@@ -486,7 +489,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._taskOutputs = (None, None, None) if pn.keepPreviousResults else (
                 pn.heatmapVolume, pn.anomalySegmentation, pn.pseudoHealthyVolume)
             self._task = self.logic.startDetection(pn.inputVolume, method.name, device=pn.device, threshold=threshold,
-                                                   brainMask=pn.brainMask, loadPseudoHealthy=pn.loadPseudoHealthy)
+                                                   brainMask=pn.brainMask, loadPseudoHealthy=pn.loadPseudoHealthy,
+                                                   modelDir=method.model_dir)
             self.ui.statusLabel.text = _("Running {method} on {device}...").format(method=method.name, device=pn.device)
             self.updateRunningState()
             self._pollTimer.start()
@@ -600,9 +604,6 @@ class DetectionOutputs:
         self.heatmapMaximum, self.volumeScore = heatmapMaximum, volumeScore
 
 
-_bundlePathSetByModule = None  # the MEDANOMALY_BUNDLE_PATH value this module put into os.environ
-
-
 class MedAnomalyLogic(ScriptedLoadableModuleLogic):
     """This class should implement all the actual
     computation done by your module.  The interface
@@ -644,7 +645,8 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
     # where medanomaly and the bundles come from, and what Slicer's Python needs
 
     def sourceFolder(self):
-        """The MedAnomaly checkout: the one set in the settings, else the one this module sits in."""
+        """The MedAnomaly source: the checkout set in the settings, else the copy the extension ships
+        in its resources, else the checkout this module sits in."""
         from MedAnomalyLib import environment
 
         configured = qt.QSettings().value(self.SOURCE_FOLDER_SETTING, "")
@@ -663,21 +665,23 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         qt.QSettings().setValue(self.BUNDLE_FOLDERS_SETTING, os.pathsep.join(folders))
         self.prepareEnvironment()
 
-    def prepareEnvironment(self) -> dict:
-        """Makes the torch-free ``medanomaly.bundles`` importable here (from the source folder when
-        the package is not installed yet) and returns the extra environment of the bundle process."""
+    def userModelsFolder(self):
+        """Where a user's own weights go: ``<Slicer settings folder>/MedAnomaly/models/<bundle>/``."""
         from MedAnomalyLib import environment
 
-        global _bundlePathSetByModule
-        environment.make_importable(self.sourceFolder())
-        extra = environment.bundle_path_environment(self.bundleFolders())
-        if extra:
-            os.environ.update(extra)  # list_bundles() in this process reads it too
-            _bundlePathSetByModule = extra[environment.BUNDLE_PATH_ENV]
-        elif _bundlePathSetByModule and os.environ.get(environment.BUNDLE_PATH_ENV) == _bundlePathSetByModule:
-            del os.environ[environment.BUNDLE_PATH_ENV]  # a value set before Slicer started stays
-            _bundlePathSetByModule = None
-        return extra
+        settingsFolder = os.path.dirname(slicer.app.slicerUserSettingsFilePath)
+        return str(environment.user_models_folder(settingsFolder))
+
+    def prepareEnvironment(self) -> dict:
+        """Makes the torch-free ``medanomaly.bundles`` importable here (from the source folder when
+        the package is not installed yet) and puts the extra bundle folders and the source's bundles
+        (the shipped ones in an installed extension) on the bundle search path, for this process and
+        the bundle processes. Returns the extra environment of the bundle process."""
+        from MedAnomalyLib import environment
+
+        source = self.sourceFolder()
+        environment.make_importable(source)
+        return environment.apply_bundle_path(self.bundleFolders(), source)
 
     def dependencyPlan(self):
         """What Slicer's Python still lacks (`MedAnomalyLib.environment.InstallPlan`), None if unknown."""
@@ -750,15 +754,16 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             logging.info(f"MedAnomaly methods are not available yet (medanomaly is not installed): {error}")
             return []
         try:
-            return inference.available_methods()
+            return inference.available_methods(self.userModelsFolder())
         except Exception as error:
             logging.warning(f"MedAnomaly could not read the bundles: {error}")
             return []
 
     def method(self, name):
+        """A method by its key: a bundle's name (its own weights) or ``<bundle>:user[/<name>]``."""
         from MedAnomalyLib import inference
 
-        return inference.method_by_name(name)
+        return inference.method_by_name(name, self.userModelsFolder())
 
     # ------------------------------------------------------------------------------------------
     # detection

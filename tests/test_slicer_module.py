@@ -202,6 +202,8 @@ STUB_SLICER = textwrap.dedent('''
     class App(Anything):
         connected = []
         temporaryPath = "/tmp"
+        slicerUserSettingsFilePath = "/nonexistent-medanomaly-settings/NA-MIC/Slicer.ini"
+        majorVersion, minorVersion = 5, 10
         def connect(self, signal, slot): self.connected.append((signal, slot))
 
     def translate(context, text): return text
@@ -339,6 +341,8 @@ STUB_SLICER_CONFIG = textwrap.dedent('''
     set(Slicer_EXTENSION_GENERATE_CONFIG "${CMAKE_CURRENT_LIST_DIR}/GenerateConfig.cmake")
     set(Slicer_EXTENSION_CPACK "${CMAKE_CURRENT_LIST_DIR}/CPack.cmake")
     set(BUILD_TESTING ON)
+    set(Slicer_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-5.10/qt-scripted-modules")
+    set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-5.10/qt-scripted-modules")
     set(RECORD "${CMAKE_BINARY_DIR}/record.txt")
     file(WRITE "${RECORD}" "")
     macro(slicerMacroBuildScriptedModule)
@@ -350,6 +354,8 @@ STUB_SLICER_CONFIG = textwrap.dedent('''
         if(NOT EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/${f}")
           message(FATAL_ERROR "missing file ${f}")
         endif()
+        get_filename_component(d "${f}" DIRECTORY)  # installed as Slicer's CTK macro lays them out
+        install(FILES "${CMAKE_CURRENT_SOURCE_DIR}/${f}" DESTINATION "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/${d}")
       endforeach()
       file(APPEND "${RECORD}" "module ${MY_NAME} generic_tests=${MY_WITH_GENERIC_TESTS}\\n")
       foreach(f ${MY_SCRIPTS})
@@ -394,6 +400,146 @@ def test_extension_configures_with_a_stub_slicer(tmp_path):
     scripts = {line.split(" ", 1)[1] for line in record if line.startswith("script ")}
     assert "MedAnomaly.py" in scripts and "MedAnomalyLib/inference.py" in scripts
 
+    # the install rules put the package source and every bundle under the module's Resources/medanomaly
+    prefix = tmp_path / "install"
+    run = subprocess.run(["cmake", "--install", str(build), "--prefix", str(prefix)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    module_dir = prefix / SCRIPTED_MODULES
+    assert (module_dir / "MedAnomaly.py").is_file() and (module_dir / "MedAnomalyLib" / "environment.py").is_file()
+    shipped = module_dir / "Resources" / "medanomaly"
+    installed = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
+    assert installed == sorted(package_file_list(tmp_path / "list.txt"))
+
+
+SCRIPTED_MODULES = Path("lib", "Slicer-5.10", "qt-scripted-modules")  # Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR
+PACKAGE_FILES_CMAKE = EXTENSION / "CMake" / "MedAnomalyPackageFiles.cmake"
+
+
+def package_file_list(out: Path, root: Path = REPO) -> list[str]:
+    """The files the extension ships under Resources/medanomaly, as CMake lists them at configure time."""
+    run = subprocess.run(["cmake", f"-DMEDANOMALY_ROOT={root}", f"-DMEDANOMALY_FILE_LIST={out}", "-P",
+                          str(PACKAGE_FILES_CMAKE)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [line for line in out.read_text().splitlines() if line]
+
+
+def shipped_bundles() -> list[Path]:
+    return sorted(p.parent.parent for p in (REPO / "monai_bundles").glob("*/configs/metadata.json"))
+
+
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+
+
+@needs_cmake
+def test_the_extension_ships_the_package_and_every_bundle_with_its_weights(tmp_path):
+    files = package_file_list(tmp_path / "list.txt")
+    assert len(files) == len(set(files))
+    for needed in ("pyproject.toml", "README.md", "LICENSE", "core/medanomaly/__init__.py",
+                   "core/medanomaly/bundles/registry.py", "core/medanomaly/weights/perceptual_backbone.pt"):
+        assert needed in files, needed
+    bundles = shipped_bundles()
+    assert len(bundles) >= 7
+    for bundle in bundles:
+        name = bundle.name
+        for needed in ("configs/metadata.json", "configs/inference.yaml", "configs/logging.conf", "LICENSE",
+                       "models/model.pt", "models/model_info.json"):
+            assert f"monai_bundles/{name}/{needed}" in files, f"{name}/{needed}"
+        tracked = subprocess.run(["git", "ls-files", f"monai_bundles/{name}"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.split()
+        assert not set(tracked) - set(files), f"{name}: committed files left out: {set(tracked) - set(files)}"
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "/runs/" in f]
+
+
+@needs_cmake
+def test_the_shipped_file_list_leaves_out_caches_runs_and_checkpoints(tmp_path):
+    root = tmp_path / "checkout"
+    wanted = ["pyproject.toml", "README.md", "LICENSE", "core/medanomaly/__init__.py", "core/medanomaly/weights/w.pt",
+              "monai_bundles/b/LICENSE", "monai_bundles/b/configs/metadata.json", "monai_bundles/b/models/model.pt",
+              "monai_bundles/b/models/T2w/model.pt", "monai_bundles/b/scripts/network.py",
+              "monai_bundles/b/docs/a b.md"]
+    unwanted = ["core/medanomaly/__pycache__/__init__.cpython-312.pyc", "core/medanomaly/stale.pyc",
+                "monai_bundles/b/scripts/__pycache__/network.cpython-312.pyc", "monai_bundles/b/runs/events.out",
+                "monai_bundles/b/models/checkpoint_epoch=3.pt", "monai_bundles/b/models/checkpoint.pt",
+                "monai_bundles/b/.pytest_cache/v/x", "monai_bundles/b/configs/.DS_Store",
+                "monai_bundles/b/configs/inference.yaml~", "core/medanomaly.egg-info/PKG-INFO", "tests/test_x.py"]
+    for name in wanted + unwanted:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    assert sorted(package_file_list(tmp_path / "list.txt", root)) == sorted(wanted)
+    (root / "README.md").unlink()  # the package's build needs it: configuring fails
+    with pytest.raises(AssertionError, match="is missing; the extension cannot ship"):
+        package_file_list(tmp_path / "list.txt", root)
+
+
+def lay_out_installed_extension(prefix: Path, files: list[str]) -> Path:
+    """What `cmake --install` of the extension gives (see test_extension_configures_with_a_stub_slicer):
+    the module's scripts and resources in Slicer's scripted-modules folder, the package files under
+    Resources/medanomaly. Returns the module's folder."""
+    module_dir = prefix / SCRIPTED_MODULES
+    cmake = EXTENSION / "CMakeLists.txt"
+    copies = [(EXTENSION / f, module_dir / f) for f in cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")]
+    copies += [(EXTENSION / f, module_dir / f) for f in cmake_list(cmake, "MODULE_PYTHON_RESOURCES")]
+    copies += [(REPO / f, module_dir / "Resources" / "medanomaly" / f) for f in files]
+    for source, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return module_dir
+
+
+INSTALLED_CHECK = textwrap.dedent('''
+    # Run with python -I -S: no site-packages, no PYTHONPATH, so nothing of a checkout is visible.
+    import json, sys
+    module_dir, user_models = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, module_dir)
+    from MedAnomalyLib import environment
+    source = environment.find_source_folder()
+    importable = environment.make_importable(source)
+    bundle_path = environment.apply_bundle_path([], source)
+    import medanomaly
+    from medanomaly.bundles import list_bundles, registry
+    from MedAnomalyLib import inference
+    print(json.dumps({
+        "source": str(source), "shipped": environment.is_shipped(source), "importable": importable,
+        "package": medanomaly.__file__, "bundle_path": bundle_path,
+        "search": [str(p) for p in registry.bundle_search_path()],
+        "bundles": {b.name: {"root": str(b.root), "weights": b.has_weights} for b in list_bundles()},
+        "methods": {m.key: str(m.weights_folder) for m in inference.available_methods(user_models)},
+        "pip": environment.medanomaly_install_arguments(source),
+        "sys_path": sys.path}))
+''')
+
+
+@needs_cmake
+def test_an_installed_extension_finds_the_package_and_every_bundle_without_a_checkout(tmp_path):
+    module_dir = lay_out_installed_extension(tmp_path / "Extensions" / "MedAnomaly",
+                                             package_file_list(tmp_path / "list.txt"))
+    shipped = (module_dir / "Resources" / "medanomaly").resolve()
+    user_models = tmp_path / "settings" / "MedAnomaly" / "models"
+    (user_models / "dae" / "mine").mkdir(parents=True)
+    (user_models / "dae" / "mine" / "model.pt").write_bytes(b"weights")
+    script = tmp_path / "check.py"
+    script.write_text(INSTALLED_CHECK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDANOMALY")}
+    run = subprocess.run([sys.executable, "-I", "-S", str(script), str(module_dir), str(user_models)],
+                         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not any(str(REPO) in p for p in found["sys_path"])
+    assert found["source"] == str(shipped) and found["shipped"] and found["importable"]
+    assert found["package"].startswith(str(shipped / "core" / "medanomaly"))
+    assert found["bundle_path"] == {"MEDANOMALY_BUNDLE_PATH": str(shipped / "monai_bundles")}
+    assert found["search"][0] == str(shipped / "monai_bundles")
+    assert all(str(REPO) not in p for p in found["search"])
+    for bundle in shipped_bundles():
+        listed = found["bundles"][bundle.name]
+        assert listed["root"] == str(shipped / "monai_bundles" / bundle.name)
+        assert listed["weights"] == (bundle / "models" / "model.pt").is_file()
+    assert all(found["bundles"][b.name]["weights"] for b in shipped_bundles())  # every bundle ships weights
+    assert found["methods"]["dae"] == str(shipped / "monai_bundles" / "dae" / "models")
+    assert found["methods"]["dae:user/mine"] == str(user_models / "dae" / "mine")
+    assert found["pip"] == ["--no-deps", str(shipped)]  # the shipped source, not a name from an index
+
 
 # =============================================================================================
 # MedAnomalyLib.environment
@@ -407,6 +553,43 @@ def test_source_folder_is_the_checkout_around_the_module(tmp_path, monkeypatch):
     monkeypatch.setenv(environment.SOURCE_FOLDER_ENV, str(REPO))
     assert environment.find_source_folder(start=tmp_path) == REPO
     assert environment.make_importable(REPO)
+
+
+def test_source_folder_order_configured_then_shipped_then_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv(environment.SOURCE_FOLDER_ENV, raising=False)
+    module_dir = tmp_path / "qt-scripted-modules"
+    shipped = environment.shipped_folder(module_dir)
+    (shipped / "core" / "medanomaly").mkdir(parents=True)
+    (shipped / "core" / "medanomaly" / "__init__.py").write_text("")
+    (shipped / "pyproject.toml").write_text(
+        '[project]\nname = "medanomaly"\nversion = "9.1.0"\n\n[tool.x]\nversion = "0"\n')
+    assert environment.find_source_folder(start=module_dir) == shipped.resolve()
+    assert environment.find_source_folder(start=module_dir, configured=REPO) == REPO  # an explicit choice wins
+    monkeypatch.setenv(environment.SOURCE_FOLDER_ENV, str(REPO))
+    assert environment.find_source_folder(start=module_dir) == REPO
+    assert environment.is_shipped(shipped, module_dir) and not environment.is_shipped(REPO, module_dir)
+    assert environment.source_version(shipped) == "9.1.0" and environment.source_version(tmp_path) is None
+    assert environment.medanomaly_install_arguments(shipped, module_dir) == ["--no-deps", str(shipped)]
+    assert environment.medanomaly_install_arguments(REPO, module_dir) == ["--no-deps", "-e", str(REPO)]
+
+
+def test_bundle_path_puts_extra_folders_first_and_restores_what_was_there(tmp_path):
+    environ, state = {}, {"inherited": None, "applied": None}
+    source = tmp_path / "shipped"
+    (source / "monai_bundles").mkdir(parents=True)
+    bundles = str(source / "monai_bundles")
+    assert environment.apply_bundle_path([], source, environ, state) == {environment.BUNDLE_PATH_ENV: bundles}
+    assert environ == {environment.BUNDLE_PATH_ENV: bundles}
+    extra = environment.apply_bundle_path(["/mine"], source, environ, state)
+    assert environ[environment.BUNDLE_PATH_ENV] == extra[environment.BUNDLE_PATH_ENV] == os.pathsep.join(
+        ["/mine", bundles])
+    assert environment.apply_bundle_path([], None, environ, state) == {} and environ == {}  # nothing of it stays
+    environ[environment.BUNDLE_PATH_ENV] = "/set/by/user"  # e.g. before Slicer started
+    environment.apply_bundle_path(["/mine"], source, environ, state)
+    assert environ[environment.BUNDLE_PATH_ENV] == os.pathsep.join(["/mine", "/set/by/user", bundles])
+    environment.apply_bundle_path([], None, environ, state)
+    assert environ == {environment.BUNDLE_PATH_ENV: "/set/by/user"}
+    assert environment.user_models_folder("/home/u/.config/NA-MIC") == Path("/home/u/.config/NA-MIC/MedAnomaly/models")
 
 
 def test_requirements_relax_pins_and_leave_slicers_packages_alone():
@@ -451,7 +634,18 @@ def test_install_plan_orders_torch_packages_and_medanomaly(tmp_path, monkeypatch
     assert plan.torch == ["torch" + environment.TORCH_REQUIREMENT]
     assert plan.medanomaly == ["--no-deps", "-e", str(REPO)]
     plan = environment.install_plan(None, requirements)
-    assert plan.medanomaly == ["medanomaly"]
+    assert plan.medanomaly == [] and not plan.empty  # never `pip install medanomaly` from an index
+    assert "source was not found" in plan.problems[0] and "Cannot be installed" in plan.summary()
+    missing.clear()  # installed, but an older version than the extension ships: installed again
+    module_dir = tmp_path / "modules"
+    shipped = environment.shipped_folder(module_dir)
+    shutil.copytree(REPO / "core" / "medanomaly" / "bundles", shipped / "core" / "medanomaly" / "bundles")
+    (shipped / "core" / "medanomaly" / "__init__.py").write_text("")
+    (shipped / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text().replace(
+        'version = "0.1.0"', 'version = "99.0"'))
+    plan = environment.install_plan(shipped, module_dir=module_dir)
+    assert plan.medanomaly == ["--no-deps", str(shipped.resolve())]
+    assert "the extension ships 99.0" in plan.reasons[-1]
 
 
 def test_devices_offer_the_gpu_first_when_present():
@@ -506,6 +700,36 @@ def test_methods_come_from_the_bundles(inference):
     assert dae.label == f"dae ({dae.weights_label})"
     assert bundle.description in dae.tooltip
     assert dae.threshold == bundle.model_info.get("threshold")
+
+
+def test_user_weights_are_listed_beside_the_shipped_ones(inference, tmp_path):
+    from medanomaly.bundles import find_bundle
+
+    user_models = tmp_path / "MedAnomaly" / "models"
+    (user_models / "dae" / "t1").mkdir(parents=True)
+    (user_models / "dae" / "model.pt").write_bytes(b"weights")
+    (user_models / "dae" / "model_info.json").write_text(json.dumps({"threshold": 0.5, "contrast": "T1w"}))
+    (user_models / "dae" / "t1" / "model.pt").write_bytes(b"weights")
+    (user_models / "dae" / "empty").mkdir()
+    (user_models / "no-such-bundle" / "model.pt").parent.mkdir()
+    methods = {m.key: m for m in inference.available_methods(user_models)}
+    assert {"dae", "dae:user", "dae:user/t1"} <= set(methods)
+    assert not [k for k in methods if "empty" in k or "no-such-bundle" in k]
+    mine = methods["dae:user"]
+    assert mine.name == "dae" and mine.model_dir == user_models / "dae" and mine.has_weights
+    assert mine.label == "dae (your weights)" and methods["dae:user/t1"].label == "dae (your weights: t1)"
+    assert mine.threshold == 0.5 and mine.contrast == "T1w" and not mine.demo_weights
+    assert str(user_models / "dae") in mine.tooltip
+    assert methods["dae"].model_dir is None and methods["dae"].weights_folder == find_bundle("dae").model_dir
+    assert inference.method_by_name("dae:user/t1", user_models) == methods["dae:user/t1"]
+    assert inference.method_by_name("dae") == methods["dae"]
+    with pytest.raises(LookupError):
+        inference.method_by_name("dae:user/nope", user_models)
+    assert set(inference.available_methods()) == {m for m in methods.values() if m.model_dir is None}
+    # a run with them: the bundle with --model_dir (their own model_info.json decides the demo overlay)
+    command = inference.DetectionRequest("dae", tmp_path / "i.nrrd", tmp_path / "o", model_dir=mine.model_dir).command()
+    assert command[command.index("--model_dir") + 1] == "$" + repr(str(user_models / "dae"))
+    assert "demo.yaml" not in command[command.index("--config_file") + 1]
 
 
 def test_command_is_the_bundles_inference_with_the_modules_overrides(inference, tmp_path):

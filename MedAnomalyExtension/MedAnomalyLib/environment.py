@@ -4,23 +4,31 @@ Slicer-free and standard library only (``packaging``, which Slicer and pip ship,
 when requirements are compared), so the module can call it while Slicer starts without
 slowing it down or importing torch.
 
-Where ``medanomaly`` comes from, in order:
+Where the MedAnomaly source (``pyproject.toml``, ``core/medanomaly``, ``monai_bundles/``) comes
+from, in order (`find_source_folder`):
 
-1. already importable (installed into Slicer's Python earlier);
-2. the MedAnomaly source folder: the checkout the module sits in (``<root>/MedAnomalyExtension``
-   next to ``<root>/pyproject.toml`` and ``<root>/core/medanomaly``), or the folder set in the
-   module's Advanced settings. Its torch-free ``core`` is put on ``sys.path`` so the method list
-   shows before anything is installed, and the dependency installer runs
-   ``pip install --no-deps -e <root>`` after installing the requirements below;
-3. otherwise the installer installs the ``medanomaly`` distribution from the package index.
+1. the folder set in the module's Advanced settings, or ``$MEDANOMALY_SOURCE`` (an explicit
+   choice, e.g. a developer's checkout);
+2. the copy the extension ships: ``Resources/medanomaly/`` next to the module (installed by
+   ``MedAnomalyExtension/CMakeLists.txt``, laid out like a checkout);
+3. the checkout the module sits in (``<root>/MedAnomalyExtension`` next to ``<root>/pyproject.toml``).
+
+Its torch-free ``core`` is put on ``sys.path`` so the method list shows before anything is
+installed; its ``monai_bundles/`` goes on the bundle search path (``$MEDANOMALY_BUNDLE_PATH``,
+after the user's extra bundle folders), for this process and the bundle processes; and the
+installer installs the package from that folder, never a name from an index:
+``pip install --no-deps <shipped folder>`` (a copy in site-packages), or
+``pip install --no-deps -e <checkout>`` for a checkout. Weights a user trains or downloads go
+into ``<Slicer settings folder>/MedAnomaly/models/<bundle>/`` (`user_models_folder`), where the
+method list finds them beside the shipped ones.
 
 What Slicer's Python needs (``install_plan``): PyTorch (through the PyTorch extension's
 ``PyTorchUtils`` when present: it picks the CUDA build that fits the driver), then the
-package's other requirements. In a checkout they come from its ``pyproject.toml``; an
-installed extension uses ``Resources/requirements.txt``, generated from the same list
-(``python -m MedAnomalyLib.environment --write-requirements``). Exact pins are relaxed to
-lower bounds, and packages that Slicer ships itself are never replaced (a different numpy or
-SimpleITK inside the running application can break Slicer).
+package's other requirements, read from the source folder's ``pyproject.toml``
+(``Resources/requirements.txt``, generated from the same list with
+``python -m MedAnomalyLib.environment --write-requirements``, when there is no TOML reader).
+Exact pins are relaxed to lower bounds, and packages that Slicer ships itself are never
+replaced (a different numpy or SimpleITK inside the running application can break Slicer).
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
+# The MedAnomaly source an installed extension carries (MedAnomalyExtension/CMake/MedAnomalyPackageFiles.cmake).
+SHIPPED_SUBFOLDER = ("Resources", "medanomaly")
+USER_MODELS_SUBFOLDER = ("MedAnomaly", "models")  # under Slicer's settings folder
 DISTRIBUTION = "medanomaly"
 
 # MONAI 1.6 (the bundles' monai_version) needs torch >= 2.8; torchvision 0.23 pairs with torch 2.8.
@@ -68,17 +79,41 @@ def is_source_folder(path: str | os.PathLike | None) -> bool:
     return (path / "pyproject.toml").is_file() and (path / "core" / "medanomaly" / "__init__.py").is_file()
 
 
+def shipped_folder(module_dir: str | os.PathLike = MODULE_DIR) -> Path:
+    """Where an installed extension keeps its copy of the MedAnomaly source:
+    ``<module folder>/Resources/medanomaly`` (it exists only in a build or install tree)."""
+    return Path(module_dir).joinpath(*SHIPPED_SUBFOLDER)
+
+
+def is_shipped(source: str | os.PathLike | None, module_dir: str | os.PathLike = MODULE_DIR) -> bool:
+    """True when `source` is the copy shipped with the module (installed without ``-e``)."""
+    return bool(source) and Path(source).resolve() == shipped_folder(module_dir).resolve()
+
+
 def find_source_folder(start: str | os.PathLike = MODULE_DIR,
                        configured: str | os.PathLike | None = None) -> Path | None:
-    """The configured folder if it is a checkout, else ``$MEDANOMALY_SOURCE``, else the
-    checkout this module sits in (searched upwards from `start`), else None."""
-    for candidate in (configured, os.environ.get(SOURCE_FOLDER_ENV)):
+    """The MedAnomaly source to use, or None: the configured folder if it is a checkout, else
+    ``$MEDANOMALY_SOURCE``, else the copy shipped in the module's resources (`shipped_folder`
+    of `start`), else the checkout the module sits in (searched upwards from `start`)."""
+    for candidate in (configured, os.environ.get(SOURCE_FOLDER_ENV), shipped_folder(start)):
         if is_source_folder(candidate):
             return Path(candidate).resolve()
     for folder in [Path(start).resolve(), *Path(start).resolve().parents]:
         if is_source_folder(folder):
             return folder
     return None
+
+
+def source_version(source: str | os.PathLike) -> str | None:
+    """The ``[project] version`` of a source folder's ``pyproject.toml`` (read without a TOML
+    parser, which Python < 3.11 lacks), or None."""
+    try:
+        text = (Path(source) / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    version = project and re.search(r"^version\s*=\s*[\"']([^\"']+)[\"']", project.group(1), re.M)
+    return version.group(1) if version else None
 
 
 def medanomaly_importable() -> bool:
@@ -98,11 +133,58 @@ def make_importable(source: str | os.PathLike | None) -> bool:
     return medanomaly_importable()
 
 
-def bundle_path_environment(extra_folders: list[str | os.PathLike] | None) -> dict[str, str]:
-    """``{"MEDANOMALY_BUNDLE_PATH": ...}`` for extra bundle folders (searched before the
-    repository's own), or {} when there are none."""
+def source_bundles(source: str | os.PathLike | None) -> Path | None:
+    """The ``monai_bundles`` folder of a source folder (shipped copy or checkout), if it has one."""
+    folder = Path(source) / "monai_bundles" if source else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def bundle_path_environment(extra_folders: list[str | os.PathLike] | None, source: str | os.PathLike | None = None,
+                            inherited: str | None = None) -> dict[str, str]:
+    """``{"MEDANOMALY_BUNDLE_PATH": ...}``: the user's extra bundle folders first, then what the
+    variable held before the module set it (`inherited`), then the source folder's own
+    ``monai_bundles`` (the shipped bundles of an installed extension); {} when all are empty."""
     folders = [str(Path(f)) for f in (extra_folders or []) if str(f).strip()]
-    return {BUNDLE_PATH_ENV: os.pathsep.join(folders)} if folders else {}
+    folders += [f for f in (inherited or "").split(os.pathsep) if f.strip()]
+    bundles = source_bundles(source)
+    if bundles is not None:
+        folders.append(str(bundles))
+    unique = list(dict.fromkeys(folders))
+    return {BUNDLE_PATH_ENV: os.pathsep.join(unique)} if unique else {}
+
+
+# What the bundle path held before the module first set it, and what the module set last.
+_bundle_path_state: dict[str, str | None] = {"inherited": None, "applied": None}
+
+
+def apply_bundle_path(extra_folders: list[str | os.PathLike] | None, source: str | os.PathLike | None,
+                      environ=None, state: dict | None = None) -> dict[str, str]:
+    """Sets ``$MEDANOMALY_BUNDLE_PATH`` in `environ` (``os.environ``: ``list_bundles`` here and
+    the bundle processes read it) to `bundle_path_environment`, keeping a value set before
+    (by the user, or before Slicer started) after the module's folders; restores that value
+    when the module has nothing to add. Returns the variable as the bundle process gets it."""
+    environ = os.environ if environ is None else environ
+    state = _bundle_path_state if state is None else state
+    current = environ.get(BUNDLE_PATH_ENV)
+    if current != state["applied"]:  # not the module's own value: someone else set it
+        state["inherited"] = current
+    extra = bundle_path_environment(extra_folders, source, state["inherited"])
+    if extra:
+        environ[BUNDLE_PATH_ENV] = state["applied"] = extra[BUNDLE_PATH_ENV]
+    else:
+        if state["inherited"] is None:
+            environ.pop(BUNDLE_PATH_ENV, None)
+        else:
+            environ[BUNDLE_PATH_ENV] = state["inherited"]
+        state["applied"] = None
+    return extra
+
+
+def user_models_folder(settings_folder: str | os.PathLike) -> Path:
+    """Where a user's own weights go: ``<Slicer settings folder>/MedAnomaly/models``, one
+    folder per bundle (``<bundle>/model.pt`` + ``model_info.json``, or several named
+    subfolders ``<bundle>/<name>/model.pt``). Outside the extension, so they survive updates."""
+    return Path(settings_folder).joinpath(*USER_MODELS_SUBFOLDER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,11 +278,13 @@ class InstallPlan:
     packages: list[str] = field(default_factory=list)  # pip requirement strings
     medanomaly: list[str] = field(default_factory=list)  # pip arguments that install medanomaly itself
     reasons: list[str] = field(default_factory=list)  # one sentence per unmet requirement
+    problems: list[str] = field(default_factory=list)  # what the installer cannot fix
     source: Path | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.torch or self.packages or self.medanomaly)
+        """Nothing to install and nothing wrong: MedAnomaly can run."""
+        return not (self.torch or self.packages or self.medanomaly or self.problems)
 
     def summary(self) -> str:
         lines = []
@@ -210,15 +294,30 @@ class InstallPlan:
             lines.append("Python packages: " + ", ".join(self.packages))
         if self.medanomaly:
             lines.append("MedAnomaly: pip install " + " ".join(self.medanomaly))
+        if self.problems:
+            lines += ["", "Cannot be installed:"] + [f"- {p}" for p in self.problems]
         return "\n".join(lines + ["", "Why:"] + [f"- {r}" for r in self.reasons])
 
 
+def medanomaly_install_arguments(source: Path, module_dir: str | os.PathLike = MODULE_DIR) -> list[str]:
+    """pip arguments that install ``medanomaly`` from `source`, never from an index: the
+    shipped copy as a regular install (the extension folder may be replaced by an update),
+    a checkout as an editable one. ``--no-deps``: the requirements are installed before, relaxed."""
+    if is_shipped(source, module_dir):
+        return ["--no-deps", str(source)]
+    return ["--no-deps", "-e", str(source)]
+
+
 def install_plan(source: str | os.PathLike | None = None,
-                 requirements_file: str | os.PathLike = REQUIREMENTS_FILE) -> InstallPlan:
+                 requirements_file: str | os.PathLike = REQUIREMENTS_FILE,
+                 module_dir: str | os.PathLike = MODULE_DIR) -> InstallPlan:
     """What is missing in this Python for running MedAnomaly's bundles.
 
-    `source` is a MedAnomaly checkout (see `find_source_folder`) or None. Its ``pyproject.toml``
-    lists the requirements; without a checkout ``requirements_file`` does.
+    `source` is the MedAnomaly source folder (see `find_source_folder`) or None. Its
+    ``pyproject.toml`` lists the requirements; without one ``requirements_file`` does.
+    ``medanomaly`` is installed from `source` when it is missing, or when the installed copy of
+    the shipped source has another version than the extension ships (an updated extension).
+    Without a source folder it cannot be installed: `problems` says so.
     """
     source = Path(source).resolve() if is_source_folder(source) else None
     plan = InstallPlan(source=source)
@@ -236,9 +335,17 @@ def install_plan(source: str | os.PathLike | None = None,
         if reason:
             plan.packages.append(requirement)
             plan.reasons.append(reason)
-    if installed_version(DISTRIBUTION) is None:
-        plan.medanomaly = ["--no-deps", "-e", str(source)] if source else [DISTRIBUTION]
-        plan.reasons.append(f"{DISTRIBUTION} is not installed" + (f" (source: {source})" if source else ""))
+    installed = installed_version(DISTRIBUTION)
+    shipped = source_version(source) if source and is_shipped(source, module_dir) else None
+    if installed is None or (shipped is not None and installed != shipped):
+        if source is None:
+            plan.problems.append(
+                f"{DISTRIBUTION} is not installed and its source was not found: reinstall the MedAnomaly "
+                "extension, or set the MedAnomaly source folder (Advanced) to a MedAnomaly checkout.")
+        else:
+            plan.medanomaly = medanomaly_install_arguments(source, module_dir)
+            plan.reasons.append(f"{DISTRIBUTION} is not installed (source: {source})" if installed is None else
+                                f"{DISTRIBUTION} {installed} is installed, the extension ships {shipped}")
     return plan
 
 
