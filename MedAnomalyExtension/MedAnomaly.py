@@ -59,9 +59,28 @@ Research use only: not for clinical decisions.
 Built on MONAI bundles, PyTorch and 3D Slicer. The sample volume is synthetic (made from the MNI152
 template shipped with nilearn), not patient data.
 """)
+        problem = versionProblem()
+        if problem:  # said when the module loads; the panel repeats it and keeps Apply disabled
+            logging.warning(f"MedAnomaly: {problem}")
+            self.parent.helpText = problem + "\n" + self.parent.helpText
 
         # Sample data is registered once the application has started (the module must not slow down start-up).
         slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def slicerVersion():
+    """(major, minor) of the running Slicer, or None when it cannot be read."""
+    try:
+        return int(slicer.app.majorVersion), int(slicer.app.minorVersion)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def versionProblem():
+    """Why MedAnomaly cannot run in this Slicer (too old a Slicer or Python), or None."""
+    from MedAnomalyLib import environment
+
+    return environment.version_problem(slicerVersion())
 
 
 #
@@ -159,6 +178,7 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._thresholdTimer = None
         self._thresholdRangeMethod = None
+        self._versionProblem = None
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -207,6 +227,7 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.refreshMethodsButton.connect("clicked(bool)", self.refreshMethods)
 
+        self._versionProblem = versionProblem()
         self.populateDevices()
         self.refreshMethods()
         self.updateDependencyStatus()
@@ -214,6 +235,12 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
         self.updateRunningState()
+
+        if self._versionProblem:  # too old a Slicer: say so where the user looks, and keep Apply disabled
+            self.ui.statusLabel.text = self._versionProblem
+            self.ui.statusLabel.setStyleSheet("color: #c00000; font-weight: bold")
+            self.ui.installButton.enabled = False
+            self.updateRunningState()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -387,14 +414,20 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGuiFromParameterNode()
 
     def updateDependencyStatus(self) -> None:
+        from MedAnomalyLib import environment
+
         plan = self.logic.dependencyPlan()
-        if plan is None:
-            self.ui.dependenciesStatusLabel.text = _("Cannot check (the 'packaging' module is missing).")
-        elif plan.empty:
-            self.ui.dependenciesStatusLabel.text = _("All installed.")
+        ready, sentence = environment.dependency_status(plan)
+        if ready is None:  # unknown is never "all installed"
+            text = _("Cannot check (the 'packaging' module is missing).")
+        elif ready:
+            text = _("All installed.")
+        elif plan.problems:
+            text = sentence
         else:
-            missing = _("Missing (installed on the first Apply, after asking): {what}")
-            self.ui.dependenciesStatusLabel.text = missing.format(what="; ".join(plan.reasons))
+            text = _("Missing (installed on the first Apply, after asking): {what}")
+            text = text.format(what="; ".join(plan.reasons))
+        self.ui.dependenciesStatusLabel.text = text
 
     def onMethodChanged(self, index) -> None:
         if self._updatingGui or self._parameterNode is None or index < 0:
@@ -448,6 +481,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def canApply(self):
         """(possible, reason) of the Apply button."""
+        if self._versionProblem:
+            return False, self._versionProblem
         pn = self._parameterNode
         if pn is None or not pn.inputVolume:
             return False, _("Select an input volume.")
@@ -695,11 +730,17 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
     def setupPythonRequirements(self, askConfirmation=True) -> bool:
         """Installs what is missing: PyTorch (through the PyTorch extension when it is installed),
         the other packages with pip, then medanomaly itself (``pip install --no-deps -e <checkout>``).
-        Asks first. Returns True if anything was installed; raises if the user declines or it fails."""
+        Asks first. Returns True if anything was installed; raises if the user declines or it fails,
+        if this Slicer is too old, or if the packages cannot be checked (never "all installed" then)."""
         import importlib
 
+        from MedAnomalyLib import environment
+
+        problem = versionProblem()
+        if problem:
+            raise RuntimeError(problem)
         plan = self.dependencyPlan()
-        if plan is None or plan.empty:
+        if not environment.needs_install(plan):  # raises DependencyError for an unknown plan or problems
             return False
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                 _("MedAnomaly needs Python packages that are not installed in Slicer yet. Installing needs a network "
@@ -721,7 +762,7 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         self.prepareEnvironment()
 
         remaining = self.dependencyPlan()
-        if remaining is not None and not remaining.empty:
+        if environment.needs_install(remaining):
             raise RuntimeError(_("Some packages are still missing after the installation:\n{what}\n"
                                  "Restart Slicer and try again.").format(what="\n".join(remaining.reasons)))
         self.log(_("Python packages are installed."))
@@ -746,7 +787,10 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install(requirements)
 
     def methods(self):
-        """The bundles present (`MedAnomalyLib.inference.Method`), [] while medanomaly is unavailable."""
+        """The bundles present (`MedAnomalyLib.inference.Method`), [] while medanomaly is unavailable
+        (or cannot run in this Slicer)."""
+        if versionProblem():
+            return []
         self.prepareEnvironment()
         try:
             from MedAnomalyLib import inference
@@ -776,6 +820,9 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         """
         from MedAnomalyLib import inputs
 
+        problem = versionProblem()
+        if problem:
+            raise RuntimeError(problem)
         if not inputVolume:
             raise inputs.InputError(_("Select an input volume."))
         imageData = inputVolume.GetImageData()

@@ -232,6 +232,7 @@ STUB_SLICER = textwrap.dedent('''
     module("SampleData", SampleDataLogic=SampleDataLogic)
 
     sys.path.insert(0, sys.argv[1])
+    App.majorVersion, App.minorVersion = (int(v) for v in sys.argv[2].split("."))
     before = set(sys.modules)
     import MedAnomaly
     parent = types.SimpleNamespace()
@@ -244,23 +245,55 @@ STUB_SLICER = textwrap.dedent('''
     logic = MedAnomaly.MedAnomalyLogic()
     methods = [m.name for m in logic.methods()]
     plan = logic.dependencyPlan()
+    loaded_by_logic = sorted(set(sys.modules) - before)
+
+    def outcome(call):
+        try:
+            call()
+            return "returned"
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    start = outcome(lambda: logic.startDetection(None, "dae"))
+    logic.dependencyPlan = lambda: None  # the packages cannot be checked
+    unknown_plan = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
     print(json.dumps({"title": parent.title, "categories": parent.categories, "signal": signal,
                       "loaded_by_module": loaded_by_module, "loaded_by_registration": loaded_by_registration,
                       "registered": registered, "methods": methods, "source": logic.sourceFolder(),
-                      "plan_empty": plan.empty, "loaded_by_logic": sorted(set(sys.modules) - before)}))
+                      "plan_empty": plan.empty, "loaded_by_logic": loaded_by_logic, "help": parent.helpText,
+                      "version_problem": MedAnomaly.versionProblem(), "start": start, "unknown_plan": unknown_plan}))
 ''')
+
+
+def import_with_stub_slicer(folder: Path, slicer_version: str) -> dict:
+    """Imports the module file in a fresh interpreter against stub Slicer modules of `slicer_version`."""
+    script = folder / "stub_slicer.py"
+    script.write_text(STUB_SLICER)
+    env = {k: v for k, v in os.environ.items() if k != "MEDANOMALY_BUNDLE_PATH"}
+    run = subprocess.run([sys.executable, str(script), str(EXTENSION), slicer_version], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def stub_import(tmp_path_factory) -> dict:
-    """Imports the module file in a fresh interpreter against stub Slicer modules."""
-    script = tmp_path_factory.mktemp("stub") / "stub_slicer.py"
-    script.write_text(STUB_SLICER)
-    env = {k: v for k, v in os.environ.items() if k != "MEDANOMALY_BUNDLE_PATH"}
-    run = subprocess.run([sys.executable, str(script), str(EXTENSION)], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return import_with_stub_slicer(tmp_path_factory.mktemp("stub"), "5.10")
+
+
+def test_the_module_refuses_to_run_in_slicer_older_than_5_10(stub_import, tmp_path):
+    assert stub_import["version_problem"] is None
+    assert stub_import["start"] == "InputError: Select an input volume."
+    old = import_with_stub_slicer(tmp_path, "5.8")
+    problem = old["version_problem"]
+    assert "3D Slicer 5.10 or newer (this is Slicer 5.8)" in problem and "disabled" in problem
+    assert old["help"].startswith(problem)  # said on load
+    assert old["start"] == f"RuntimeError: {problem}" and old["unknown_plan"] == f"RuntimeError: {problem}"
+    assert old["methods"] == []  # the package is not even imported
+
+
+def test_packages_that_cannot_be_checked_are_an_error_not_all_installed(stub_import):
+    assert stub_import["unknown_plan"] == f"DependencyError: {environment.UNKNOWN_PLAN}"
 
 
 def test_loading_the_module_imports_nothing_heavy(stub_import):
@@ -590,6 +623,34 @@ def test_bundle_path_puts_extra_folders_first_and_restores_what_was_there(tmp_pa
     environment.apply_bundle_path([], None, environ, state)
     assert environ == {environment.BUNDLE_PATH_ENV: "/set/by/user"}
     assert environment.user_models_folder("/home/u/.config/NA-MIC") == Path("/home/u/.config/NA-MIC/MedAnomaly/models")
+
+
+def test_version_gate():
+    assert environment.version_problem((5, 10), (3, 12)) is None
+    assert environment.version_problem((6, 0), (3, 10)) is None
+    assert environment.version_problem(None, (3, 12)) is None  # Slicer's version unknown: Python decides
+    both = environment.version_problem((5, 8), (3, 9))
+    assert "3D Slicer 5.10 or newer (this is Slicer 5.8) and Python 3.10 or newer (this Slicer has Python 3.9)" in both
+    assert "Python" not in environment.version_problem((5, 9), (3, 12))
+    assert "Python 3.10 or newer" in environment.version_problem(None, (3, 9))
+    assert environment.version_problem((5, 10)) is None  # this interpreter
+
+
+def test_an_unknown_or_unfixable_plan_is_never_all_installed():
+    with pytest.raises(environment.DependencyError, match="cannot check"):
+        environment.needs_install(None)
+    broken = environment.InstallPlan(problems=["medanomaly is not installed and its source was not found"])
+    assert not broken.empty
+    with pytest.raises(environment.DependencyError, match="source was not found"):
+        environment.needs_install(broken)
+    assert environment.needs_install(environment.InstallPlan()) is False
+    assert environment.needs_install(environment.InstallPlan(packages=["monai>=1.6"], reasons=["r"])) is True
+    assert environment.dependency_status(None)[0] is None
+    assert environment.dependency_status(broken) == (False, broken.problems[0])
+    assert environment.dependency_status(environment.InstallPlan()) == (True, "All installed.")
+    missing = environment.InstallPlan(torch=["torch>=2.8"], reasons=["no torch"])
+    assert environment.dependency_status(missing) == (
+        False, "Missing (installed on the first Apply, after asking): no torch")
 
 
 def test_requirements_relax_pins_and_leave_slicers_packages_alone():

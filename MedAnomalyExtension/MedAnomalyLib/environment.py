@@ -58,6 +58,11 @@ TORCH_DISTRIBUTIONS = ("torch", "torchvision")
 # Distributions that Slicer's own Python ships: any installed version is accepted.
 SLICER_PROVIDED = ("numpy", "scipy", "SimpleITK", "pydicom", "requests", "packaging", "pillow")
 
+# The oldest Slicer the module supports (parameterNodeWrapper, Python 3.12, the APIs it was written
+# against) and the oldest Python the medanomaly package runs on (pyproject.toml: requires-python).
+MINIMUM_SLICER = (5, 10)
+MINIMUM_PYTHON = (3, 10)
+
 SOURCE_FOLDER_ENV = "MEDANOMALY_SOURCE"
 BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"  # read by medanomaly.bundles.registry
 
@@ -65,6 +70,27 @@ BUNDLE_PATH_ENV = "MEDANOMALY_BUNDLE_PATH"  # read by medanomaly.bundles.registr
 def canonical(name: str) -> str:
     """Distribution names compare case- and separator-insensitively (PEP 503)."""
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# the Slicer and Python versions
+
+
+def version_problem(slicer_version: tuple[int, ...] | None,
+                    python_version: tuple[int, ...] | None = None) -> str | None:
+    """Why MedAnomaly cannot run here, as a sentence for the user, or None when it can.
+    `slicer_version` is (major, minor) of the running Slicer (None: unknown, not checked);
+    `python_version` defaults to this interpreter's."""
+    python_version = tuple(sys.version_info[:2] if python_version is None else python_version[:2])
+    too_old = []
+    if slicer_version is not None and tuple(slicer_version[:2]) < MINIMUM_SLICER:
+        too_old.append("3D Slicer {}.{} or newer (this is Slicer {}.{})".format(*MINIMUM_SLICER, *slicer_version[:2]))
+    if python_version < MINIMUM_PYTHON:
+        too_old.append("Python {}.{} or newer (this Slicer has Python {}.{})".format(*MINIMUM_PYTHON, *python_version))
+    if not too_old:
+        return None
+    return (f"MedAnomaly needs {' and '.join(too_old)}. Install a newer 3D Slicer (download.slicer.org) "
+            "and MedAnomaly from its Extensions Manager; the module is disabled in this Slicer.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,6 +332,38 @@ def medanomaly_install_arguments(source: Path, module_dir: str | os.PathLike = M
     if is_shipped(source, module_dir):
         return ["--no-deps", str(source)]
     return ["--no-deps", "-e", str(source)]
+
+
+class DependencyError(RuntimeError):
+    """Slicer's Python cannot be made ready: its packages cannot be checked, or the installer
+    cannot provide something (see `InstallPlan.problems`)."""
+
+
+UNKNOWN_PLAN = ("MedAnomaly cannot check the Python packages of this Slicer (the 'packaging' module is "
+                "missing), so it cannot tell whether they are installed. Reinstall 3D Slicer.")
+
+
+def needs_install(plan: InstallPlan | None) -> bool:
+    """True when `plan` has something to install, False when everything is there. An unknown
+    plan (None: the check itself failed) or one with `problems` raises `DependencyError`: it
+    never counts as "all installed"."""
+    if plan is None:
+        raise DependencyError(UNKNOWN_PLAN)
+    if plan.problems:
+        raise DependencyError("\n".join(plan.problems))
+    return not plan.empty
+
+
+def dependency_status(plan: InstallPlan | None) -> tuple[bool | None, str]:
+    """(ready, sentence) for the module panel: True all installed, False something missing or
+    wrong (the sentence says what), None unknown."""
+    if plan is None:
+        return None, UNKNOWN_PLAN
+    if plan.problems:
+        return False, " ".join(plan.problems)
+    if plan.empty:
+        return True, "All installed."
+    return False, "Missing (installed on the first Apply, after asking): " + "; ".join(plan.reasons)
 
 
 def install_plan(source: str | os.PathLike | None = None,
