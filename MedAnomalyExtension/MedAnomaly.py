@@ -665,6 +665,7 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         """Called when the logic class is instantiated. Can be used for initializing member variables."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.logCallback = None
+        self.restartNeeded = []  # "name old -> new" of loaded packages the last installation changed
         self._terminologyLoaded = False
         self.prepareEnvironment()
 
@@ -729,9 +730,12 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def setupPythonRequirements(self, askConfirmation=True) -> bool:
         """Installs what is missing: PyTorch (through the PyTorch extension when it is installed),
-        the other packages with pip, then medanomaly itself (``pip install --no-deps -e <checkout>``).
-        Asks first. Returns True if anything was installed; raises if the user declines or it fails,
-        if this Slicer is too old, or if the packages cannot be checked (never "all installed" then)."""
+        the other packages with pip, then medanomaly itself from its source folder (the copy the
+        extension ships, or a checkout). Every pip run gets a constraints file pinning the numpy,
+        scipy and SimpleITK that Slicer has, so they never change. Asks first. Returns True if
+        anything was installed; raises if the user declines or it fails, if this Slicer is too old,
+        or if the packages cannot be checked (never "all installed" then). When a package Slicer
+        had already imported changed, says that Slicer must be restarted (`restartNeeded`)."""
         import importlib
 
         from MedAnomalyLib import environment
@@ -749,16 +753,25 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             message = _("MedAnomaly cannot run without these Python packages:\n{what}")
             raise RuntimeError(message.format(what="\n".join(plan.reasons)))
 
-        if plan.torch:
-            self.log(_("Installing PyTorch (this may take several minutes)..."))
-            self._installTorch(plan.torch)
-        if plan.packages:
-            self.log(_("Installing {packages}...").format(packages=", ".join(plan.packages)))
-            slicer.util.pip_install(plan.packages)
-        if plan.medanomaly:
-            self.log(_("Installing medanomaly: pip install {args}").format(args=" ".join(plan.medanomaly)))
-            slicer.util.pip_install(plan.medanomaly)
+        before = environment.installed_versions()  # read now: what Slicer has at this moment
+        pins = environment.slicer_pins(before)
+        loaded = environment.loaded_distributions()
+        with environment.constraints_file(pins) as constraints:
+            if plan.torch:
+                self.log(_("Installing PyTorch (this may take several minutes)..."))
+                self._installTorch(plan.torch, constraints, pins)
+            if plan.packages:
+                self.log(_("Installing {packages}...").format(packages=", ".join(plan.packages)))
+                self._pipInstall(plan.packages, constraints, pins)
+            if plan.medanomaly:
+                self.log(_("Installing medanomaly from {source}...").format(source=plan.source))
+                self._pipInstall(plan.medanomaly, constraints, pins)
         importlib.invalidate_caches()
+        after = environment.installed_versions()
+        pinnedChanges = environment.changed_versions(before, after, only={environment.canonical(n) for n in pins})
+        if pinnedChanges:  # only an installer that ignored the constraints gets here
+            logging.error(f"MedAnomaly: packages of Slicer were changed: {pinnedChanges}")
+        self.restartNeeded = environment.changed_versions(before, after, only=loaded)
         self.prepareEnvironment()
 
         remaining = self.dependencyPlan()
@@ -766,9 +779,32 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("Some packages are still missing after the installation:\n{what}\n"
                                  "Restart Slicer and try again.").format(what="\n".join(remaining.reasons)))
         self.log(_("Python packages are installed."))
+        if self.restartNeeded:
+            message = _("The installation updated packages that Slicer had already loaded:\n{what}\n\n"
+                        "Restart Slicer before going on, so that it uses them.").format(
+                what="\n".join(self.restartNeeded))
+            self.log(message)
+            if askConfirmation and slicer.util.confirmYesNoDisplay(message + "\n\n" + _("Restart now?"),
+                                                                   _("MedAnomaly: restart Slicer")):
+                slicer.util.restart()
         return True
 
-    def _installTorch(self, requirements) -> None:
+    def _pipInstall(self, requirements, constraints, pins) -> None:
+        """``pip install --constraint <Slicer's versions> ...`` in Slicer's Python."""
+        from MedAnomalyLib import environment
+
+        arguments = environment.pip_install_arguments(requirements, constraints, pins)
+        self.log("pip install " + " ".join(arguments))
+        try:
+            slicer.util.pip_install(arguments)
+        except Exception as error:
+            pinned = ", ".join(f"{name} {version}" for name, version in pins.items())
+            raise RuntimeError(_("Installing {what} failed ({error}). MedAnomaly never changes the packages Slicer "
+                                 "is built with ({pinned}): if a package needs other versions of them, it cannot "
+                                 "be installed in this Slicer. The Python console shows pip's output.").format(
+                what=" ".join(requirements), error=error, pinned=pinned)) from error
+
+    def _installTorch(self, requirements, constraints, pins) -> None:
         from MedAnomalyLib import environment
 
         try:
@@ -776,15 +812,17 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         except ModuleNotFoundError:
             PyTorchUtils = None
         if PyTorchUtils is not None:
-            # light-the-torch picks the build that fits the computer's CUDA driver
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=environment.TORCH_REQUIREMENT,
-                torchvisionVersionRequirement=environment.TORCHVISION_REQUIREMENT)
+            # light-the-torch picks the build that fits the computer's CUDA driver; it runs pip, which
+            # reads the constraints from $PIP_CONSTRAINT
+            with environment.pip_constraint_environment(constraints):
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=environment.TORCH_REQUIREMENT,
+                    torchvisionVersionRequirement=environment.TORCHVISION_REQUIREMENT)
             if torch is None:
                 raise RuntimeError(_("PyTorch could not be installed. Install it with the PyTorch Utils module."))
         else:
             self.log(_("The PyTorch extension is not installed: installing PyTorch from the package index."))
-            slicer.util.pip_install(requirements)
+            self._pipInstall(requirements, constraints, pins)
 
     def methods(self):
         """The bundles present (`MedAnomalyLib.inference.Method`), [] while medanomaly is unavailable

@@ -255,13 +255,26 @@ STUB_SLICER = textwrap.dedent('''
             return f"{type(error).__name__}: {error}"
 
     start = outcome(lambda: logic.startDetection(None, "dae"))
+
+    # an installation: what reaches pip (slicer.util.pip_install), with the constraints file's text
+    from pathlib import Path
+    from MedAnomalyLib import environment
+    pip_calls = []
+    slicer.util.pip_install = lambda args: pip_calls.append([list(args), Path(args[1]).read_text()])
+    plans = [environment.InstallPlan(packages=["nibabel>=5.4", "numpy>=1", "SimpleITK"],
+                                     medanomaly=["--no-deps", "/opt/ext/Resources/medanomaly"], reasons=["r"]),
+             environment.InstallPlan()]
+    logic.dependencyPlan = lambda: plans.pop(0)
+    installed = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
+
     logic.dependencyPlan = lambda: None  # the packages cannot be checked
     unknown_plan = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
     print(json.dumps({"title": parent.title, "categories": parent.categories, "signal": signal,
                       "loaded_by_module": loaded_by_module, "loaded_by_registration": loaded_by_registration,
                       "registered": registered, "methods": methods, "source": logic.sourceFolder(),
                       "plan_empty": plan.empty, "loaded_by_logic": loaded_by_logic, "help": parent.helpText,
-                      "version_problem": MedAnomaly.versionProblem(), "start": start, "unknown_plan": unknown_plan}))
+                      "version_problem": MedAnomaly.versionProblem(), "start": start, "unknown_plan": unknown_plan,
+                      "installed": installed, "pip_calls": pip_calls, "restart": logic.restartNeeded}))
 ''')
 
 
@@ -707,6 +720,58 @@ def test_install_plan_orders_torch_packages_and_medanomaly(tmp_path, monkeypatch
     plan = environment.install_plan(shipped, module_dir=module_dir)
     assert plan.medanomaly == ["--no-deps", str(shipped.resolve())]
     assert "the extension ships 99.0" in plan.reasons[-1]
+
+
+def test_pip_never_changes_slicers_numpy_scipy_simpleitk(tmp_path):
+    installed = {"numpy": "1.26.4", "scipy": "1.13.1", "simpleitk": "2.4.0", "monai": "1.6.0", "pydicom": "2.4"}
+    pins = environment.slicer_pins(installed)
+    assert pins == {"numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.4.0"}
+    assert environment.slicer_pins({"numpy": "2.0"}) == {"numpy": "2.0"}  # what is not installed is not pinned
+    with environment.constraints_file(pins) as constraints:
+        text = constraints.read_text()
+        requirements = ["monai[fire,itk]>=1.6.1", "numpy>=1.24", "scipy", "simpleitk<3", "nibabel>=5.4.2"]
+        arguments = environment.pip_install_arguments(requirements, constraints, pins)
+        for conflicting in ("numpy>=2", "SimpleITK==2.5.7", "scipy<1.13"):  # would need another version
+            with pytest.raises(environment.DependencyError, match="must not change"):
+                environment.pip_install_arguments(["monai", conflicting], constraints, pins)
+        medanomaly = environment.pip_install_arguments(["--no-deps", "/opt/Slicer ext/Resources/medanomaly"],
+                                                       constraints, pins)
+    assert not constraints.exists()
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.4.0"]
+    assert arguments == ["--constraint", str(constraints), "monai[fire,itk]>=1.6.1", "nibabel>=5.4.2"]
+    assert medanomaly == ["--constraint", str(constraints), "--no-deps", "/opt/Slicer ext/Resources/medanomaly"]
+    for upgrading in ("-U", "--upgrade", "--force-reinstall", "--ignore-installed", "--upgrade-strategy=eager"):
+        with pytest.raises(ValueError, match="could change"):
+            environment.pip_install_arguments([upgrading, "monai"], constraints, pins)
+    # installers that run pip themselves get the same constraints through $PIP_CONSTRAINT, as a URL
+    environ = {}
+    spaced = tmp_path / "a folder" / "c.txt"
+    with environment.pip_constraint_environment(spaced, environ):
+        assert environ == {"PIP_CONSTRAINT": spaced.resolve().as_uri()} and " " not in environ["PIP_CONSTRAINT"]
+    assert environ == {}
+
+
+def test_the_module_installs_with_slicers_versions_pinned(stub_import):
+    import numpy as numpy_module
+
+    assert stub_import["installed"] == "returned"
+    (packages, constraints), (medanomaly, _) = stub_import["pip_calls"]
+    assert packages[:2] == ["--constraint", packages[1]] and packages[2:] == ["nibabel>=5.4"]
+    assert medanomaly[2:] == ["--no-deps", "/opt/ext/Resources/medanomaly"]
+    assert f"numpy=={numpy_module.__version__}" in constraints.splitlines()
+    assert not [a for a in packages + medanomaly if a.lower().startswith(("numpy", "scipy", "simpleitk", "-u"))]
+    assert stub_import["restart"] == []  # nothing was really installed
+
+
+def test_a_restart_is_asked_for_when_a_loaded_package_changed():
+    before = {"numpy": "2.1.0", "nibabel": "5.0", "tqdm": "4.0"}
+    after = {"numpy": "2.1.0", "nibabel": "5.4.2", "monai": "1.6.1"}
+    assert environment.changed_versions(before, after) == ["nibabel 5.0 -> 5.4.2", "tqdm 4.0 -> removed"]
+    assert environment.changed_versions(before, after, only={"nibabel", "numpy"}) == ["nibabel 5.0 -> 5.4.2"]
+    loaded = environment.loaded_distributions({"numpy": None, "numpy.linalg": None, "no_such_module": None})
+    assert loaded == {"numpy"}
+    assert "numpy" in environment.installed_versions() and "pytest" in environment.installed_versions()
 
 
 def test_devices_offer_the_gpu_first_when_present():

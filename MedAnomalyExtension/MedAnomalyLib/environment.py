@@ -41,8 +41,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Mapping
 
 MODULE_DIR = Path(__file__).resolve().parents[1]
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
@@ -57,6 +60,10 @@ TORCHVISION_REQUIREMENT = ">=0.23"
 TORCH_DISTRIBUTIONS = ("torch", "torchvision")
 # Distributions that Slicer's own Python ships: any installed version is accepted.
 SLICER_PROVIDED = ("numpy", "scipy", "SimpleITK", "pydicom", "requests", "packaging", "pillow")
+# Of those, the ones an install must never change (Slicer's VTK / ITK wrapping and its own modules are
+# built against them): every pip run gets a constraints file pinning the versions Slicer has.
+PINNED_DISTRIBUTIONS = ("numpy", "scipy", "SimpleITK")
+PIP_CONSTRAINT_ENV = "PIP_CONSTRAINT"  # read by pip inside other installers (PyTorchUtils' light-the-torch)
 
 # The oldest Slicer the module supports (parameterNodeWrapper, Python 3.12, the APIs it was written
 # against) and the oldest Python the medanomaly package runs on (pyproject.toml: requires-python).
@@ -405,6 +412,120 @@ def install_plan(source: str | os.PathLike | None = None,
             plan.reasons.append(f"{DISTRIBUTION} is not installed (source: {source})" if installed is None else
                                 f"{DISTRIBUTION} {installed} is installed, the extension ships {shipped}")
     return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# installing without changing what Slicer has
+
+
+def installed_versions() -> dict[str, str]:
+    """{canonical distribution name: version} of every distribution in this Python."""
+    versions = {}
+    for distribution in importlib.metadata.distributions():
+        name = distribution.metadata["Name"]
+        if name:
+            versions.setdefault(canonical(name), distribution.version)
+    return versions
+
+
+def slicer_pins(installed: Mapping[str, str | None], names=PINNED_DISTRIBUTIONS) -> dict[str, str]:
+    """{name: version} of the `names` present in `installed` (a map as `installed_versions` gives,
+    read when the installation starts): what pip must leave exactly as it is."""
+    versions = {canonical(k): v for k, v in installed.items() if v}
+    return {name: versions[canonical(name)] for name in names if canonical(name) in versions}
+
+
+def constraints_text(pins: Mapping[str, str]) -> str:
+    return ("# Written by the MedAnomaly module: versions Slicer has, which pip must not change.\n"
+            + "".join(f"{name}=={version}\n" for name, version in pins.items()))
+
+
+_FORBIDDEN_PIP_OPTIONS = ("-U", "--upgrade", "--force-reinstall", "-I", "--ignore-installed",
+                          "--upgrade-strategy")
+
+
+def pip_install_arguments(requirements: list[str], constraints_file: str | os.PathLike,
+                          pins: Mapping[str, str]) -> list[str]:
+    """What follows ``pip install`` (``slicer.util.pip_install`` takes it as a list): the
+    constraints file first, then `requirements` (requirement strings, or the arguments that
+    install medanomaly from its source). A requirement naming a pinned package is left out when
+    the pinned version meets it, and raises `DependencyError` when it does not (pip would have
+    to change Slicer's package); options that upgrade or reinstall what is installed are refused."""
+    pinned = {canonical(name): (name, version) for name, version in pins.items()}
+    arguments = []
+    for item in requirements:
+        if item.split("=", 1)[0] in _FORBIDDEN_PIP_OPTIONS:
+            raise ValueError(f"pip option {item} could change the packages Slicer has")
+        if not item.startswith("-") and not _is_path(item):
+            try:
+                requirement = _requirement(item)
+            except ValueError:
+                requirement = None
+            if requirement is not None and canonical(requirement.name) in pinned:
+                name, version = pinned[canonical(requirement.name)]
+                if requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
+                    raise DependencyError(
+                        f"{item} is needed, but this Slicer has {name} {version}, which an installation must not "
+                        f"change (Slicer is built with it). Use a 3D Slicer that ships a suitable {name}.")
+                continue
+        arguments.append(item)
+    return ["--constraint", str(constraints_file), *arguments]
+
+
+def _is_path(item: str) -> bool:
+    return os.sep in item or (os.altsep is not None and os.altsep in item) or item.startswith(".")
+
+
+@contextmanager
+def constraints_file(pins: Mapping[str, str]) -> Iterator[Path]:
+    """A temporary constraints file pinning `pins`, removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="MedAnomaly-pip-"))
+    try:
+        path = folder / "slicer-constraints.txt"
+        path.write_text(constraints_text(pins), encoding="utf-8")
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def pip_constraint_environment(path: str | os.PathLike, environ=None) -> Iterator[None]:
+    """``$PIP_CONSTRAINT`` set to `path` inside the block, for installers that run pip themselves
+    (PyTorchUtils). As a ``file:`` URL: pip splits the variable at white space, a URL has none."""
+    environ = os.environ if environ is None else environ
+    previous = environ.get(PIP_CONSTRAINT_ENV)
+    environ[PIP_CONSTRAINT_ENV] = " ".join(filter(None, [Path(path).resolve().as_uri(), previous]))
+    try:
+        yield
+    finally:
+        if previous is None:
+            environ.pop(PIP_CONSTRAINT_ENV, None)
+        else:
+            environ[PIP_CONSTRAINT_ENV] = previous
+
+
+def loaded_distributions(modules=None) -> set[str]:
+    """Canonical names of the distributions whose top-level modules this process has imported."""
+    modules = sys.modules if modules is None else modules
+    try:
+        owners = importlib.metadata.packages_distributions()  # Python >= 3.10
+    except AttributeError:
+        return set()
+    tops = {name.split(".")[0] for name in modules}
+    return {canonical(dist) for top in tops for dist in owners.get(top, [])}
+
+
+def changed_versions(before: Mapping[str, str], after: Mapping[str, str],
+                     only: set[str] | None = None) -> list[str]:
+    """``"numpy 2.1.0 -> 2.4.6"`` for each distribution of `before` (restricted to `only`) whose
+    version changed or that was removed; new distributions are not changes."""
+    changed = []
+    for name in sorted(before):
+        if only is not None and canonical(name) not in only:
+            continue
+        if after.get(name) != before[name]:
+            changed.append(f"{name} {before[name]} -> {after.get(name) or 'removed'}")
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------
