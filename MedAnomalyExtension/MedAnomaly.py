@@ -895,11 +895,14 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def finishDetection(self, task, heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None,
                         show=True) -> DetectionOutputs:
-        """Loads the results of a finished task into the scene.
+        """Loads the results of a finished task into the scene, whole or not at all.
 
-        Output nodes that are given are replaced (only the "Anomaly" segment of a segmentation);
-        missing ones are created next to the input in the subject hierarchy. If anything fails,
-        nodes created so far are removed and given nodes are left untouched.
+        First every output file is read into new nodes and checked (grid, segment, scores); only
+        then do the output nodes change: given ones are replaced (only the "Anomaly" segment of a
+        segmentation), missing ones are created next to the input in the subject hierarchy. If
+        anything fails (or is interrupted), every node added here is removed and every given
+        node is restored (`MedAnomalyLib.results.SceneTransaction`). Given nodes that were
+        removed from the scene while the detection ran are created anew.
         """
         from MedAnomalyLib import inference, results
 
@@ -908,66 +911,73 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         if inputVolume is None:
             message = _("The input volume was removed from the scene while the detection ran.")
             raise inference.DetectionError(message, task.job.log)
+        heatmapVolume, segmentation, pseudoHealthyVolume = (
+            node if node is not None and slicer.mrmlScene.IsNodePresent(node) else None
+            for node in (heatmapVolume, segmentation, pseudoHealthyVolume))
 
-        created = []  # every node added here: removed again if anything fails
-        temporary = []  # loaded nodes whose content moved into the outputs: removed at the end
-        try:
-            # 1. read and check every file in new nodes; nothing that existed changes yet
-            heatmapLoaded = self._loadVolume(result.heatmap, created)
-            self._checkGrid(heatmapLoaded, inputVolume, _("heatmap"))
-            segmentationLoaded = None
-            if result.segmentation is not None:
-                segmentationLoaded = self._loadSegmentation(result.segmentation, created)
-                temporary.append(segmentationLoaded)
-            pseudoHealthyLoaded = None
-            if task.loadPseudoHealthy and result.pseudo_healthy is not None:
-                pseudoHealthyLoaded = self._loadVolume(result.pseudo_healthy, created)
-                self._checkGrid(pseudoHealthyLoaded, inputVolume, _("pseudo-healthy volume"))
-
-            # 2. move them into the output nodes (new ones beside the input, or the given ones)
+        with results.SceneTransaction(slicer.mrmlScene) as transaction:
+            # 1. read and check every output in new nodes; nothing that existed changes yet
+            loaded = self._readOutputs(task, result, inputVolume)
+            # 2. only now: the outputs become (or replace the content of) the output nodes
             baseName = f"{inputVolume.GetName()} {task.method}"
-            heatmapVolume = self._adoptVolume(heatmapLoaded, heatmapVolume, f"{baseName} anomaly heatmap", inputVolume)
-            if heatmapVolume is not heatmapLoaded:
-                temporary.append(heatmapLoaded)
-            if pseudoHealthyLoaded is not None:
-                pseudoHealthyVolume = self._adoptVolume(pseudoHealthyLoaded, pseudoHealthyVolume,
-                                                        f"{baseName} pseudo-healthy", inputVolume)
-                if pseudoHealthyVolume is not pseudoHealthyLoaded:
-                    temporary.append(pseudoHealthyLoaded)
+            temporary = []  # loaded nodes whose content moved into given nodes
+            heatmapVolume = self._adoptVolume(loaded["heatmap"], heatmapVolume, f"{baseName} anomaly heatmap",
+                                              inputVolume, transaction, temporary)
+            if loaded["pseudoHealthy"] is not None:
+                pseudoHealthyVolume = self._adoptVolume(loaded["pseudoHealthy"], pseudoHealthyVolume,
+                                                        f"{baseName} pseudo-healthy", inputVolume, transaction,
+                                                        temporary)
             else:
                 pseudoHealthyVolume = None
-            if segmentation is None:
-                segmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{baseName} anomaly"))
-                created.append(segmentation)
-            self._prepareSegmentation(segmentation, inputVolume)
-            threshold = result.threshold
-            if segmentationLoaded is not None:
-                self._moveAnomalySegment(segmentationLoaded, segmentation)
-            else:
-                # no calibrated threshold and none given: flag about 1 % of the brain
-                threshold = results.suggest_threshold(slicer.util.arrayFromVolume(heatmapVolume))
-                self.log(_("No threshold from the method: using {threshold:.4g} (99th percentile of the brain's "
-                           "scores).").format(threshold=threshold))
-                self.updateSegmentationFromHeatmap(heatmapVolume, segmentation, threshold)
-        except Exception:
-            for node in reversed(created):
-                if slicer.mrmlScene.IsNodePresent(node):
-                    slicer.mrmlScene.RemoveNode(node)
-            raise
-        for node in temporary:
-            if slicer.mrmlScene.IsNodePresent(node):
-                slicer.mrmlScene.RemoveNode(node)
+            segmentation = self._adoptSegmentation(loaded["segmentation"], segmentation, f"{baseName} anomaly",
+                                                   inputVolume, transaction, temporary)
+            for node in temporary:
+                results.remove_nodes(slicer.mrmlScene, results.node_with_display_and_storage(node))
 
-        heatmapArray = slicer.util.arrayFromVolume(heatmapVolume)
-        voxelCount = results.voxel_count(results.threshold_to_labelmap(heatmapArray, threshold))
+        threshold = loaded["threshold"]
         if show:
             self.showResults(inputVolume, heatmapVolume, segmentation, threshold)
         self.log(_("Results: {heatmap}, {segmentation} ({count} voxels above {threshold:.4g}).").format(
-            heatmap=heatmapVolume.GetName(), segmentation=segmentation.GetName(), count=voxelCount,
+            heatmap=heatmapVolume.GetName(), segmentation=segmentation.GetName(), count=loaded["voxelCount"],
             threshold=threshold))
-        return DetectionOutputs(heatmapVolume, segmentation, pseudoHealthyVolume, threshold, voxelCount,
-                                float(heatmapArray.max()) if heatmapArray.size else 0.0, result.volume_score)
+        return DetectionOutputs(heatmapVolume, segmentation, pseudoHealthyVolume, threshold, loaded["voxelCount"],
+                                loaded["heatmapMaximum"], result.volume_score)
+
+    def _readOutputs(self, task, result, inputVolume) -> dict:
+        """Every output file of `result` in new nodes, checked: the heatmap (and pseudo-healthy volume)
+        on the input's grid with finite scores, a segmentation with its anomaly segment (made from the
+        heatmap when the method has no threshold), the threshold and the number of voxels above it."""
+        from MedAnomalyLib import inference, results
+
+        heatmap = self._loadVolume(result.heatmap)
+        self._checkGrid(heatmap, inputVolume, _("heatmap"))
+        heatmapArray = slicer.util.arrayFromVolume(heatmap)
+        try:
+            results.check_heatmap(heatmapArray)
+        except ValueError as error:
+            raise inference.DetectionError(str(error), task.job.log) from None
+        threshold = result.threshold
+        if result.segmentation is not None:
+            segmentation = self._loadSegmentation(result.segmentation)
+            if not self._anomalySourceSegmentId(segmentation):
+                raise inference.DetectionError(_("The segmentation {path} has no segment.").format(
+                    path=result.segmentation), task.job.log)
+        else:
+            # no calibrated threshold and none given: flag about 1 % of the brain
+            threshold = results.suggest_threshold(heatmapArray)
+            self.log(_("No threshold from the method: using {threshold:.4g} (99th percentile of the brain's "
+                       "scores).").format(threshold=threshold))
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__MedAnomalyTemp__")
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+            self.updateSegmentationFromHeatmap(heatmap, segmentation, threshold)
+        pseudoHealthy = None
+        if task.loadPseudoHealthy and result.pseudo_healthy is not None:
+            pseudoHealthy = self._loadVolume(result.pseudo_healthy)
+            self._checkGrid(pseudoHealthy, inputVolume, _("pseudo-healthy volume"))
+        return {"heatmap": heatmap, "segmentation": segmentation, "pseudoHealthy": pseudoHealthy,
+                "threshold": threshold,
+                "voxelCount": results.voxel_count(results.threshold_to_labelmap(heatmapArray, threshold)),
+                "heatmapMaximum": float(heatmapArray.max())}
 
     def process(self, inputVolume, method, device="cpu", threshold=None, brainMask=None, loadPseudoHealthy=False,
                 heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None, show=True,
@@ -1080,7 +1090,7 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         finally:
             storageNode.UnRegister(None)
 
-    def _loadVolume(self, path, created):
+    def _loadVolume(self, path):
         from MedAnomalyLib import inference
 
         try:
@@ -1089,10 +1099,9 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             node = None
         if node is None:
             raise inference.DetectionError(_("The result {path} could not be read.").format(path=path))
-        created.append(node)
         return node
 
-    def _loadSegmentation(self, path, created):
+    def _loadSegmentation(self, path):
         from MedAnomalyLib import inference
 
         try:
@@ -1101,7 +1110,6 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             node = None
         if node is None:
             raise inference.DetectionError(_("The segmentation {path} could not be read.").format(path=path))
-        created.append(node)
         return node
 
     def _checkGrid(self, loaded, inputVolume, what) -> None:
@@ -1114,14 +1122,32 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
                                              "spacing, origin or axes differ).").format(
                 what=what, a=loaded.GetImageData().GetDimensions(), b=inputVolume.GetImageData().GetDimensions()))
 
+    @staticmethod
+    def _subjectHierarchyParent(node):
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        item = shNode.GetItemByDataNode(node)
+        return shNode.GetItemParent(item) if item else None
+
+    @staticmethod
+    def _setSubjectHierarchyParent(node, parent) -> None:
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        item = shNode.GetItemByDataNode(node)
+        if item and parent:
+            shNode.SetItemParent(item, parent)
+
     def _placeBeside(self, node, referenceNode) -> None:
         """Same parent transform and subject hierarchy folder as `referenceNode`."""
         node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        referenceItem = shNode.GetItemByDataNode(referenceNode)
-        item = shNode.GetItemByDataNode(node)
-        if referenceItem and item:
-            shNode.SetItemParent(item, shNode.GetItemParent(referenceItem))
+        self._setSubjectHierarchyParent(node, self._subjectHierarchyParent(referenceNode))
+
+    def _undoPlacement(self, node, transaction) -> None:
+        """Registers how `node` gets its parent transform and folder back if the transaction fails."""
+        transformID, parent = node.GetTransformNodeID(), self._subjectHierarchyParent(node)
+
+        def undo():
+            node.SetAndObserveTransformNodeID(transformID)
+            self._setSubjectHierarchyParent(node, parent)
+        transaction.on_undo(undo)
 
     @staticmethod
     def _detachStorage(node) -> None:
@@ -1132,18 +1158,29 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             node.SetAndObserveStorageNodeID(None)
             slicer.mrmlScene.RemoveNode(storageNode)
 
-    def _adoptVolume(self, loaded, target, name, inputVolume):
-        """The loaded volume becomes the output: as a new node, or copied into `target`."""
+    def _adoptVolume(self, loaded, target, name, inputVolume, transaction, temporary):
+        """The loaded volume becomes the output: as a new node, or copied into `target` (whose
+        image, geometry and place come back if the transaction fails)."""
         if target is None:
             loaded.SetName(slicer.mrmlScene.GenerateUniqueName(name))
             self._detachStorage(loaded)
             self._placeBeside(loaded, inputVolume)
             return loaded
+        oldImage = target.GetImageData()
+        oldIjkToRas = vtk.vtkMatrix4x4()
+        target.GetIJKToRASMatrix(oldIjkToRas)
+
+        def undo():
+            target.SetAndObserveImageData(oldImage)
+            target.SetIJKToRASMatrix(oldIjkToRas)
+        transaction.on_undo(undo)
+        self._undoPlacement(target, transaction)
         imageData = vtk.vtkImageData()
         imageData.DeepCopy(loaded.GetImageData())
         target.SetAndObserveImageData(imageData)
         target.CopyOrientation(loaded)
         self._placeBeside(target, inputVolume)
+        temporary.append(loaded)
         return target
 
     def _prepareSegmentation(self, segmentation, inputVolume) -> None:
@@ -1152,15 +1189,65 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             segmentation.CreateDefaultDisplayNodes()
         self._placeBeside(segmentation, inputVolume)
 
+    @staticmethod
+    def _anomalySourceSegmentId(segmentationNode):
+        """The loaded segmentation's anomaly segment: the one named "Anomaly", else the first; None if empty."""
+        from MedAnomalyLib import results
+
+        segmentationObject = segmentationNode.GetSegmentation()
+        if segmentationObject.GetNumberOfSegments() < 1:
+            return None
+        return (segmentationObject.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
+                or segmentationObject.GetNthSegmentID(0))
+
+    def _adoptSegmentation(self, loaded, target, name, inputVolume, transaction, temporary):
+        """The loaded segmentation becomes the output: as a new node, or its anomaly segment replaces
+        the "Anomaly" segment of `target` (other segments stay; the old segment, the reference
+        geometry and the place come back if the transaction fails)."""
+        if target is None:
+            loaded.SetName(slicer.mrmlScene.GenerateUniqueName(name))
+            self._detachStorage(loaded)
+            self._prepareSegmentation(loaded, inputVolume)
+            self._describeSegment(loaded.GetSegmentation().GetSegment(self._anomalySourceSegmentId(loaded)))
+            return loaded
+        self._undoSegmentationChanges(target, transaction)
+        self._prepareSegmentation(target, inputVolume)
+        self._moveAnomalySegment(loaded, target)
+        temporary.append(loaded)
+        return target
+
+    def _undoSegmentationChanges(self, segmentation, transaction) -> None:
+        from MedAnomalyLib import results
+
+        segmentationObject = segmentation.GetSegmentation()
+        oldId = segmentationObject.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
+        backup, oldIndex = None, None
+        if oldId:
+            backup = slicer.vtkSegment()
+            backup.DeepCopy(segmentationObject.GetSegment(oldId))
+            oldIndex = segmentationObject.GetSegmentIndex(oldId)
+        geometryName = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        oldGeometry = segmentationObject.GetConversionParameter(geometryName)
+
+        def undo():
+            newId = segmentationObject.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
+            if newId:
+                segmentationObject.RemoveSegment(newId)
+            if backup is not None:
+                segmentationObject.AddSegment(backup, oldId)
+                segmentationObject.SetSegmentIndex(oldId, oldIndex)
+            segmentationObject.SetConversionParameter(geometryName, oldGeometry)
+        transaction.on_undo(undo)
+        self._undoPlacement(segmentation, transaction)
+
     def _moveAnomalySegment(self, source, target) -> None:
         """Replaces the target's "Anomaly" segment with the loaded file's (other segments stay)."""
         from MedAnomalyLib import results
 
         sourceSegmentation = source.GetSegmentation()
-        if sourceSegmentation.GetNumberOfSegments() < 1:
+        sourceId = self._anomalySourceSegmentId(source)
+        if not sourceId:
             raise RuntimeError(_("The segmentation file has no segment."))
-        sourceId = (sourceSegmentation.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
-                    or sourceSegmentation.GetNthSegmentID(0))
         targetSegmentation = target.GetSegmentation()
         oldId = targetSegmentation.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
         if oldId:

@@ -1090,6 +1090,138 @@ def test_segment_name_and_colour_match_what_the_bundles_write():
     assert tuple(defaults["color"].default) == results.SEGMENT_COLOR
 
 
+def test_heatmap_check():
+    results.check_heatmap(np.zeros((2, 2, 2), dtype=np.float32))
+    for bad in (np.array([[[np.nan]]]), np.array([[[np.inf, 0.0]]]), np.zeros((0, 2, 2)), np.array([["a"]])):
+        with pytest.raises(ValueError):
+            results.check_heatmap(bad)
+
+
+class FakeNode:
+    """Just what SceneTransaction and the removal helpers call on an MRML node."""
+
+    def __init__(self, name, singleton=None, display=(), storage=None):
+        self.name, self.singleton, self.display, self.storage = name, singleton, list(display), storage
+        self.id, self.value = None, "original"
+
+    def GetID(self):
+        return self.id
+
+    def GetSingletonTag(self):
+        return self.singleton
+
+    def GetNumberOfDisplayNodes(self):
+        return len(self.display)
+
+    def GetNthDisplayNode(self, i):
+        return self.display[i]
+
+    def GetStorageNode(self):
+        return self.storage
+
+
+class FakeScene:
+    def __init__(self):
+        self.nodes, self.count = [], 0
+
+    def AddNode(self, node):
+        self.count += 1
+        node.id = f"vtkMRMLNode{self.count}"
+        self.nodes.append(node)
+        return node
+
+    def load(self, name):
+        """A node loaded from a file: with a display node and a storage node, added first."""
+        display, storage = self.AddNode(FakeNode(name + " display")), self.AddNode(FakeNode(name + " storage"))
+        return self.AddNode(FakeNode(name, display=[display], storage=storage))
+
+    def GetNumberOfNodes(self):
+        return len(self.nodes)
+
+    def GetNthNode(self, i):
+        return self.nodes[i]
+
+    def IsNodePresent(self, node):
+        return node in self.nodes
+
+    def RemoveNode(self, node):
+        self.nodes.remove(node)
+
+    def names(self):
+        return [n.name for n in self.nodes]
+
+
+def test_a_failed_or_cancelled_run_leaves_the_scene_as_it_was():
+    scene = FakeScene()
+    given = scene.AddNode(FakeNode("my heatmap"))
+    scene.AddNode(FakeNode("input"))
+    before = scene.names()
+    for failure in (RuntimeError("the segmentation has no segment"), KeyboardInterrupt()):
+        # 1. reading fails: the nodes loaded so far (with their display and storage nodes) go
+        with pytest.raises(type(failure)):
+            with results.SceneTransaction(scene) as transaction:
+                scene.load("heatmap")
+                scene.AddNode(FakeNode("parameters", singleton="MedAnomaly"))  # created on first use: stays
+                raise failure
+        assert scene.names() == before + ["parameters"]
+        scene.RemoveNode(scene.nodes[-1])
+        # 2. replacing fails after a given node changed: it is restored, new nodes go
+        with pytest.raises(type(failure)):
+            with results.SceneTransaction(scene) as transaction:
+                loaded = scene.load("heatmap")
+                transaction.on_undo(lambda: setattr(given, "value", "original"))
+                given.value = "replaced"
+                transaction.on_undo(lambda: 1 / 0)  # a failing undo step does not stop the others
+                scene.AddNode(FakeNode("segmentation"))
+                raise failure
+        assert scene.names() == before and given.value == "original" and not scene.IsNodePresent(loaded)
+    # success: the new nodes and the changes stay, temporary nodes are removed with their display / storage
+    with results.SceneTransaction(scene) as transaction:
+        loaded = scene.load("heatmap")
+        transaction.on_undo(lambda: setattr(given, "value", "original"))
+        given.value = "replaced"
+        temporary = scene.load("segmentation file")
+        assert results.remove_nodes(scene, results.node_with_display_and_storage(temporary)) == 3
+    assert scene.names() == before + ["heatmap display", "heatmap storage", "heatmap"] and given.value == "replaced"
+    assert results.remove_nodes(scene, [temporary, None]) == 0
+
+
+def test_finish_detection_reads_and_checks_everything_before_touching_given_nodes():
+    """The order in MedAnomaly.py that SceneTransaction relies on: every output is read and checked
+    (`_readOutputs`, which only makes new nodes) inside the transaction before any output node
+    changes, and every change of a given node registers its undo step first."""
+    functions = {n.name: n for n in ast.walk(module_tree()) if isinstance(n, ast.FunctionDef)}
+
+    def calls(node):  # names of the methods called, in source order, outside nested functions (undo steps)
+        found, todo = [], list(ast.iter_child_nodes(node))
+        while todo:
+            child = todo.pop()
+            if isinstance(child, (ast.FunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                found.append(child)
+            todo.extend(ast.iter_child_nodes(child))
+        return [c.func.attr for c in sorted(found, key=lambda c: (c.lineno, c.col_offset))]
+
+    (block,) = [n for n in ast.walk(functions["finishDetection"]) if isinstance(n, ast.With)
+                and "SceneTransaction" in ast.unparse(n.items[0].context_expr)]
+    inside = calls(ast.Module(body=block.body, type_ignores=[]))
+    assert inside[0] == "_readOutputs"
+    assert {"_adoptVolume", "_adoptSegmentation"} <= set(inside)
+    changing = {"_adoptVolume", "_adoptSegmentation", "_moveAnomalySegment", "_prepareSegmentation",
+                "SetAndObserveImageData", "CopyOrientation", "_placeBeside", "RemoveSegment", "SetName"}
+    assert not changing & set(calls(functions["_readOutputs"]))
+    volume = calls(functions["_adoptVolume"])
+    assert volume.index("on_undo") < volume.index("SetAndObserveImageData")
+    assert volume.index("_undoPlacement") < volume.index("CopyOrientation")
+    segmentation = calls(functions["_adoptSegmentation"])
+    assert segmentation.index("_undoSegmentationChanges") < segmentation.index("_moveAnomalySegment")
+    assert "on_undo" in calls(functions["_undoSegmentationChanges"])
+    # the failure paths of the panel: a cancelled or failed run never reaches the scene
+    source = MODULE_FILE.read_text()
+    assert source.index("result = task.job.result()") < source.index("with results.SceneTransaction(slicer.mrmlScene)")
+
+
 # =============================================================================================
 # result files on the input grid, and the sample data
 
