@@ -765,7 +765,12 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
                 self._pipInstall(plan.packages, constraints, pins)
             if plan.medanomaly:
                 self.log(_("Installing medanomaly from {source}...").format(source=plan.source))
-                self._pipInstall(plan.medanomaly, constraints, pins)
+                if environment.is_shipped(plan.source):  # built from a temporary copy: the extension stays as it is
+                    with environment.staged_source(plan.source) as staged:
+                        arguments = [str(staged) if a == str(plan.source) else a for a in plan.medanomaly]
+                        self._pipInstall(arguments, constraints, pins)
+                else:
+                    self._pipInstall(plan.medanomaly, constraints, pins)
         importlib.invalidate_caches()
         after = environment.installed_versions()
         pinnedChanges = environment.changed_versions(before, after, only={environment.canonical(n) for n in pins})

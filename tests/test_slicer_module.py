@@ -764,6 +764,20 @@ def test_the_module_installs_with_slicers_versions_pinned(stub_import):
     assert stub_import["restart"] == []  # nothing was really installed
 
 
+def test_the_shipped_package_is_built_from_a_temporary_copy(tmp_path):
+    shipped = tmp_path / "Resources" / "medanomaly"
+    for name in ("pyproject.toml", "README.md", "LICENSE", "core/medanomaly/__init__.py",
+                 "core/medanomaly/__pycache__/x.pyc", "monai_bundles/dae/models/model.pt"):
+        (shipped / name).parent.mkdir(parents=True, exist_ok=True)
+        (shipped / name).write_text(name)
+    with environment.staged_source(shipped) as staged:
+        copied = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+        assert copied == ["LICENSE", "README.md", "core/medanomaly/__init__.py", "pyproject.toml"]
+        (staged / "build").mkdir()  # what pip's in-place build leaves
+    assert not staged.exists() and sorted(p.name for p in shipped.iterdir()) == [
+        "LICENSE", "README.md", "core", "monai_bundles", "pyproject.toml"]
+
+
 def test_a_restart_is_asked_for_when_a_loaded_package_changed():
     before = {"numpy": "2.1.0", "nibabel": "5.0", "tqdm": "4.0"}
     after = {"numpy": "2.1.0", "nibabel": "5.4.2", "monai": "1.6.1"}

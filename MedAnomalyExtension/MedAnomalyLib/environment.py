@@ -504,6 +504,30 @@ def pip_constraint_environment(path: str | os.PathLike, environ=None) -> Iterato
             environ[PIP_CONSTRAINT_ENV] = previous
 
 
+PACKAGE_BUILD_FILES = ("pyproject.toml", "README.md", "LICENSE")  # what building the package reads besides core/
+
+
+@contextmanager
+def staged_source(source: str | os.PathLike) -> Iterator[Path]:
+    """A temporary copy of what building the ``medanomaly`` package needs (``pyproject.toml``,
+    ``README.md``, ``LICENSE``, ``core/``; not the bundles), removed afterwards. pip builds a
+    local folder in place (``build/``, ``*.egg-info``): installing from this copy leaves the
+    extension's folder untouched, and works where that folder is read-only."""
+    source = Path(source)
+    folder = Path(tempfile.mkdtemp(prefix="MedAnomaly-source-"))
+    try:
+        staged = folder / "medanomaly"
+        staged.mkdir()
+        for name in PACKAGE_BUILD_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staged / name)
+        shutil.copytree(source / "core", staged / "core",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build"))
+        yield staged
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def loaded_distributions(modules=None) -> set[str]:
     """Canonical names of the distributions whose top-level modules this process has imported."""
     modules = sys.modules if modules is None else modules
