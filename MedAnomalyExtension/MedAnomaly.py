@@ -59,9 +59,28 @@ Research use only: not for clinical decisions.
 Built on MONAI bundles, PyTorch and 3D Slicer. The sample volume is synthetic (made from the MNI152
 template shipped with nilearn), not patient data.
 """)
+        problem = versionProblem()
+        if problem:  # said when the module loads; the panel repeats it and keeps Apply disabled
+            logging.warning(f"MedAnomaly: {problem}")
+            self.parent.helpText = problem + "\n" + self.parent.helpText
 
         # Sample data is registered once the application has started (the module must not slow down start-up).
         slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def slicerVersion():
+    """(major, minor) of the running Slicer, or None when it cannot be read."""
+    try:
+        return int(slicer.app.majorVersion), int(slicer.app.minorVersion)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def versionProblem():
+    """Why MedAnomaly cannot run in this Slicer (too old a Slicer or Python), or None."""
+    from MedAnomalyLib import environment
+
+    return environment.version_problem(slicerVersion())
 
 
 #
@@ -159,6 +178,7 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._thresholdTimer = None
         self._thresholdRangeMethod = None
+        self._versionProblem = None
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -199,6 +219,7 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sourcePathLineEdit.connect("currentPathChanged(QString)", self.onSourceFolderChanged)
         self.ui.bundleFoldersLineEdit.text = os.pathsep.join(self.logic.bundleFolders())
         self.ui.bundleFoldersLineEdit.connect("editingFinished()", self.onBundleFoldersChanged)
+        self.ui.userModelsPathLabel.text = self.logic.userModelsFolder()
 
         # Buttons
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -206,6 +227,7 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.refreshMethodsButton.connect("clicked(bool)", self.refreshMethods)
 
+        self._versionProblem = versionProblem()
         self.populateDevices()
         self.refreshMethods()
         self.updateDependencyStatus()
@@ -213,6 +235,12 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
         self.updateRunningState()
+
+        if self._versionProblem:  # too old a Slicer: say so where the user looks, and keep Apply disabled
+            self.ui.statusLabel.text = self._versionProblem
+            self.ui.statusLabel.setStyleSheet("color: #c00000; font-weight: bold")
+            self.ui.installButton.enabled = False
+            self.updateRunningState()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
@@ -330,6 +358,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         weights = _("weights present") if method.has_weights else _("no weights: train the method first")
         if method.demo_weights:
             weights = _("demo weights (trained on the synthetic cohort)")
+        if method.model_dir is not None:
+            weights = _("your weights ({folder})").format(folder=method.model_dir)
         if method.contrast:
             weights += "; " + _("for {contrast} scans").format(contrast=method.contrast)
         self.ui.methodInfoLabel.text = f"{first}.\n{weights}"
@@ -371,11 +401,11 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshMethods(self) -> None:
         """Fills the method selector from the bundles present (their weights, calibrated thresholds)."""
-        self._methods = {method.name: method for method in self.logic.methods()}
+        self._methods = {method.key: method for method in self.logic.methods()}
         wasBlocked = self.ui.methodComboBox.blockSignals(True)
         self.ui.methodComboBox.clear()
         for method in self._methods.values():
-            self.ui.methodComboBox.addItem(method.label, method.name)
+            self.ui.methodComboBox.addItem(method.label, method.key)
             self.ui.methodComboBox.setItemData(self.ui.methodComboBox.count - 1, method.tooltip, qt.Qt.ToolTipRole)
         self.ui.methodComboBox.blockSignals(wasBlocked)
         if self._parameterNode is not None:
@@ -384,14 +414,20 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGuiFromParameterNode()
 
     def updateDependencyStatus(self) -> None:
+        from MedAnomalyLib import environment
+
         plan = self.logic.dependencyPlan()
-        if plan is None:
-            self.ui.dependenciesStatusLabel.text = _("Cannot check (the 'packaging' module is missing).")
-        elif plan.empty:
-            self.ui.dependenciesStatusLabel.text = _("All installed.")
+        ready, sentence = environment.dependency_status(plan)
+        if ready is None:  # unknown is never "all installed"
+            text = _("Cannot check (the 'packaging' module is missing).")
+        elif ready:
+            text = _("All installed.")
+        elif plan.problems:
+            text = sentence
         else:
-            missing = _("Missing (installed on the first Apply, after asking): {what}")
-            self.ui.dependenciesStatusLabel.text = missing.format(what="; ".join(plan.reasons))
+            text = _("Missing (installed on the first Apply, after asking): {what}")
+            text = text.format(what="; ".join(plan.reasons))
+        self.ui.dependenciesStatusLabel.text = text
 
     def onMethodChanged(self, index) -> None:
         if self._updatingGui or self._parameterNode is None or index < 0:
@@ -445,6 +481,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def canApply(self):
         """(possible, reason) of the Apply button."""
+        if self._versionProblem:
+            return False, self._versionProblem
         pn = self._parameterNode
         if pn is None or not pn.inputVolume:
             return False, _("Select an input volume.")
@@ -486,7 +524,8 @@ class MedAnomalyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._taskOutputs = (None, None, None) if pn.keepPreviousResults else (
                 pn.heatmapVolume, pn.anomalySegmentation, pn.pseudoHealthyVolume)
             self._task = self.logic.startDetection(pn.inputVolume, method.name, device=pn.device, threshold=threshold,
-                                                   brainMask=pn.brainMask, loadPseudoHealthy=pn.loadPseudoHealthy)
+                                                   brainMask=pn.brainMask, loadPseudoHealthy=pn.loadPseudoHealthy,
+                                                   modelDir=method.model_dir)
             self.ui.statusLabel.text = _("Running {method} on {device}...").format(method=method.name, device=pn.device)
             self.updateRunningState()
             self._pollTimer.start()
@@ -600,9 +639,6 @@ class DetectionOutputs:
         self.heatmapMaximum, self.volumeScore = heatmapMaximum, volumeScore
 
 
-_bundlePathSetByModule = None  # the MEDANOMALY_BUNDLE_PATH value this module put into os.environ
-
-
 class MedAnomalyLogic(ScriptedLoadableModuleLogic):
     """This class should implement all the actual
     computation done by your module.  The interface
@@ -629,6 +665,7 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         """Called when the logic class is instantiated. Can be used for initializing member variables."""
         ScriptedLoadableModuleLogic.__init__(self)
         self.logCallback = None
+        self.restartNeeded = []  # "name old -> new" of loaded packages the last installation changed
         self._terminologyLoaded = False
         self.prepareEnvironment()
 
@@ -644,7 +681,8 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
     # where medanomaly and the bundles come from, and what Slicer's Python needs
 
     def sourceFolder(self):
-        """The MedAnomaly checkout: the one set in the settings, else the one this module sits in."""
+        """The MedAnomaly source: the checkout set in the settings, else the copy the extension ships
+        in its resources, else the checkout this module sits in."""
         from MedAnomalyLib import environment
 
         configured = qt.QSettings().value(self.SOURCE_FOLDER_SETTING, "")
@@ -663,21 +701,23 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         qt.QSettings().setValue(self.BUNDLE_FOLDERS_SETTING, os.pathsep.join(folders))
         self.prepareEnvironment()
 
-    def prepareEnvironment(self) -> dict:
-        """Makes the torch-free ``medanomaly.bundles`` importable here (from the source folder when
-        the package is not installed yet) and returns the extra environment of the bundle process."""
+    def userModelsFolder(self):
+        """Where a user's own weights go: ``<Slicer settings folder>/MedAnomaly/models/<bundle>/``."""
         from MedAnomalyLib import environment
 
-        global _bundlePathSetByModule
-        environment.make_importable(self.sourceFolder())
-        extra = environment.bundle_path_environment(self.bundleFolders())
-        if extra:
-            os.environ.update(extra)  # list_bundles() in this process reads it too
-            _bundlePathSetByModule = extra[environment.BUNDLE_PATH_ENV]
-        elif _bundlePathSetByModule and os.environ.get(environment.BUNDLE_PATH_ENV) == _bundlePathSetByModule:
-            del os.environ[environment.BUNDLE_PATH_ENV]  # a value set before Slicer started stays
-            _bundlePathSetByModule = None
-        return extra
+        settingsFolder = os.path.dirname(slicer.app.slicerUserSettingsFilePath)
+        return str(environment.user_models_folder(settingsFolder))
+
+    def prepareEnvironment(self) -> dict:
+        """Makes the torch-free ``medanomaly.bundles`` importable here (from the source folder when
+        the package is not installed yet) and puts the extra bundle folders and the source's bundles
+        (the shipped ones in an installed extension) on the bundle search path, for this process and
+        the bundle processes. Returns the extra environment of the bundle process."""
+        from MedAnomalyLib import environment
+
+        source = self.sourceFolder()
+        environment.make_importable(source)
+        return environment.apply_bundle_path(self.bundleFolders(), source)
 
     def dependencyPlan(self):
         """What Slicer's Python still lacks (`MedAnomalyLib.environment.InstallPlan`), None if unknown."""
@@ -690,12 +730,21 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def setupPythonRequirements(self, askConfirmation=True) -> bool:
         """Installs what is missing: PyTorch (through the PyTorch extension when it is installed),
-        the other packages with pip, then medanomaly itself (``pip install --no-deps -e <checkout>``).
-        Asks first. Returns True if anything was installed; raises if the user declines or it fails."""
+        the other packages with pip, then medanomaly itself from its source folder (the copy the
+        extension ships, or a checkout). Every pip run gets a constraints file pinning the numpy,
+        scipy and SimpleITK that Slicer has, so they never change. Asks first. Returns True if
+        anything was installed; raises if the user declines or it fails, if this Slicer is too old,
+        or if the packages cannot be checked (never "all installed" then). When a package Slicer
+        had already imported changed, says that Slicer must be restarted (`restartNeeded`)."""
         import importlib
 
+        from MedAnomalyLib import environment
+
+        problem = versionProblem()
+        if problem:
+            raise RuntimeError(problem)
         plan = self.dependencyPlan()
-        if plan is None or plan.empty:
+        if not environment.needs_install(plan):  # raises DependencyError for an unknown plan or problems
             return False
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                 _("MedAnomaly needs Python packages that are not installed in Slicer yet. Installing needs a network "
@@ -704,26 +753,63 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             message = _("MedAnomaly cannot run without these Python packages:\n{what}")
             raise RuntimeError(message.format(what="\n".join(plan.reasons)))
 
-        if plan.torch:
-            self.log(_("Installing PyTorch (this may take several minutes)..."))
-            self._installTorch(plan.torch)
-        if plan.packages:
-            self.log(_("Installing {packages}...").format(packages=", ".join(plan.packages)))
-            slicer.util.pip_install(plan.packages)
-        if plan.medanomaly:
-            self.log(_("Installing medanomaly: pip install {args}").format(args=" ".join(plan.medanomaly)))
-            slicer.util.pip_install(plan.medanomaly)
+        before = environment.installed_versions()  # read now: what Slicer has at this moment
+        pins = environment.slicer_pins(before)
+        loaded = environment.loaded_distributions()
+        with environment.constraints_file(pins) as constraints:
+            if plan.torch:
+                self.log(_("Installing PyTorch (this may take several minutes)..."))
+                self._installTorch(plan.torch, constraints, pins)
+            if plan.packages:
+                self.log(_("Installing {packages}...").format(packages=", ".join(plan.packages)))
+                self._pipInstall(plan.packages, constraints, pins)
+            if plan.medanomaly:
+                self.log(_("Installing medanomaly from {source}...").format(source=plan.source))
+                if environment.is_shipped(plan.source):  # built from a temporary copy: the extension stays as it is
+                    with environment.staged_source(plan.source) as staged:
+                        arguments = [str(staged) if a == str(plan.source) else a for a in plan.medanomaly]
+                        self._pipInstall(arguments, constraints, pins)
+                else:
+                    self._pipInstall(plan.medanomaly, constraints, pins)
         importlib.invalidate_caches()
+        after = environment.installed_versions()
+        pinnedChanges = environment.changed_versions(before, after, only={environment.canonical(n) for n in pins})
+        if pinnedChanges:  # only an installer that ignored the constraints gets here
+            logging.error(f"MedAnomaly: packages of Slicer were changed: {pinnedChanges}")
+        self.restartNeeded = environment.changed_versions(before, after, only=loaded)
         self.prepareEnvironment()
 
         remaining = self.dependencyPlan()
-        if remaining is not None and not remaining.empty:
+        if environment.needs_install(remaining):
             raise RuntimeError(_("Some packages are still missing after the installation:\n{what}\n"
                                  "Restart Slicer and try again.").format(what="\n".join(remaining.reasons)))
         self.log(_("Python packages are installed."))
+        if self.restartNeeded:
+            message = _("The installation updated packages that Slicer had already loaded:\n{what}\n\n"
+                        "Restart Slicer before going on, so that it uses them.").format(
+                what="\n".join(self.restartNeeded))
+            self.log(message)
+            if askConfirmation and slicer.util.confirmYesNoDisplay(message + "\n\n" + _("Restart now?"),
+                                                                   _("MedAnomaly: restart Slicer")):
+                slicer.util.restart()
         return True
 
-    def _installTorch(self, requirements) -> None:
+    def _pipInstall(self, requirements, constraints, pins) -> None:
+        """``pip install --constraint <Slicer's versions> ...`` in Slicer's Python."""
+        from MedAnomalyLib import environment
+
+        arguments = environment.pip_install_arguments(requirements, constraints, pins)
+        self.log("pip install " + " ".join(arguments))
+        try:
+            slicer.util.pip_install(arguments)
+        except Exception as error:
+            pinned = ", ".join(f"{name} {version}" for name, version in pins.items())
+            raise RuntimeError(_("Installing {what} failed ({error}). MedAnomaly never changes the packages Slicer "
+                                 "is built with ({pinned}): if a package needs other versions of them, it cannot "
+                                 "be installed in this Slicer. The Python console shows pip's output.").format(
+                what=" ".join(requirements), error=error, pinned=pinned)) from error
+
+    def _installTorch(self, requirements, constraints, pins) -> None:
         from MedAnomalyLib import environment
 
         try:
@@ -731,18 +817,23 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         except ModuleNotFoundError:
             PyTorchUtils = None
         if PyTorchUtils is not None:
-            # light-the-torch picks the build that fits the computer's CUDA driver
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=environment.TORCH_REQUIREMENT,
-                torchvisionVersionRequirement=environment.TORCHVISION_REQUIREMENT)
+            # light-the-torch picks the build that fits the computer's CUDA driver; it runs pip, which
+            # reads the constraints from $PIP_CONSTRAINT
+            with environment.pip_constraint_environment(constraints):
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=environment.TORCH_REQUIREMENT,
+                    torchvisionVersionRequirement=environment.TORCHVISION_REQUIREMENT)
             if torch is None:
                 raise RuntimeError(_("PyTorch could not be installed. Install it with the PyTorch Utils module."))
         else:
             self.log(_("The PyTorch extension is not installed: installing PyTorch from the package index."))
-            slicer.util.pip_install(requirements)
+            self._pipInstall(requirements, constraints, pins)
 
     def methods(self):
-        """The bundles present (`MedAnomalyLib.inference.Method`), [] while medanomaly is unavailable."""
+        """The bundles present (`MedAnomalyLib.inference.Method`), [] while medanomaly is unavailable
+        (or cannot run in this Slicer)."""
+        if versionProblem():
+            return []
         self.prepareEnvironment()
         try:
             from MedAnomalyLib import inference
@@ -750,15 +841,16 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             logging.info(f"MedAnomaly methods are not available yet (medanomaly is not installed): {error}")
             return []
         try:
-            return inference.available_methods()
+            return inference.available_methods(self.userModelsFolder())
         except Exception as error:
             logging.warning(f"MedAnomaly could not read the bundles: {error}")
             return []
 
     def method(self, name):
+        """A method by its key: a bundle's name (its own weights) or ``<bundle>:user[/<name>]``."""
         from MedAnomalyLib import inference
 
-        return inference.method_by_name(name)
+        return inference.method_by_name(name, self.userModelsFolder())
 
     # ------------------------------------------------------------------------------------------
     # detection
@@ -771,6 +863,9 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         """
         from MedAnomalyLib import inputs
 
+        problem = versionProblem()
+        if problem:
+            raise RuntimeError(problem)
         if not inputVolume:
             raise inputs.InputError(_("Select an input volume."))
         imageData = inputVolume.GetImageData()
@@ -805,11 +900,14 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
 
     def finishDetection(self, task, heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None,
                         show=True) -> DetectionOutputs:
-        """Loads the results of a finished task into the scene.
+        """Loads the results of a finished task into the scene, whole or not at all.
 
-        Output nodes that are given are replaced (only the "Anomaly" segment of a segmentation);
-        missing ones are created next to the input in the subject hierarchy. If anything fails,
-        nodes created so far are removed and given nodes are left untouched.
+        First every output file is read into new nodes and checked (grid, segment, scores); only
+        then do the output nodes change: given ones are replaced (only the "Anomaly" segment of a
+        segmentation), missing ones are created next to the input in the subject hierarchy. If
+        anything fails (or is interrupted), every node added here is removed and every given
+        node is restored (`MedAnomalyLib.results.SceneTransaction`). Given nodes that were
+        removed from the scene while the detection ran are created anew.
         """
         from MedAnomalyLib import inference, results
 
@@ -818,66 +916,73 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         if inputVolume is None:
             message = _("The input volume was removed from the scene while the detection ran.")
             raise inference.DetectionError(message, task.job.log)
+        heatmapVolume, segmentation, pseudoHealthyVolume = (
+            node if node is not None and slicer.mrmlScene.IsNodePresent(node) else None
+            for node in (heatmapVolume, segmentation, pseudoHealthyVolume))
 
-        created = []  # every node added here: removed again if anything fails
-        temporary = []  # loaded nodes whose content moved into the outputs: removed at the end
-        try:
-            # 1. read and check every file in new nodes; nothing that existed changes yet
-            heatmapLoaded = self._loadVolume(result.heatmap, created)
-            self._checkGrid(heatmapLoaded, inputVolume, _("heatmap"))
-            segmentationLoaded = None
-            if result.segmentation is not None:
-                segmentationLoaded = self._loadSegmentation(result.segmentation, created)
-                temporary.append(segmentationLoaded)
-            pseudoHealthyLoaded = None
-            if task.loadPseudoHealthy and result.pseudo_healthy is not None:
-                pseudoHealthyLoaded = self._loadVolume(result.pseudo_healthy, created)
-                self._checkGrid(pseudoHealthyLoaded, inputVolume, _("pseudo-healthy volume"))
-
-            # 2. move them into the output nodes (new ones beside the input, or the given ones)
+        with results.SceneTransaction(slicer.mrmlScene) as transaction:
+            # 1. read and check every output in new nodes; nothing that existed changes yet
+            loaded = self._readOutputs(task, result, inputVolume)
+            # 2. only now: the outputs become (or replace the content of) the output nodes
             baseName = f"{inputVolume.GetName()} {task.method}"
-            heatmapVolume = self._adoptVolume(heatmapLoaded, heatmapVolume, f"{baseName} anomaly heatmap", inputVolume)
-            if heatmapVolume is not heatmapLoaded:
-                temporary.append(heatmapLoaded)
-            if pseudoHealthyLoaded is not None:
-                pseudoHealthyVolume = self._adoptVolume(pseudoHealthyLoaded, pseudoHealthyVolume,
-                                                        f"{baseName} pseudo-healthy", inputVolume)
-                if pseudoHealthyVolume is not pseudoHealthyLoaded:
-                    temporary.append(pseudoHealthyLoaded)
+            temporary = []  # loaded nodes whose content moved into given nodes
+            heatmapVolume = self._adoptVolume(loaded["heatmap"], heatmapVolume, f"{baseName} anomaly heatmap",
+                                              inputVolume, transaction, temporary)
+            if loaded["pseudoHealthy"] is not None:
+                pseudoHealthyVolume = self._adoptVolume(loaded["pseudoHealthy"], pseudoHealthyVolume,
+                                                        f"{baseName} pseudo-healthy", inputVolume, transaction,
+                                                        temporary)
             else:
                 pseudoHealthyVolume = None
-            if segmentation is None:
-                segmentation = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{baseName} anomaly"))
-                created.append(segmentation)
-            self._prepareSegmentation(segmentation, inputVolume)
-            threshold = result.threshold
-            if segmentationLoaded is not None:
-                self._moveAnomalySegment(segmentationLoaded, segmentation)
-            else:
-                # no calibrated threshold and none given: flag about 1 % of the brain
-                threshold = results.suggest_threshold(slicer.util.arrayFromVolume(heatmapVolume))
-                self.log(_("No threshold from the method: using {threshold:.4g} (99th percentile of the brain's "
-                           "scores).").format(threshold=threshold))
-                self.updateSegmentationFromHeatmap(heatmapVolume, segmentation, threshold)
-        except Exception:
-            for node in reversed(created):
-                if slicer.mrmlScene.IsNodePresent(node):
-                    slicer.mrmlScene.RemoveNode(node)
-            raise
-        for node in temporary:
-            if slicer.mrmlScene.IsNodePresent(node):
-                slicer.mrmlScene.RemoveNode(node)
+            segmentation = self._adoptSegmentation(loaded["segmentation"], segmentation, f"{baseName} anomaly",
+                                                   inputVolume, transaction, temporary)
+            for node in temporary:
+                results.remove_nodes(slicer.mrmlScene, results.node_with_display_and_storage(node))
 
-        heatmapArray = slicer.util.arrayFromVolume(heatmapVolume)
-        voxelCount = results.voxel_count(results.threshold_to_labelmap(heatmapArray, threshold))
+        threshold = loaded["threshold"]
         if show:
             self.showResults(inputVolume, heatmapVolume, segmentation, threshold)
         self.log(_("Results: {heatmap}, {segmentation} ({count} voxels above {threshold:.4g}).").format(
-            heatmap=heatmapVolume.GetName(), segmentation=segmentation.GetName(), count=voxelCount,
+            heatmap=heatmapVolume.GetName(), segmentation=segmentation.GetName(), count=loaded["voxelCount"],
             threshold=threshold))
-        return DetectionOutputs(heatmapVolume, segmentation, pseudoHealthyVolume, threshold, voxelCount,
-                                float(heatmapArray.max()) if heatmapArray.size else 0.0, result.volume_score)
+        return DetectionOutputs(heatmapVolume, segmentation, pseudoHealthyVolume, threshold, loaded["voxelCount"],
+                                loaded["heatmapMaximum"], result.volume_score)
+
+    def _readOutputs(self, task, result, inputVolume) -> dict:
+        """Every output file of `result` in new nodes, checked: the heatmap (and pseudo-healthy volume)
+        on the input's grid with finite scores, a segmentation with its anomaly segment (made from the
+        heatmap when the method has no threshold), the threshold and the number of voxels above it."""
+        from MedAnomalyLib import inference, results
+
+        heatmap = self._loadVolume(result.heatmap)
+        self._checkGrid(heatmap, inputVolume, _("heatmap"))
+        heatmapArray = slicer.util.arrayFromVolume(heatmap)
+        try:
+            results.check_heatmap(heatmapArray)
+        except ValueError as error:
+            raise inference.DetectionError(str(error), task.job.log) from None
+        threshold = result.threshold
+        if result.segmentation is not None:
+            segmentation = self._loadSegmentation(result.segmentation)
+            if not self._anomalySourceSegmentId(segmentation):
+                raise inference.DetectionError(_("The segmentation {path} has no segment.").format(
+                    path=result.segmentation), task.job.log)
+        else:
+            # no calibrated threshold and none given: flag about 1 % of the brain
+            threshold = results.suggest_threshold(heatmapArray)
+            self.log(_("No threshold from the method: using {threshold:.4g} (99th percentile of the brain's "
+                       "scores).").format(threshold=threshold))
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "__MedAnomalyTemp__")
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+            self.updateSegmentationFromHeatmap(heatmap, segmentation, threshold)
+        pseudoHealthy = None
+        if task.loadPseudoHealthy and result.pseudo_healthy is not None:
+            pseudoHealthy = self._loadVolume(result.pseudo_healthy)
+            self._checkGrid(pseudoHealthy, inputVolume, _("pseudo-healthy volume"))
+        return {"heatmap": heatmap, "segmentation": segmentation, "pseudoHealthy": pseudoHealthy,
+                "threshold": threshold,
+                "voxelCount": results.voxel_count(results.threshold_to_labelmap(heatmapArray, threshold)),
+                "heatmapMaximum": float(heatmapArray.max())}
 
     def process(self, inputVolume, method, device="cpu", threshold=None, brainMask=None, loadPseudoHealthy=False,
                 heatmapVolume=None, segmentation=None, pseudoHealthyVolume=None, show=True,
@@ -990,7 +1095,7 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
         finally:
             storageNode.UnRegister(None)
 
-    def _loadVolume(self, path, created):
+    def _loadVolume(self, path):
         from MedAnomalyLib import inference
 
         try:
@@ -999,10 +1104,9 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             node = None
         if node is None:
             raise inference.DetectionError(_("The result {path} could not be read.").format(path=path))
-        created.append(node)
         return node
 
-    def _loadSegmentation(self, path, created):
+    def _loadSegmentation(self, path):
         from MedAnomalyLib import inference
 
         try:
@@ -1011,7 +1115,6 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             node = None
         if node is None:
             raise inference.DetectionError(_("The segmentation {path} could not be read.").format(path=path))
-        created.append(node)
         return node
 
     def _checkGrid(self, loaded, inputVolume, what) -> None:
@@ -1024,14 +1127,32 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
                                              "spacing, origin or axes differ).").format(
                 what=what, a=loaded.GetImageData().GetDimensions(), b=inputVolume.GetImageData().GetDimensions()))
 
+    @staticmethod
+    def _subjectHierarchyParent(node):
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        item = shNode.GetItemByDataNode(node)
+        return shNode.GetItemParent(item) if item else None
+
+    @staticmethod
+    def _setSubjectHierarchyParent(node, parent) -> None:
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        item = shNode.GetItemByDataNode(node)
+        if item and parent:
+            shNode.SetItemParent(item, parent)
+
     def _placeBeside(self, node, referenceNode) -> None:
         """Same parent transform and subject hierarchy folder as `referenceNode`."""
         node.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        referenceItem = shNode.GetItemByDataNode(referenceNode)
-        item = shNode.GetItemByDataNode(node)
-        if referenceItem and item:
-            shNode.SetItemParent(item, shNode.GetItemParent(referenceItem))
+        self._setSubjectHierarchyParent(node, self._subjectHierarchyParent(referenceNode))
+
+    def _undoPlacement(self, node, transaction) -> None:
+        """Registers how `node` gets its parent transform and folder back if the transaction fails."""
+        transformID, parent = node.GetTransformNodeID(), self._subjectHierarchyParent(node)
+
+        def undo():
+            node.SetAndObserveTransformNodeID(transformID)
+            self._setSubjectHierarchyParent(node, parent)
+        transaction.on_undo(undo)
 
     @staticmethod
     def _detachStorage(node) -> None:
@@ -1042,18 +1163,29 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             node.SetAndObserveStorageNodeID(None)
             slicer.mrmlScene.RemoveNode(storageNode)
 
-    def _adoptVolume(self, loaded, target, name, inputVolume):
-        """The loaded volume becomes the output: as a new node, or copied into `target`."""
+    def _adoptVolume(self, loaded, target, name, inputVolume, transaction, temporary):
+        """The loaded volume becomes the output: as a new node, or copied into `target` (whose
+        image, geometry and place come back if the transaction fails)."""
         if target is None:
             loaded.SetName(slicer.mrmlScene.GenerateUniqueName(name))
             self._detachStorage(loaded)
             self._placeBeside(loaded, inputVolume)
             return loaded
+        oldImage = target.GetImageData()
+        oldIjkToRas = vtk.vtkMatrix4x4()
+        target.GetIJKToRASMatrix(oldIjkToRas)
+
+        def undo():
+            target.SetAndObserveImageData(oldImage)
+            target.SetIJKToRASMatrix(oldIjkToRas)
+        transaction.on_undo(undo)
+        self._undoPlacement(target, transaction)
         imageData = vtk.vtkImageData()
         imageData.DeepCopy(loaded.GetImageData())
         target.SetAndObserveImageData(imageData)
         target.CopyOrientation(loaded)
         self._placeBeside(target, inputVolume)
+        temporary.append(loaded)
         return target
 
     def _prepareSegmentation(self, segmentation, inputVolume) -> None:
@@ -1062,15 +1194,65 @@ class MedAnomalyLogic(ScriptedLoadableModuleLogic):
             segmentation.CreateDefaultDisplayNodes()
         self._placeBeside(segmentation, inputVolume)
 
+    @staticmethod
+    def _anomalySourceSegmentId(segmentationNode):
+        """The loaded segmentation's anomaly segment: the one named "Anomaly", else the first; None if empty."""
+        from MedAnomalyLib import results
+
+        segmentationObject = segmentationNode.GetSegmentation()
+        if segmentationObject.GetNumberOfSegments() < 1:
+            return None
+        return (segmentationObject.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
+                or segmentationObject.GetNthSegmentID(0))
+
+    def _adoptSegmentation(self, loaded, target, name, inputVolume, transaction, temporary):
+        """The loaded segmentation becomes the output: as a new node, or its anomaly segment replaces
+        the "Anomaly" segment of `target` (other segments stay; the old segment, the reference
+        geometry and the place come back if the transaction fails)."""
+        if target is None:
+            loaded.SetName(slicer.mrmlScene.GenerateUniqueName(name))
+            self._detachStorage(loaded)
+            self._prepareSegmentation(loaded, inputVolume)
+            self._describeSegment(loaded.GetSegmentation().GetSegment(self._anomalySourceSegmentId(loaded)))
+            return loaded
+        self._undoSegmentationChanges(target, transaction)
+        self._prepareSegmentation(target, inputVolume)
+        self._moveAnomalySegment(loaded, target)
+        temporary.append(loaded)
+        return target
+
+    def _undoSegmentationChanges(self, segmentation, transaction) -> None:
+        from MedAnomalyLib import results
+
+        segmentationObject = segmentation.GetSegmentation()
+        oldId = segmentationObject.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
+        backup, oldIndex = None, None
+        if oldId:
+            backup = slicer.vtkSegment()
+            backup.DeepCopy(segmentationObject.GetSegment(oldId))
+            oldIndex = segmentationObject.GetSegmentIndex(oldId)
+        geometryName = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+        oldGeometry = segmentationObject.GetConversionParameter(geometryName)
+
+        def undo():
+            newId = segmentationObject.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
+            if newId:
+                segmentationObject.RemoveSegment(newId)
+            if backup is not None:
+                segmentationObject.AddSegment(backup, oldId)
+                segmentationObject.SetSegmentIndex(oldId, oldIndex)
+            segmentationObject.SetConversionParameter(geometryName, oldGeometry)
+        transaction.on_undo(undo)
+        self._undoPlacement(segmentation, transaction)
+
     def _moveAnomalySegment(self, source, target) -> None:
         """Replaces the target's "Anomaly" segment with the loaded file's (other segments stay)."""
         from MedAnomalyLib import results
 
         sourceSegmentation = source.GetSegmentation()
-        if sourceSegmentation.GetNumberOfSegments() < 1:
+        sourceId = self._anomalySourceSegmentId(source)
+        if not sourceId:
             raise RuntimeError(_("The segmentation file has no segment."))
-        sourceId = (sourceSegmentation.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
-                    or sourceSegmentation.GetNthSegmentID(0))
         targetSegmentation = target.GetSegmentation()
         oldId = targetSegmentation.GetSegmentIdBySegmentName(results.SEGMENT_NAME)
         if oldId:

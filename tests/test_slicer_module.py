@@ -202,6 +202,8 @@ STUB_SLICER = textwrap.dedent('''
     class App(Anything):
         connected = []
         temporaryPath = "/tmp"
+        slicerUserSettingsFilePath = "/nonexistent-medanomaly-settings/NA-MIC/Slicer.ini"
+        majorVersion, minorVersion = 5, 10
         def connect(self, signal, slot): self.connected.append((signal, slot))
 
     def translate(context, text): return text
@@ -230,6 +232,7 @@ STUB_SLICER = textwrap.dedent('''
     module("SampleData", SampleDataLogic=SampleDataLogic)
 
     sys.path.insert(0, sys.argv[1])
+    App.majorVersion, App.minorVersion = (int(v) for v in sys.argv[2].split("."))
     before = set(sys.modules)
     import MedAnomaly
     parent = types.SimpleNamespace()
@@ -242,23 +245,68 @@ STUB_SLICER = textwrap.dedent('''
     logic = MedAnomaly.MedAnomalyLogic()
     methods = [m.name for m in logic.methods()]
     plan = logic.dependencyPlan()
+    loaded_by_logic = sorted(set(sys.modules) - before)
+
+    def outcome(call):
+        try:
+            call()
+            return "returned"
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    start = outcome(lambda: logic.startDetection(None, "dae"))
+
+    # an installation: what reaches pip (slicer.util.pip_install), with the constraints file's text
+    from pathlib import Path
+    from MedAnomalyLib import environment
+    pip_calls = []
+    slicer.util.pip_install = lambda args: pip_calls.append([list(args), Path(args[1]).read_text()])
+    plans = [environment.InstallPlan(packages=["nibabel>=5.4", "numpy>=1", "SimpleITK"],
+                                     medanomaly=["--no-deps", "/opt/ext/Resources/medanomaly"], reasons=["r"]),
+             environment.InstallPlan()]
+    logic.dependencyPlan = lambda: plans.pop(0)
+    installed = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
+
+    logic.dependencyPlan = lambda: None  # the packages cannot be checked
+    unknown_plan = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
     print(json.dumps({"title": parent.title, "categories": parent.categories, "signal": signal,
                       "loaded_by_module": loaded_by_module, "loaded_by_registration": loaded_by_registration,
                       "registered": registered, "methods": methods, "source": logic.sourceFolder(),
-                      "plan_empty": plan.empty, "loaded_by_logic": sorted(set(sys.modules) - before)}))
+                      "plan_empty": plan.empty, "loaded_by_logic": loaded_by_logic, "help": parent.helpText,
+                      "version_problem": MedAnomaly.versionProblem(), "start": start, "unknown_plan": unknown_plan,
+                      "installed": installed, "pip_calls": pip_calls, "restart": logic.restartNeeded}))
 ''')
+
+
+def import_with_stub_slicer(folder: Path, slicer_version: str) -> dict:
+    """Imports the module file in a fresh interpreter against stub Slicer modules of `slicer_version`."""
+    script = folder / "stub_slicer.py"
+    script.write_text(STUB_SLICER)
+    env = {k: v for k, v in os.environ.items() if k != "MEDANOMALY_BUNDLE_PATH"}
+    run = subprocess.run([sys.executable, str(script), str(EXTENSION), slicer_version], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def stub_import(tmp_path_factory) -> dict:
-    """Imports the module file in a fresh interpreter against stub Slicer modules."""
-    script = tmp_path_factory.mktemp("stub") / "stub_slicer.py"
-    script.write_text(STUB_SLICER)
-    env = {k: v for k, v in os.environ.items() if k != "MEDANOMALY_BUNDLE_PATH"}
-    run = subprocess.run([sys.executable, str(script), str(EXTENSION)], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return import_with_stub_slicer(tmp_path_factory.mktemp("stub"), "5.10")
+
+
+def test_the_module_refuses_to_run_in_slicer_older_than_5_10(stub_import, tmp_path):
+    assert stub_import["version_problem"] is None
+    assert stub_import["start"] == "InputError: Select an input volume."
+    old = import_with_stub_slicer(tmp_path, "5.8")
+    problem = old["version_problem"]
+    assert "3D Slicer 5.10 or newer (this is Slicer 5.8)" in problem and "disabled" in problem
+    assert old["help"].startswith(problem)  # said on load
+    assert old["start"] == f"RuntimeError: {problem}" and old["unknown_plan"] == f"RuntimeError: {problem}"
+    assert old["methods"] == []  # the package is not even imported
+
+
+def test_packages_that_cannot_be_checked_are_an_error_not_all_installed(stub_import):
+    assert stub_import["unknown_plan"] == f"DependencyError: {environment.UNKNOWN_PLAN}"
 
 
 def test_loading_the_module_imports_nothing_heavy(stub_import):
@@ -339,6 +387,8 @@ STUB_SLICER_CONFIG = textwrap.dedent('''
     set(Slicer_EXTENSION_GENERATE_CONFIG "${CMAKE_CURRENT_LIST_DIR}/GenerateConfig.cmake")
     set(Slicer_EXTENSION_CPACK "${CMAKE_CURRENT_LIST_DIR}/CPack.cmake")
     set(BUILD_TESTING ON)
+    set(Slicer_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-5.10/qt-scripted-modules")
+    set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR "lib/Slicer-5.10/qt-scripted-modules")
     set(RECORD "${CMAKE_BINARY_DIR}/record.txt")
     file(WRITE "${RECORD}" "")
     macro(slicerMacroBuildScriptedModule)
@@ -350,6 +400,8 @@ STUB_SLICER_CONFIG = textwrap.dedent('''
         if(NOT EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/${f}")
           message(FATAL_ERROR "missing file ${f}")
         endif()
+        get_filename_component(d "${f}" DIRECTORY)  # installed as Slicer's CTK macro lays them out
+        install(FILES "${CMAKE_CURRENT_SOURCE_DIR}/${f}" DESTINATION "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/${d}")
       endforeach()
       file(APPEND "${RECORD}" "module ${MY_NAME} generic_tests=${MY_WITH_GENERIC_TESTS}\\n")
       foreach(f ${MY_SCRIPTS})
@@ -394,6 +446,146 @@ def test_extension_configures_with_a_stub_slicer(tmp_path):
     scripts = {line.split(" ", 1)[1] for line in record if line.startswith("script ")}
     assert "MedAnomaly.py" in scripts and "MedAnomalyLib/inference.py" in scripts
 
+    # the install rules put the package source and every bundle under the module's Resources/medanomaly
+    prefix = tmp_path / "install"
+    run = subprocess.run(["cmake", "--install", str(build), "--prefix", str(prefix)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    module_dir = prefix / SCRIPTED_MODULES
+    assert (module_dir / "MedAnomaly.py").is_file() and (module_dir / "MedAnomalyLib" / "environment.py").is_file()
+    shipped = module_dir / "Resources" / "medanomaly"
+    installed = sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*") if p.is_file())
+    assert installed == sorted(package_file_list(tmp_path / "list.txt"))
+
+
+SCRIPTED_MODULES = Path("lib", "Slicer-5.10", "qt-scripted-modules")  # Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR
+PACKAGE_FILES_CMAKE = EXTENSION / "CMake" / "MedAnomalyPackageFiles.cmake"
+
+
+def package_file_list(out: Path, root: Path = REPO) -> list[str]:
+    """The files the extension ships under Resources/medanomaly, as CMake lists them at configure time."""
+    run = subprocess.run(["cmake", f"-DMEDANOMALY_ROOT={root}", f"-DMEDANOMALY_FILE_LIST={out}", "-P",
+                          str(PACKAGE_FILES_CMAKE)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [line for line in out.read_text().splitlines() if line]
+
+
+def shipped_bundles() -> list[Path]:
+    return sorted(p.parent.parent for p in (REPO / "monai_bundles").glob("*/configs/metadata.json"))
+
+
+needs_cmake = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+
+
+@needs_cmake
+def test_the_extension_ships_the_package_and_every_bundle_with_its_weights(tmp_path):
+    files = package_file_list(tmp_path / "list.txt")
+    assert len(files) == len(set(files))
+    for needed in ("pyproject.toml", "README.md", "LICENSE", "core/medanomaly/__init__.py",
+                   "core/medanomaly/bundles/registry.py", "core/medanomaly/weights/perceptual_backbone.pt"):
+        assert needed in files, needed
+    bundles = shipped_bundles()
+    assert len(bundles) >= 7
+    for bundle in bundles:
+        name = bundle.name
+        for needed in ("configs/metadata.json", "configs/inference.yaml", "configs/logging.conf", "LICENSE",
+                       "models/model.pt", "models/model_info.json"):
+            assert f"monai_bundles/{name}/{needed}" in files, f"{name}/{needed}"
+        tracked = subprocess.run(["git", "ls-files", f"monai_bundles/{name}"], cwd=REPO, capture_output=True,
+                                 text=True).stdout.split()
+        assert not set(tracked) - set(files), f"{name}: committed files left out: {set(tracked) - set(files)}"
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "/runs/" in f]
+
+
+@needs_cmake
+def test_the_shipped_file_list_leaves_out_caches_runs_and_checkpoints(tmp_path):
+    root = tmp_path / "checkout"
+    wanted = ["pyproject.toml", "README.md", "LICENSE", "core/medanomaly/__init__.py", "core/medanomaly/weights/w.pt",
+              "monai_bundles/b/LICENSE", "monai_bundles/b/configs/metadata.json", "monai_bundles/b/models/model.pt",
+              "monai_bundles/b/models/T2w/model.pt", "monai_bundles/b/scripts/network.py",
+              "monai_bundles/b/docs/a b.md"]
+    unwanted = ["core/medanomaly/__pycache__/__init__.cpython-312.pyc", "core/medanomaly/stale.pyc",
+                "monai_bundles/b/scripts/__pycache__/network.cpython-312.pyc", "monai_bundles/b/runs/events.out",
+                "monai_bundles/b/models/checkpoint_epoch=3.pt", "monai_bundles/b/models/checkpoint.pt",
+                "monai_bundles/b/.pytest_cache/v/x", "monai_bundles/b/configs/.DS_Store",
+                "monai_bundles/b/configs/inference.yaml~", "core/medanomaly.egg-info/PKG-INFO", "tests/test_x.py"]
+    for name in wanted + unwanted:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    assert sorted(package_file_list(tmp_path / "list.txt", root)) == sorted(wanted)
+    (root / "README.md").unlink()  # the package's build needs it: configuring fails
+    with pytest.raises(AssertionError, match="is missing; the extension cannot ship"):
+        package_file_list(tmp_path / "list.txt", root)
+
+
+def lay_out_installed_extension(prefix: Path, files: list[str]) -> Path:
+    """What `cmake --install` of the extension gives (see test_extension_configures_with_a_stub_slicer):
+    the module's scripts and resources in Slicer's scripted-modules folder, the package files under
+    Resources/medanomaly. Returns the module's folder."""
+    module_dir = prefix / SCRIPTED_MODULES
+    cmake = EXTENSION / "CMakeLists.txt"
+    copies = [(EXTENSION / f, module_dir / f) for f in cmake_list(cmake, "MODULE_PYTHON_SCRIPTS")]
+    copies += [(EXTENSION / f, module_dir / f) for f in cmake_list(cmake, "MODULE_PYTHON_RESOURCES")]
+    copies += [(REPO / f, module_dir / "Resources" / "medanomaly" / f) for f in files]
+    for source, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return module_dir
+
+
+INSTALLED_CHECK = textwrap.dedent('''
+    # Run with python -I -S: no site-packages, no PYTHONPATH, so nothing of a checkout is visible.
+    import json, sys
+    module_dir, user_models = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, module_dir)
+    from MedAnomalyLib import environment
+    source = environment.find_source_folder()
+    importable = environment.make_importable(source)
+    bundle_path = environment.apply_bundle_path([], source)
+    import medanomaly
+    from medanomaly.bundles import list_bundles, registry
+    from MedAnomalyLib import inference
+    print(json.dumps({
+        "source": str(source), "shipped": environment.is_shipped(source), "importable": importable,
+        "package": medanomaly.__file__, "bundle_path": bundle_path,
+        "search": [str(p) for p in registry.bundle_search_path()],
+        "bundles": {b.name: {"root": str(b.root), "weights": b.has_weights} for b in list_bundles()},
+        "methods": {m.key: str(m.weights_folder) for m in inference.available_methods(user_models)},
+        "pip": environment.medanomaly_install_arguments(source),
+        "sys_path": sys.path}))
+''')
+
+
+@needs_cmake
+def test_an_installed_extension_finds_the_package_and_every_bundle_without_a_checkout(tmp_path):
+    module_dir = lay_out_installed_extension(tmp_path / "Extensions" / "MedAnomaly",
+                                             package_file_list(tmp_path / "list.txt"))
+    shipped = (module_dir / "Resources" / "medanomaly").resolve()
+    user_models = tmp_path / "settings" / "MedAnomaly" / "models"
+    (user_models / "dae" / "mine").mkdir(parents=True)
+    (user_models / "dae" / "mine" / "model.pt").write_bytes(b"weights")
+    script = tmp_path / "check.py"
+    script.write_text(INSTALLED_CHECK)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDANOMALY")}
+    run = subprocess.run([sys.executable, "-I", "-S", str(script), str(module_dir), str(user_models)],
+                         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not any(str(REPO) in p for p in found["sys_path"])
+    assert found["source"] == str(shipped) and found["shipped"] and found["importable"]
+    assert found["package"].startswith(str(shipped / "core" / "medanomaly"))
+    assert found["bundle_path"] == {"MEDANOMALY_BUNDLE_PATH": str(shipped / "monai_bundles")}
+    assert found["search"][0] == str(shipped / "monai_bundles")
+    assert all(str(REPO) not in p for p in found["search"])
+    for bundle in shipped_bundles():
+        listed = found["bundles"][bundle.name]
+        assert listed["root"] == str(shipped / "monai_bundles" / bundle.name)
+        assert listed["weights"] == (bundle / "models" / "model.pt").is_file()
+    assert all(found["bundles"][b.name]["weights"] for b in shipped_bundles())  # every bundle ships weights
+    assert found["methods"]["dae"] == str(shipped / "monai_bundles" / "dae" / "models")
+    assert found["methods"]["dae:user/mine"] == str(user_models / "dae" / "mine")
+    assert found["pip"] == ["--no-deps", str(shipped)]  # the shipped source, not a name from an index
+
 
 # =============================================================================================
 # MedAnomalyLib.environment
@@ -407,6 +599,71 @@ def test_source_folder_is_the_checkout_around_the_module(tmp_path, monkeypatch):
     monkeypatch.setenv(environment.SOURCE_FOLDER_ENV, str(REPO))
     assert environment.find_source_folder(start=tmp_path) == REPO
     assert environment.make_importable(REPO)
+
+
+def test_source_folder_order_configured_then_shipped_then_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv(environment.SOURCE_FOLDER_ENV, raising=False)
+    module_dir = tmp_path / "qt-scripted-modules"
+    shipped = environment.shipped_folder(module_dir)
+    (shipped / "core" / "medanomaly").mkdir(parents=True)
+    (shipped / "core" / "medanomaly" / "__init__.py").write_text("")
+    (shipped / "pyproject.toml").write_text(
+        '[project]\nname = "medanomaly"\nversion = "9.1.0"\n\n[tool.x]\nversion = "0"\n')
+    assert environment.find_source_folder(start=module_dir) == shipped.resolve()
+    assert environment.find_source_folder(start=module_dir, configured=REPO) == REPO  # an explicit choice wins
+    monkeypatch.setenv(environment.SOURCE_FOLDER_ENV, str(REPO))
+    assert environment.find_source_folder(start=module_dir) == REPO
+    assert environment.is_shipped(shipped, module_dir) and not environment.is_shipped(REPO, module_dir)
+    assert environment.source_version(shipped) == "9.1.0" and environment.source_version(tmp_path) is None
+    assert environment.medanomaly_install_arguments(shipped, module_dir) == ["--no-deps", str(shipped)]
+    assert environment.medanomaly_install_arguments(REPO, module_dir) == ["--no-deps", "-e", str(REPO)]
+
+
+def test_bundle_path_puts_extra_folders_first_and_restores_what_was_there(tmp_path):
+    environ, state = {}, {"inherited": None, "applied": None}
+    source = tmp_path / "shipped"
+    (source / "monai_bundles").mkdir(parents=True)
+    bundles = str(source / "monai_bundles")
+    assert environment.apply_bundle_path([], source, environ, state) == {environment.BUNDLE_PATH_ENV: bundles}
+    assert environ == {environment.BUNDLE_PATH_ENV: bundles}
+    extra = environment.apply_bundle_path(["/mine"], source, environ, state)
+    assert environ[environment.BUNDLE_PATH_ENV] == extra[environment.BUNDLE_PATH_ENV] == os.pathsep.join(
+        ["/mine", bundles])
+    assert environment.apply_bundle_path([], None, environ, state) == {} and environ == {}  # nothing of it stays
+    environ[environment.BUNDLE_PATH_ENV] = "/set/by/user"  # e.g. before Slicer started
+    environment.apply_bundle_path(["/mine"], source, environ, state)
+    assert environ[environment.BUNDLE_PATH_ENV] == os.pathsep.join(["/mine", "/set/by/user", bundles])
+    environment.apply_bundle_path([], None, environ, state)
+    assert environ == {environment.BUNDLE_PATH_ENV: "/set/by/user"}
+    assert environment.user_models_folder("/home/u/.config/NA-MIC") == Path("/home/u/.config/NA-MIC/MedAnomaly/models")
+
+
+def test_version_gate():
+    assert environment.version_problem((5, 10), (3, 12)) is None
+    assert environment.version_problem((6, 0), (3, 10)) is None
+    assert environment.version_problem(None, (3, 12)) is None  # Slicer's version unknown: Python decides
+    both = environment.version_problem((5, 8), (3, 9))
+    assert "3D Slicer 5.10 or newer (this is Slicer 5.8) and Python 3.10 or newer (this Slicer has Python 3.9)" in both
+    assert "Python" not in environment.version_problem((5, 9), (3, 12))
+    assert "Python 3.10 or newer" in environment.version_problem(None, (3, 9))
+    assert environment.version_problem((5, 10)) is None  # this interpreter
+
+
+def test_an_unknown_or_unfixable_plan_is_never_all_installed():
+    with pytest.raises(environment.DependencyError, match="cannot check"):
+        environment.needs_install(None)
+    broken = environment.InstallPlan(problems=["medanomaly is not installed and its source was not found"])
+    assert not broken.empty
+    with pytest.raises(environment.DependencyError, match="source was not found"):
+        environment.needs_install(broken)
+    assert environment.needs_install(environment.InstallPlan()) is False
+    assert environment.needs_install(environment.InstallPlan(packages=["monai>=1.6"], reasons=["r"])) is True
+    assert environment.dependency_status(None)[0] is None
+    assert environment.dependency_status(broken) == (False, broken.problems[0])
+    assert environment.dependency_status(environment.InstallPlan()) == (True, "All installed.")
+    missing = environment.InstallPlan(torch=["torch>=2.8"], reasons=["no torch"])
+    assert environment.dependency_status(missing) == (
+        False, "Missing (installed on the first Apply, after asking): no torch")
 
 
 def test_requirements_relax_pins_and_leave_slicers_packages_alone():
@@ -451,7 +708,84 @@ def test_install_plan_orders_torch_packages_and_medanomaly(tmp_path, monkeypatch
     assert plan.torch == ["torch" + environment.TORCH_REQUIREMENT]
     assert plan.medanomaly == ["--no-deps", "-e", str(REPO)]
     plan = environment.install_plan(None, requirements)
-    assert plan.medanomaly == ["medanomaly"]
+    assert plan.medanomaly == [] and not plan.empty  # never `pip install medanomaly` from an index
+    assert "source was not found" in plan.problems[0] and "Cannot be installed" in plan.summary()
+    missing.clear()  # installed, but an older version than the extension ships: installed again
+    module_dir = tmp_path / "modules"
+    shipped = environment.shipped_folder(module_dir)
+    shutil.copytree(REPO / "core" / "medanomaly" / "bundles", shipped / "core" / "medanomaly" / "bundles")
+    (shipped / "core" / "medanomaly" / "__init__.py").write_text("")
+    (shipped / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text().replace(
+        'version = "0.1.0"', 'version = "99.0"'))
+    plan = environment.install_plan(shipped, module_dir=module_dir)
+    assert plan.medanomaly == ["--no-deps", str(shipped.resolve())]
+    assert "the extension ships 99.0" in plan.reasons[-1]
+
+
+def test_pip_never_changes_slicers_numpy_scipy_simpleitk(tmp_path):
+    installed = {"numpy": "1.26.4", "scipy": "1.13.1", "simpleitk": "2.4.0", "monai": "1.6.0", "pydicom": "2.4"}
+    pins = environment.slicer_pins(installed)
+    assert pins == {"numpy": "1.26.4", "scipy": "1.13.1", "SimpleITK": "2.4.0"}
+    assert environment.slicer_pins({"numpy": "2.0"}) == {"numpy": "2.0"}  # what is not installed is not pinned
+    with environment.constraints_file(pins) as constraints:
+        text = constraints.read_text()
+        requirements = ["monai[fire,itk]>=1.6.1", "numpy>=1.24", "scipy", "simpleitk<3", "nibabel>=5.4.2"]
+        arguments = environment.pip_install_arguments(requirements, constraints, pins)
+        for conflicting in ("numpy>=2", "SimpleITK==2.5.7", "scipy<1.13"):  # would need another version
+            with pytest.raises(environment.DependencyError, match="must not change"):
+                environment.pip_install_arguments(["monai", conflicting], constraints, pins)
+        medanomaly = environment.pip_install_arguments(["--no-deps", "/opt/Slicer ext/Resources/medanomaly"],
+                                                       constraints, pins)
+    assert not constraints.exists()
+    assert [line for line in text.splitlines() if not line.startswith("#")] == [
+        "numpy==1.26.4", "scipy==1.13.1", "SimpleITK==2.4.0"]
+    assert arguments == ["--constraint", str(constraints), "monai[fire,itk]>=1.6.1", "nibabel>=5.4.2"]
+    assert medanomaly == ["--constraint", str(constraints), "--no-deps", "/opt/Slicer ext/Resources/medanomaly"]
+    for upgrading in ("-U", "--upgrade", "--force-reinstall", "--ignore-installed", "--upgrade-strategy=eager"):
+        with pytest.raises(ValueError, match="could change"):
+            environment.pip_install_arguments([upgrading, "monai"], constraints, pins)
+    # installers that run pip themselves get the same constraints through $PIP_CONSTRAINT, as a URL
+    environ = {}
+    spaced = tmp_path / "a folder" / "c.txt"
+    with environment.pip_constraint_environment(spaced, environ):
+        assert environ == {"PIP_CONSTRAINT": spaced.resolve().as_uri()} and " " not in environ["PIP_CONSTRAINT"]
+    assert environ == {}
+
+
+def test_the_module_installs_with_slicers_versions_pinned(stub_import):
+    import numpy as numpy_module
+
+    assert stub_import["installed"] == "returned"
+    (packages, constraints), (medanomaly, _) = stub_import["pip_calls"]
+    assert packages[:2] == ["--constraint", packages[1]] and packages[2:] == ["nibabel>=5.4"]
+    assert medanomaly[2:] == ["--no-deps", "/opt/ext/Resources/medanomaly"]
+    assert f"numpy=={numpy_module.__version__}" in constraints.splitlines()
+    assert not [a for a in packages + medanomaly if a.lower().startswith(("numpy", "scipy", "simpleitk", "-u"))]
+    assert stub_import["restart"] == []  # nothing was really installed
+
+
+def test_the_shipped_package_is_built_from_a_temporary_copy(tmp_path):
+    shipped = tmp_path / "Resources" / "medanomaly"
+    for name in ("pyproject.toml", "README.md", "LICENSE", "core/medanomaly/__init__.py",
+                 "core/medanomaly/__pycache__/x.pyc", "monai_bundles/dae/models/model.pt"):
+        (shipped / name).parent.mkdir(parents=True, exist_ok=True)
+        (shipped / name).write_text(name)
+    with environment.staged_source(shipped) as staged:
+        copied = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+        assert copied == ["LICENSE", "README.md", "core/medanomaly/__init__.py", "pyproject.toml"]
+        (staged / "build").mkdir()  # what pip's in-place build leaves
+    assert not staged.exists() and sorted(p.name for p in shipped.iterdir()) == [
+        "LICENSE", "README.md", "core", "monai_bundles", "pyproject.toml"]
+
+
+def test_a_restart_is_asked_for_when_a_loaded_package_changed():
+    before = {"numpy": "2.1.0", "nibabel": "5.0", "tqdm": "4.0"}
+    after = {"numpy": "2.1.0", "nibabel": "5.4.2", "monai": "1.6.1"}
+    assert environment.changed_versions(before, after) == ["nibabel 5.0 -> 5.4.2", "tqdm 4.0 -> removed"]
+    assert environment.changed_versions(before, after, only={"nibabel", "numpy"}) == ["nibabel 5.0 -> 5.4.2"]
+    loaded = environment.loaded_distributions({"numpy": None, "numpy.linalg": None, "no_such_module": None})
+    assert loaded == {"numpy"}
+    assert "numpy" in environment.installed_versions() and "pytest" in environment.installed_versions()
 
 
 def test_devices_offer_the_gpu_first_when_present():
@@ -506,6 +840,36 @@ def test_methods_come_from_the_bundles(inference):
     assert dae.label == f"dae ({dae.weights_label})"
     assert bundle.description in dae.tooltip
     assert dae.threshold == bundle.model_info.get("threshold")
+
+
+def test_user_weights_are_listed_beside_the_shipped_ones(inference, tmp_path):
+    from medanomaly.bundles import find_bundle
+
+    user_models = tmp_path / "MedAnomaly" / "models"
+    (user_models / "dae" / "t1").mkdir(parents=True)
+    (user_models / "dae" / "model.pt").write_bytes(b"weights")
+    (user_models / "dae" / "model_info.json").write_text(json.dumps({"threshold": 0.5, "contrast": "T1w"}))
+    (user_models / "dae" / "t1" / "model.pt").write_bytes(b"weights")
+    (user_models / "dae" / "empty").mkdir()
+    (user_models / "no-such-bundle" / "model.pt").parent.mkdir()
+    methods = {m.key: m for m in inference.available_methods(user_models)}
+    assert {"dae", "dae:user", "dae:user/t1"} <= set(methods)
+    assert not [k for k in methods if "empty" in k or "no-such-bundle" in k]
+    mine = methods["dae:user"]
+    assert mine.name == "dae" and mine.model_dir == user_models / "dae" and mine.has_weights
+    assert mine.label == "dae (your weights)" and methods["dae:user/t1"].label == "dae (your weights: t1)"
+    assert mine.threshold == 0.5 and mine.contrast == "T1w" and not mine.demo_weights
+    assert str(user_models / "dae") in mine.tooltip
+    assert methods["dae"].model_dir is None and methods["dae"].weights_folder == find_bundle("dae").model_dir
+    assert inference.method_by_name("dae:user/t1", user_models) == methods["dae:user/t1"]
+    assert inference.method_by_name("dae") == methods["dae"]
+    with pytest.raises(LookupError):
+        inference.method_by_name("dae:user/nope", user_models)
+    assert set(inference.available_methods()) == {m for m in methods.values() if m.model_dir is None}
+    # a run with them: the bundle with --model_dir (their own model_info.json decides the demo overlay)
+    command = inference.DetectionRequest("dae", tmp_path / "i.nrrd", tmp_path / "o", model_dir=mine.model_dir).command()
+    assert command[command.index("--model_dir") + 1] == "$" + repr(str(user_models / "dae"))
+    assert "demo.yaml" not in command[command.index("--config_file") + 1]
 
 
 def test_command_is_the_bundles_inference_with_the_modules_overrides(inference, tmp_path):
@@ -738,6 +1102,138 @@ def test_segment_name_and_colour_match_what_the_bundles_write():
     defaults = inspect.signature(io.write_segmentation).parameters
     assert defaults["name"].default == results.SEGMENT_NAME
     assert tuple(defaults["color"].default) == results.SEGMENT_COLOR
+
+
+def test_heatmap_check():
+    results.check_heatmap(np.zeros((2, 2, 2), dtype=np.float32))
+    for bad in (np.array([[[np.nan]]]), np.array([[[np.inf, 0.0]]]), np.zeros((0, 2, 2)), np.array([["a"]])):
+        with pytest.raises(ValueError):
+            results.check_heatmap(bad)
+
+
+class FakeNode:
+    """Just what SceneTransaction and the removal helpers call on an MRML node."""
+
+    def __init__(self, name, singleton=None, display=(), storage=None):
+        self.name, self.singleton, self.display, self.storage = name, singleton, list(display), storage
+        self.id, self.value = None, "original"
+
+    def GetID(self):
+        return self.id
+
+    def GetSingletonTag(self):
+        return self.singleton
+
+    def GetNumberOfDisplayNodes(self):
+        return len(self.display)
+
+    def GetNthDisplayNode(self, i):
+        return self.display[i]
+
+    def GetStorageNode(self):
+        return self.storage
+
+
+class FakeScene:
+    def __init__(self):
+        self.nodes, self.count = [], 0
+
+    def AddNode(self, node):
+        self.count += 1
+        node.id = f"vtkMRMLNode{self.count}"
+        self.nodes.append(node)
+        return node
+
+    def load(self, name):
+        """A node loaded from a file: with a display node and a storage node, added first."""
+        display, storage = self.AddNode(FakeNode(name + " display")), self.AddNode(FakeNode(name + " storage"))
+        return self.AddNode(FakeNode(name, display=[display], storage=storage))
+
+    def GetNumberOfNodes(self):
+        return len(self.nodes)
+
+    def GetNthNode(self, i):
+        return self.nodes[i]
+
+    def IsNodePresent(self, node):
+        return node in self.nodes
+
+    def RemoveNode(self, node):
+        self.nodes.remove(node)
+
+    def names(self):
+        return [n.name for n in self.nodes]
+
+
+def test_a_failed_or_cancelled_run_leaves_the_scene_as_it_was():
+    scene = FakeScene()
+    given = scene.AddNode(FakeNode("my heatmap"))
+    scene.AddNode(FakeNode("input"))
+    before = scene.names()
+    for failure in (RuntimeError("the segmentation has no segment"), KeyboardInterrupt()):
+        # 1. reading fails: the nodes loaded so far (with their display and storage nodes) go
+        with pytest.raises(type(failure)):
+            with results.SceneTransaction(scene) as transaction:
+                scene.load("heatmap")
+                scene.AddNode(FakeNode("parameters", singleton="MedAnomaly"))  # created on first use: stays
+                raise failure
+        assert scene.names() == before + ["parameters"]
+        scene.RemoveNode(scene.nodes[-1])
+        # 2. replacing fails after a given node changed: it is restored, new nodes go
+        with pytest.raises(type(failure)):
+            with results.SceneTransaction(scene) as transaction:
+                loaded = scene.load("heatmap")
+                transaction.on_undo(lambda: setattr(given, "value", "original"))
+                given.value = "replaced"
+                transaction.on_undo(lambda: 1 / 0)  # a failing undo step does not stop the others
+                scene.AddNode(FakeNode("segmentation"))
+                raise failure
+        assert scene.names() == before and given.value == "original" and not scene.IsNodePresent(loaded)
+    # success: the new nodes and the changes stay, temporary nodes are removed with their display / storage
+    with results.SceneTransaction(scene) as transaction:
+        loaded = scene.load("heatmap")
+        transaction.on_undo(lambda: setattr(given, "value", "original"))
+        given.value = "replaced"
+        temporary = scene.load("segmentation file")
+        assert results.remove_nodes(scene, results.node_with_display_and_storage(temporary)) == 3
+    assert scene.names() == before + ["heatmap display", "heatmap storage", "heatmap"] and given.value == "replaced"
+    assert results.remove_nodes(scene, [temporary, None]) == 0
+
+
+def test_finish_detection_reads_and_checks_everything_before_touching_given_nodes():
+    """The order in MedAnomaly.py that SceneTransaction relies on: every output is read and checked
+    (`_readOutputs`, which only makes new nodes) inside the transaction before any output node
+    changes, and every change of a given node registers its undo step first."""
+    functions = {n.name: n for n in ast.walk(module_tree()) if isinstance(n, ast.FunctionDef)}
+
+    def calls(node):  # names of the methods called, in source order, outside nested functions (undo steps)
+        found, todo = [], list(ast.iter_child_nodes(node))
+        while todo:
+            child = todo.pop()
+            if isinstance(child, (ast.FunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                found.append(child)
+            todo.extend(ast.iter_child_nodes(child))
+        return [c.func.attr for c in sorted(found, key=lambda c: (c.lineno, c.col_offset))]
+
+    (block,) = [n for n in ast.walk(functions["finishDetection"]) if isinstance(n, ast.With)
+                and "SceneTransaction" in ast.unparse(n.items[0].context_expr)]
+    inside = calls(ast.Module(body=block.body, type_ignores=[]))
+    assert inside[0] == "_readOutputs"
+    assert {"_adoptVolume", "_adoptSegmentation"} <= set(inside)
+    changing = {"_adoptVolume", "_adoptSegmentation", "_moveAnomalySegment", "_prepareSegmentation",
+                "SetAndObserveImageData", "CopyOrientation", "_placeBeside", "RemoveSegment", "SetName"}
+    assert not changing & set(calls(functions["_readOutputs"]))
+    volume = calls(functions["_adoptVolume"])
+    assert volume.index("on_undo") < volume.index("SetAndObserveImageData")
+    assert volume.index("_undoPlacement") < volume.index("CopyOrientation")
+    segmentation = calls(functions["_adoptSegmentation"])
+    assert segmentation.index("_undoSegmentationChanges") < segmentation.index("_moveAnomalySegment")
+    assert "on_undo" in calls(functions["_undoSegmentationChanges"])
+    # the failure paths of the panel: a cancelled or failed run never reaches the scene
+    source = MODULE_FILE.read_text()
+    assert source.index("result = task.job.result()") < source.index("with results.SceneTransaction(slicer.mrmlScene)")
 
 
 # =============================================================================================

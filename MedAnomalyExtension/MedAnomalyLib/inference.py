@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Callable
 
 from medanomaly.bundles import BundleInfo, BundleProcess, bundle_command, find_bundle, list_bundles, parse_progress
-from medanomaly.bundles.model_info import weights_file
+from medanomaly.bundles.model_info import (
+    has_weights,
+    read_model_info,
+    shipped_contrasts,
+    trained_with_demo_config,
+    weights_file,
+)
 from medanomaly.bundles.outputs import SUMMARY_FILE, output_paths, volume_name
 
 from MedAnomalyLib.inputs import InputError, check_input, check_same_grid  # noqa: F401 (re-exported)
@@ -60,9 +66,13 @@ class DetectionCancelled(DetectionError):
 # methods
 
 
+USER_WEIGHTS = "user"  # the key of a method with a user's weights: "<bundle>:user[/<subfolder>]"
+
+
 @dataclass(frozen=True)
 class Method:
-    """A bundle as the method selector shows it."""
+    """A bundle with one set of weights, as the method selector shows it: the bundle's own
+    (shipped) weights, or weights a user put into the user models folder."""
 
     name: str
     title: str
@@ -73,6 +83,8 @@ class Method:
     threshold: float | None  # calibrated on healthy validation volumes (models/model_info.json)
     root: Path
     contrast: str | None = None  # MR contrast the weights were trained on (models/model_info.json), e.g. T1w
+    model_dir: Path | None = None  # the user's weights folder; None: the bundle's own models/
+    weights_name: str = ""  # the user's weights subfolder name ("" for <bundle>/ itself)
 
     @classmethod
     def from_bundle(cls, bundle: BundleInfo) -> "Method":
@@ -85,33 +97,86 @@ class Method:
                    threshold=None if threshold is None else float(threshold), root=bundle.root,
                    contrast=bundle.weights_contrast if bundle.has_weights else None)
 
+    @classmethod
+    def from_user_weights(cls, bundle: BundleInfo, model_dir: Path, weights_name: str = "") -> "Method":
+        """The bundle run with the weights in `model_dir` (``--model_dir``; their own
+        ``model_info.json`` says whether they need the demo overlay and holds the threshold)."""
+        info = read_model_info(model_dir)
+        threshold = info.get("threshold")
+        return cls(name=bundle.name, title=bundle.metadata.get("name", bundle.name), description=bundle.description,
+                   version=bundle.version, has_weights=has_weights(model_dir),
+                   demo_weights=trained_with_demo_config(model_dir),
+                   threshold=None if threshold is None else float(threshold), root=bundle.root,
+                   contrast="/".join(shipped_contrasts(model_dir)) or None, model_dir=Path(model_dir),
+                   weights_name=weights_name)
+
+    @property
+    def key(self) -> str:
+        """Unique among the methods: the bundle's name for its own weights, else
+        ``<bundle>:user`` or ``<bundle>:user/<subfolder>``."""
+        if self.model_dir is None:
+            return self.name
+        return f"{self.name}:{USER_WEIGHTS}" + (f"/{self.weights_name}" if self.weights_name else "")
+
+    @property
+    def weights_folder(self) -> Path:
+        return self.model_dir if self.model_dir is not None else self.root / "models"
+
     @property
     def weights_label(self) -> str:
+        if self.model_dir is not None:
+            return "your weights" + (f": {self.weights_name}" if self.weights_name else "")
         if not self.has_weights:
             return "no weights"
         return "demo weights" if self.demo_weights else "weights"
 
     @property
     def label(self) -> str:
-        """Text of the method selector's item, e.g. ``dae (demo weights)``."""
+        """Text of the method selector's item, e.g. ``dae (demo weights)``, ``dae (your weights)``."""
         return f"{self.name} ({self.weights_label})"
 
     @property
     def tooltip(self) -> str:
         threshold = "none calibrated" if self.threshold is None else f"{self.threshold:.4g}"
         return (f"{self.title} {self.version}\n\n{self.description}\n\nWeights: {self.weights_label} "
-                f"({self.root / 'models'})\nTrained on: {self.contrast or 'unknown contrast'} scans\n"
+                f"({self.weights_folder})\nTrained on: {self.contrast or 'unknown contrast'} scans\n"
                 f"Calibrated threshold: {threshold}")
 
 
-def available_methods() -> list[Method]:
-    """Every bundle on the bundle search path (``$MEDANOMALY_BUNDLE_PATH`` first), with weights first."""
-    methods = [Method.from_bundle(b) for b in list_bundles()]
-    return sorted(methods, key=lambda m: (not m.has_weights, m.name))
+def user_weights(bundle: BundleInfo, user_models: str | os.PathLike | None) -> list[Method]:
+    """The weights a user added for `bundle`: ``<user_models>/<bundle>/`` itself and each of its
+    subfolders that holds a ``model.pt``."""
+    folder = Path(user_models) / bundle.name if user_models else None
+    if folder is None or not folder.is_dir():
+        return []
+    methods = [Method.from_user_weights(bundle, folder)] if has_weights(folder) else []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if has_weights(sub):
+            methods.append(Method.from_user_weights(bundle, sub, sub.name))
+    return methods
 
 
-def method_by_name(name: str) -> Method:
-    return Method.from_bundle(find_bundle(name))
+def available_methods(user_models: str | os.PathLike | None = None) -> list[Method]:
+    """Every bundle on the bundle search path (``$MEDANOMALY_BUNDLE_PATH`` first) with its own
+    weights, plus one entry per set of weights in `user_models` (`user_weights`); those with
+    weights first."""
+    methods = []
+    for bundle in list_bundles():
+        methods.append(Method.from_bundle(bundle))
+        methods += user_weights(bundle, user_models)
+    return sorted(methods, key=lambda m: (not m.has_weights, m.name, m.model_dir is not None, m.weights_name))
+
+
+def method_by_name(name: str, user_models: str | os.PathLike | None = None) -> Method:
+    """A method by its `Method.key` (``dae``, ``dae:user``, ``dae:user/mine``)."""
+    bundle_name, _, weights = name.partition(":")
+    bundle = find_bundle(bundle_name)
+    if not weights:
+        return Method.from_bundle(bundle)
+    for method in user_weights(bundle, user_models):
+        if method.key == name:
+            return method
+    raise LookupError(f"No weights '{weights}' for the method '{bundle_name}' in {user_models}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +259,7 @@ class DetectionRequest:
 
 def check_ready(request: DetectionRequest) -> None:
     """Fails before launching anything when the run cannot work (no weights, no input file)."""
-    method = method_by_name(request.method)
+    method = Method.from_bundle(find_bundle(request.method))
     weights = weights_file(request.model_dir or method.root / "models")
     if not weights.is_file():
         raise DetectionError(

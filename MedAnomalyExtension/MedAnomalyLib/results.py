@@ -1,13 +1,17 @@
 """From a heatmap to what the module shows: the segmentation at a threshold, the threshold
-slider's range, the heatmap's display window, and the segment's name, colour and terminology.
+slider's range, the heatmap's display window, and the segment's name, colour and terminology;
+and how results enter the scene whole or not at all (`SceneTransaction`).
 
 numpy only (Slicer ships it); works on arrays in any axis order, so the module passes
-``slicer.util.arrayFromVolume`` arrays (K, J, I) and the tests pass (X, Y, Z) arrays.
+``slicer.util.arrayFromVolume`` arrays (K, J, I) and the tests pass (X, Y, Z) arrays. The scene
+helpers only call MRML methods on the objects they get, so the tests pass stand-ins.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -100,3 +104,84 @@ def display_window(heatmap, threshold: float | None = None, brain=None) -> tuple
 
 def voxel_count(labelmap) -> int:
     return int(np.count_nonzero(np.asarray(labelmap)))
+
+
+def check_heatmap(heatmap) -> None:
+    """Raises ValueError unless `heatmap` is a non-empty numeric array of finite scores."""
+    heatmap = np.asarray(heatmap)
+    if heatmap.size == 0 or not np.issubdtype(heatmap.dtype, np.number):
+        raise ValueError(f"The heatmap is empty or not numeric ({heatmap.dtype}, shape {heatmap.shape}).")
+    if not np.all(np.isfinite(heatmap)):
+        raise ValueError("The heatmap holds values that are not finite numbers (NaN or infinity): the method failed.")
+
+
+# ---------------------------------------------------------------------------------------------
+# results into the scene, whole or not at all
+
+
+def scene_nodes(scene) -> list:
+    """The nodes of an MRML scene, in the order they were added."""
+    return [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+
+
+def node_with_display_and_storage(node) -> list:
+    """`node`, then its display nodes and its storage node (what loading a file adds)."""
+    nodes = [node]
+    for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
+        nodes.append(node.GetNthDisplayNode(i))
+    if hasattr(node, "GetStorageNode"):
+        nodes.append(node.GetStorageNode())
+    return [n for n in nodes if n is not None]
+
+
+def remove_nodes(scene, nodes) -> int:
+    """Removes those of `nodes` still in the scene, in the given order; returns how many."""
+    removed = 0
+    for node in nodes:
+        if node is not None and scene.IsNodePresent(node):
+            scene.RemoveNode(node)
+            removed += 1
+    return removed
+
+
+class SceneTransaction:
+    """One change of an MRML scene that happens whole or not at all.
+
+    ``with SceneTransaction(scene) as transaction:`` records the scene's nodes. If the block
+    raises (an error, a cancel, KeyboardInterrupt), the changes made to nodes that existed before
+    are undone (the steps registered with `on_undo`, newest first), then every node added to the
+    scene since the start is removed, newest first. Singleton nodes (a module's parameter node,
+    created on first use) are left. Register the undo step of a node *before* changing it.
+    """
+
+    def __init__(self, scene):
+        self.scene = scene
+        self._before: set[str] = set()
+        self._undo: list[Callable[[], None]] = []
+
+    def __enter__(self) -> "SceneTransaction":
+        self._before = {node.GetID() for node in scene_nodes(self.scene)}
+        self._undo = []
+        return self
+
+    def on_undo(self, step: Callable[[], None]) -> None:
+        self._undo.append(step)
+
+    def added_nodes(self) -> list:
+        """Nodes added since the start (not singletons), oldest first."""
+        return [node for node in scene_nodes(self.scene)
+                if node.GetID() not in self._before and not node.GetSingletonTag()]
+
+    def rollback(self) -> None:
+        for step in reversed(self._undo):
+            try:
+                step()
+            except Exception:  # undo as much as possible; the original error is what the user sees
+                logging.exception("MedAnomaly: undoing a change of the scene failed")
+        self._undo = []
+        remove_nodes(self.scene, list(reversed(self.added_nodes())))
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if exc_type is not None:
+            self.rollback()
+        return False
