@@ -267,6 +267,37 @@ def test_readme_table_between_markers(tmp_path):
     assert readme.read_text() == text
 
 
+def test_bundle_metadata_gets_the_readme_numbers_per_contrast(tmp_path, monkeypatch):
+    """`--update-readme` also writes each bundle's metadata.json eval_metrics from the same rows;
+    variants and failed rows are left out, and a bundle is found on the bundle search path."""
+    def metrics(ap, dice, auroc):
+        return {"pixel": {"ap": ap, "auroc": 0.9, "max_dice": {"dice": dice}}, "volume": {"auroc": auroc, "ap": 0.9},
+                "max_dice_per_volume": {"mean": 0.2}}
+
+    def entry(bundle, ap, dice, auroc):
+        return {"row": benchmark.summary_row(bundle, metrics(ap, dice, auroc))}
+
+    results = {"cohort": "demo", "command": "medanomaly benchmark --contrast all", "date": "2026-12-02 03:00 UTC",
+               "contrasts": {
+                   "T2w": {"bundles": [entry("dae", 0.35312, 0.4471, 0.6667),
+                                       entry("dae[smoothing=null]", 0.1, 0.1, 0.1),
+                                       {"row": benchmark.failed_row("cddpm", benchmark.FAILED, "boom")}]},
+                   "FLAIR": {"bundles": [entry("dae", 0.2, 0.3, None)]}}}
+    expected = {"demo_cohort": {"T2w": {"volume_auroc": 0.667, "pixel_ap": 0.353, "max_dice": 0.447},
+                                "FLAIR": {"volume_auroc": None, "pixel_ap": 0.2, "max_dice": 0.3}},
+                "source": "medanomaly benchmark --contrast all (2026-12-02 03:00 UTC)"}
+    assert report.bundle_eval_metrics(results) == {"dae": expected}
+    copy = tmp_path / "bundles" / "dae" / "configs"
+    copy.mkdir(parents=True)
+    metadata = json.loads((find_bundle("dae").configs_dir / "metadata.json").read_text())
+    (copy / "metadata.json").write_text(json.dumps(metadata))
+    monkeypatch.setenv("MEDANOMALY_BUNDLE_PATH", str(tmp_path / "bundles"))
+    assert report.update_bundle_metadata(results) == [copy / "metadata.json"]
+    written = json.loads((copy / "metadata.json").read_text())
+    assert written["eval_metrics"] == expected and written["version"] == metadata["version"]
+    assert report.update_bundle_metadata(results) == []  # unchanged: not rewritten
+
+
 def test_models_root_weights_are_used_and_paper_scale_refuses_demo_weights(tiny, tmp_path, monkeypatch):
     started = []
 

@@ -161,7 +161,7 @@ def cmd_demo(args) -> None:
 
 def cmd_benchmark(args) -> None:
     from medanomaly.benchmark import load_results, run_benchmark, write_tables
-    from medanomaly.report import update_readme, write_report
+    from medanomaly.report import update_bundle_metadata, update_readme, write_report
 
     output_dir = Path(args.output_dir).resolve()
     if args.report_only:
@@ -177,6 +177,8 @@ def cmd_benchmark(args) -> None:
                                 contrast=args.contrast)
     if args.update_readme:
         print(f"Updated {update_readme(Path(args.update_readme), results)}")
+        for path in update_bundle_metadata(results):  # the same numbers as the README's table
+            print(f"Updated {path}")
 
 
 def _contrast(name: str) -> str:

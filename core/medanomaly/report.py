@@ -559,6 +559,42 @@ def markdown_table(results: dict) -> str:
     return "\n".join([*lines, "", SYNTHETIC_VS_REAL])
 
 
+EVAL_METRICS = {"volume_auroc": "volume_auroc", "pixel_ap": "pixel_ap", "max_dice": "pooled_dice"}
+
+
+def bundle_eval_metrics(results: dict) -> dict[str, dict]:
+    """Each benchmarked bundle's metadata.json `eval_metrics`, from the same rows as the README table:
+    volume AUROC, pixel AP and pooled [Dice] per contrast on the benchmark's cohort, with the command
+    that made them. Variant rows (`bundle[key=value]`) and rows that did not finish are left out."""
+    found: dict[str, dict] = {}
+    for contrast, run in results["contrasts"].items():
+        for entry in run["bundles"]:
+            row = entry["row"]
+            if "[" in row["bundle"] or row.get("status") != "ok":
+                continue
+            metrics = found.setdefault(row["bundle"], {
+                f"{results['cohort']}_cohort": {}, "source": f"{results.get('command')} ({results['date']})"})
+            metrics[f"{results['cohort']}_cohort"][contrast] = {
+                key: None if row.get(column) is None else round(float(row[column]), 3)
+                for key, column in EVAL_METRICS.items()}
+    return found
+
+
+def update_bundle_metadata(results: dict) -> list[Path]:
+    """Writes `bundle_eval_metrics` into each bundle's configs/metadata.json; returns the files."""
+    from medanomaly.bundles import find_bundle
+
+    written = []
+    for name, metrics in bundle_eval_metrics(results).items():
+        path = find_bundle(name).configs_dir / "metadata.json"
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+        if metadata.get("eval_metrics") != metrics:
+            metadata["eval_metrics"] = metrics
+            path.write_text(json.dumps(metadata, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+            written.append(path)
+    return written
+
+
 def update_readme(readme: Path, results: dict) -> Path:
     """Replaces the text between the README's benchmark markers with `markdown_table`."""
     text = readme.read_text(encoding="utf-8")
