@@ -184,6 +184,27 @@ def test_every_ignite_training_reports_its_progress(bundle):
     assert handler.get("max_seconds") == ("@max_train_seconds" if "max_train_seconds" in config else None)
 
 
+@pytest.mark.parametrize("bundle", ["cddpm", "dae", "intensity", "phanes", "sagan", "scrps", "supervised"])
+def test_overlays_extend_the_inference_handlers_instead_of_repeating_them(bundle):
+    """inference.yaml states the handlers every workflow runs once (`base_handlers`: progress, and
+    cddpm's per-volume seed); evaluate.yaml and calibrate.yaml replace only `workflow_handlers`."""
+    import yaml
+
+    configs = find_bundle(bundle).configs_dir
+
+    def targets(config, key):
+        return [h["_target_"].rsplit(".", 1)[-1] for h in config.get(key, [])]
+
+    inference = yaml.safe_load((configs / "inference.yaml").read_text())
+    assert inference["handlers"] == "$@base_handlers + @workflow_handlers"
+    assert targets(inference, "base_handlers")[0] == "ProgressHandler"
+    assert targets(inference, "workflow_handlers") == ["OutputSummaryHandler"]
+    expected = {"evaluate": ["OutputSummaryHandler", "CohortMetricsHandler"], "calibrate": ["CalibrationHandler"]}
+    for overlay, handlers in expected.items():
+        config = yaml.safe_load((configs / f"{overlay}.yaml").read_text())
+        assert "handlers" not in config and targets(config, "workflow_handlers") == handlers
+
+
 def test_phanes_training_reports_the_iterations_of_both_stages(monkeypatch):
     import types
 
