@@ -371,7 +371,7 @@ def test_training_records_every_switch_that_the_weights_are_read_with(tmp_path):
     parser.read_config([str(SAGAN.config_file(n)) for n in ("train", "demo")])
     parser.update({"device": "cpu", **SWITCH_VALUES})
     (index,) = [i for i, h in enumerate(parser.get("train#handlers"))
-                if h.get("_target_") == "medanomaly.bundles.engine.ModelInfoHandler"]
+                if h.get("_target_") == "medanomaly.bundles.handlers.ModelInfoHandler"]
     fields = parser.get(f"train#handlers#{index}#fields")
     recorded = {key: parser.get_parsed_content(f"train#handlers#{index}#fields#{key}") for key in SWITCH_VALUES
                 if key in fields}

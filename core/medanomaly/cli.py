@@ -19,7 +19,7 @@ from medanomaly.bundles.input_files import expand_inputs
 from medanomaly.bundles.model_info import ModelInfoError
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.registry import REPOSITORY_ROOT, BundleNotFound
-from medanomaly.bundles.runner import check_override_keys
+from medanomaly.bundles.runner import check_distributed, check_override_keys
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 
 _REPOSITORY_README = REPOSITORY_ROOT / "README.md"
@@ -88,7 +88,7 @@ def cmd_list(args) -> None:
 def _common_overrides(args, workflow: str) -> dict:
     try:
         overrides = parse_overrides(args.set)
-        check_override_keys(args.bundle, workflow, overrides)
+        check_override_keys(args.bundle, workflow, overrides, distributed=getattr(args, "nproc", None) is not None)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     for key in ("device", "output_dir", "datalist", "model_dir", "threshold", "contrast"):
@@ -100,11 +100,27 @@ def _common_overrides(args, workflow: str) -> dict:
     return overrides
 
 
+def _check_distributed_training(args) -> None:
+    """`--nproc`: the bundle has a multi-process overlay, and each process chooses its own device."""
+    if args.nproc is None:
+        return
+    try:
+        check_distributed(find_bundle(args.bundle), "train")
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if args.device not in (None, "cpu"):
+        raise SystemExit(f"error: with --nproc each process trains on its own GPU (cuda:<local rank>), or on the CPU "
+                         f"when there is none; --device {args.device} would put them all on one. Leave --device out, "
+                         "or give --device cpu (gloo).")
+
+
 def cmd_train(args) -> None:
+    _check_distributed_training(args)
     overrides = _common_overrides(args, "train")
     output_dir = Path(_output_folder(overrides.get("output_dir") or str(Path("runs") / args.bundle)))
     overrides["output_dir"] = str(output_dir)
-    run_workflow(args.bundle, "train", overrides, demo=args.demo)
+    # training in --nproc processes (torchrun, DDP); what follows runs in one process
+    run_workflow(args.bundle, "train", overrides, demo=args.demo, nproc=args.nproc)
     model_dir = output_dir / "models"
     # the bundle's own post-train workflows (e.g. scrps' latent repository), then calibration
     after = [*find_bundle(args.bundle).post_train_workflows, *([] if args.no_calibrate else ["calibrate"])]
@@ -181,6 +197,16 @@ def cmd_benchmark(args) -> None:
             print(f"Updated {path}")
 
 
+def _process_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: the number of processes is at least 1")
+    return value
+
+
 def _contrast(name: str) -> str:
     from medanomaly.data.contrast import check_contrast
 
@@ -234,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "then calibrate its threshold on healthy volumes", cmd_train)
     train.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (tiny | demo | full)")
     train.add_argument("--no-calibrate", action="store_true")
+    train.add_argument("--nproc", type=_process_count, metavar="N",
+                       help="train in N processes on this machine, one per GPU (NCCL; gloo on CPUs), with torchrun "
+                            "and the bundle's configs/multi_gpu_train.yaml; post-train workflows and calibration "
+                            "then run in one process. Several machines: docs/DISTRIBUTED.md")
     _contrast_options(train, "contrast of a synthetic preset's datalist (default T1w); recorded with the weights")
 
     detect = bundle_command("detect", "heatmap + segmentation for volumes", cmd_detect)

@@ -47,15 +47,17 @@ class ProgressPrinter:
         self.bar.close()
 
 
-def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None, quiet: bool = False) -> float:
+def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None, quiet: bool = False,
+                 nproc: int | None = None) -> float:
     """Runs a workflow with a progress bar; returns the time it started (to tell its outputs
     from an earlier run's). A failure exits with its cause; the log's tail is added only when
-    the log was not shown already (`quiet`); it raises `CommandError`."""
+    the log was not shown already (`quiet`); it raises `CommandError`. `nproc`: a training in
+    that many processes under torchrun."""
     started = time.time()
     printer = ProgressPrinter(f"{bundle} {workflow}", quiet=quiet)
     try:
         run_bundle(bundle, workflow, overrides=overrides, demo=demo, on_line=printer.line,
-                   on_progress=printer.progress)
+                   on_progress=printer.progress, nproc=nproc)
     except BundleRunError as error:
         printer.close()
         raise CommandError(str(error) if quiet else error.headline) from None

@@ -1,7 +1,8 @@
 """Ignite handlers the bundle configs attach to their workflows: progress (inference and
 training), the `detections.json` summary, cohort metrics (evaluate.yaml), the calibrated
 threshold (calibrate.yaml) and the record of what training made (train.yaml), the last two in
-`model_info.json`.
+`model_info.json`; and, for training under torchrun (multi_gpu_train.yaml), the end of training
+agreed by every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -243,3 +245,26 @@ class TrainingProgress:
 
     def completed(self, engine: Engine) -> None:
         self.report(1.0, f"{self.label}: done after {engine.state.iteration} iterations")
+
+
+# --------------------------------------------------------------------------- distributed training
+class DistributedTermination:
+    """Training under torchrun: every rank stops at the same iteration. A rank's trainer may be told
+    to stop on its own (ignite's `TimeLimit` measures each process's clock; an early stop decided
+    from a validation); the others would then wait forever in DDP's next gradient all-reduce. After
+    each iteration and each epoch, the ranks all-reduce (ignite.distributed) whether any of them
+    stops, and all stop. Attach it after every handler that may end the training (in `run`, after
+    the `TimeLimit`), so that it sees their decision; one scalar all-reduce per iteration."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.agree)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.agree)
+
+    @staticmethod
+    def agree(engine: Engine) -> None:
+        if idist.get_world_size() < 2:
+            return
+        if idist.all_reduce(float(engine.should_terminate), op="MAX") > 0 and not engine.should_terminate:
+            logger.info("Another rank ends the training: this one stops at iteration %d too.",
+                        engine.state.iteration)
+            engine.terminate()

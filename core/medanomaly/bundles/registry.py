@@ -64,6 +64,12 @@ class BundleInfo:
         return [str(name) for name in self.metadata.get("post_train_workflows", [])]
 
     @property
+    def trains_distributed(self) -> bool:
+        """True when the bundle trains in several processes (PyTorch distributed under torchrun):
+        it has the overlay configs/multi_gpu_train.yaml."""
+        return (self.configs_dir / "multi_gpu_train.yaml").is_file()
+
+    @property
     def model_dir(self) -> Path:
         return self.root / "models"
 
@@ -103,6 +109,7 @@ class BundleInfo:
             "has_weights": self.has_weights,
             "demo_weights": self.weights_need_demo_config,
             "contrast": self.weights_contrast,
+            "trains_distributed": self.trains_distributed,
         }
 
 

@@ -1,4 +1,5 @@
-"""Run a bundle's workflow (`train`, `inference`, `evaluate`) in its own process.
+"""Run a bundle's workflow (`train`, `inference`, `evaluate`) in its own process, or a training
+in N processes under torchrun (`nproc`: PyTorch distributed, the bundle's multi_gpu_train.yaml).
 
 The CLI, the benchmark and the Slicer module all launch bundles through `bundle_command`
 and `BundleProcess`, so what a user runs from a shell is exactly what the tests run.
@@ -19,7 +20,7 @@ from typing import Callable, Mapping
 
 from medanomaly.bundles.model_info import trained_with_demo_config
 from medanomaly.bundles.progress import parse_progress
-from medanomaly.bundles.registry import BundleInfo, find_bundle
+from medanomaly.bundles.registry import BundleInfo, find_bundle, list_bundles
 
 # Config files of each workflow, in the order MONAI merges them (later ones override).
 WORKFLOW_CONFIGS = {
@@ -28,6 +29,8 @@ WORKFLOW_CONFIGS = {
     "evaluate": ["inference", "evaluate"],
     "calibrate": ["inference", "calibrate"],
 }
+# The overlay on train.yaml that trains in several processes (DDP under torchrun); see registry.BundleInfo.
+DISTRIBUTED_CONFIG = "multi_gpu_train"
 
 
 def workflow_configs(bundle: BundleInfo, workflow: str) -> list[str]:
@@ -41,7 +44,8 @@ def workflow_configs(bundle: BundleInfo, workflow: str) -> list[str]:
     raise ValueError(f"Unknown workflow '{workflow}' for bundle '{bundle.name}' (choose from {choices}).")
 
 
-_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Missing|NotFound)): (.+)$")
+# torchrun prefixes a worker's traceback lines with its rank: `[rank1]: ValueError: ...`
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[\w.]+\.)?(\w*(?:Error|Exception|Missing|NotFound)): (.+)$")
 
 
 _WRAPPERS = ("Failed to evaluate", "applying transform", "Failed to instantiate")
@@ -103,11 +107,13 @@ def _format_override(value) -> str:
     return "$" + repr(value).replace("@", "\\x40").replace("#", "\\x23")
 
 
-def config_keys(bundle: BundleInfo, workflow: str, demo: bool = True) -> set[str]:
-    """The top-level keys a workflow's configs define (with the demo overlay's): what an override may set."""
+def config_keys(bundle: BundleInfo, workflow: str, demo: bool = True, distributed: bool = False) -> set[str]:
+    """The top-level keys a workflow's configs define (with the demo overlay's, and with `distributed`
+    the multi-process overlay's): what an override may set."""
     import yaml
 
-    names = workflow_configs(bundle, workflow) + (["demo"] if demo else [])
+    names = [*workflow_configs(bundle, workflow), *([DISTRIBUTED_CONFIG] if distributed else []),
+             *(["demo"] if demo else [])]
     keys: set[str] = set()
     for name in names:
         config = yaml.safe_load(bundle.config_file(name).read_text(encoding="utf-8")) or {}
@@ -115,13 +121,13 @@ def config_keys(bundle: BundleInfo, workflow: str, demo: bool = True) -> set[str
     return keys
 
 
-def check_override_keys(bundle, workflow: str, keys) -> None:
+def check_override_keys(bundle, workflow: str, keys, distributed: bool = False) -> None:
     """Raises `ValueError` for a key no config of the workflow defines (a typo would otherwise be
     ignored silently), naming the closest keys. A nested id `a#b` is checked by its first part."""
     import difflib
 
     bundle = find_bundle(bundle)
-    known = config_keys(bundle, workflow)
+    known = config_keys(bundle, workflow, distributed=distributed)
     unknown = [key for key in keys if str(key).split("#")[0] not in known]
     if unknown:
         hints = "; ".join(f"'{key}' (did you mean {', '.join(difflib.get_close_matches(key, known, 3)) or 'none close'}"
@@ -142,20 +148,46 @@ def uses_demo_config(bundle: BundleInfo, workflow: str, overrides: Mapping | Non
     return trained_with_demo_config(overrides.get("model_dir") or bundle.model_dir)
 
 
+def torchrun_command(nproc: int, python: str | None = None) -> list[str]:
+    """The start of a command that runs a Python module in `nproc` processes on this machine:
+    torchrun (`python -m torch.distributed.run`) with a rendezvous of its own on a free port
+    (`--standalone`). Several machines: torchrun's --nnodes / --rdzv-* options (docs/DISTRIBUTED.md)."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"The number of processes must be an integer >= 1 (got {nproc!r}).")
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def check_distributed(bundle: BundleInfo, workflow: str) -> None:
+    """Raises `ValueError` unless `workflow` of `bundle` can run in several processes."""
+    if workflow != "train":
+        raise ValueError(f"Only training runs in several processes; {workflow} runs in one.")
+    if not bundle.trains_distributed:
+        names = ", ".join(b.name for b in list_bundles() if b.trains_distributed) or "none"
+        raise ValueError(f"Bundle '{bundle.name}' has no configs/{DISTRIBUTED_CONFIG}.yaml: it trains in one process "
+                         f"only (bundles that train in several: {names}).")
+
+
 def bundle_command(
     bundle: str | os.PathLike | BundleInfo,
     workflow: str = "inference",
     overrides: Mapping | None = None,
     demo: bool | None = None,
     python: str | None = None,
+    nproc: int | None = None,
 ) -> list[str]:
-    """The `python -m monai.bundle run ...` command line of one workflow."""
+    """The `python -m monai.bundle run ...` command line of one workflow; with `nproc`, a training
+    in that many processes: `python -m torch.distributed.run ... -m monai.bundle run` with the
+    configs train.yaml, multi_gpu_train.yaml (then demo.yaml when used)."""
     bundle = find_bundle(bundle)
+    if nproc is not None:
+        check_distributed(bundle, workflow)
     with_demo = uses_demo_config(bundle, workflow, overrides, demo)
-    names = workflow_configs(bundle, workflow) + (["demo"] if with_demo else [])
+    names = (workflow_configs(bundle, workflow) + ([DISTRIBUTED_CONFIG] if nproc is not None else [])
+             + (["demo"] if with_demo else []))
     config_files = [str(bundle.config_file(name)) for name in names]
+    launcher = [python or sys.executable] if nproc is None else torchrun_command(nproc, python)
     command = [
-        python or sys.executable, "-m", "monai.bundle", "run",
+        *launcher, "-m", "monai.bundle", "run",
         "--config_file", repr(config_files) if len(config_files) > 1 else config_files[0],
         "--meta_file", str(bundle.configs_dir / "metadata.json"),
         "--logging_file", str(bundle.configs_dir / "logging.conf"),
@@ -277,13 +309,14 @@ def describe_exit(returncode: int) -> str:
     return f"killed by {name}" + (f": {why}" if why else "")
 
 
-def start_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None):
-    return BundleProcess(bundle_command(bundle, workflow, overrides, demo, python), cwd=cwd, env=env)
+def start_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None, nproc=None):
+    return BundleProcess(bundle_command(bundle, workflow, overrides, demo, python, nproc), cwd=cwd, env=env)
 
 
 def run_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None,
-               on_line=None, on_progress=None) -> int:
-    """Runs a workflow to its end, streaming its log and progress; raises on failure."""
-    process = start_bundle(bundle, workflow, overrides, demo, python, cwd, env)
+               on_line=None, on_progress=None, nproc=None) -> int:
+    """Runs a workflow to its end, streaming its log and progress; raises on failure. `nproc`: a
+    training in that many processes under torchrun (see `bundle_command`)."""
+    process = start_bundle(bundle, workflow, overrides, demo, python, cwd, env, nproc)
     return process.wait(on_line=on_line, on_progress=on_progress)
 

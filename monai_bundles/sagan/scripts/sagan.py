@@ -162,8 +162,11 @@ def validation_items(datalist, healthy_keys: str | Sequence[str] = "validation_h
 
 
 def infinite(loader):
-    """Batches of `loader` without end (a new epoch, reshuffled, whenever one ends)."""
-    for _ in itertools.count():
+    """Batches of `loader` without end (a new epoch, reshuffled, whenever one ends; a distributed
+    training's DistributedSampler is told each pass's epoch, so that it reshuffles too)."""
+    for epoch in itertools.count():
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         yield from loader
 
 

@@ -242,8 +242,12 @@ class Generator(nn.Module):
                 ws[:, cut:] = w2[:, None]
         return ws
 
-    def forward(self, z: torch.Tensor, mixing_prob: float = 0.0, truncation: float = 1.0) -> torch.Tensor:
-        return self.synthesis(self.ws_from_z(z, mixing_prob, truncation=truncation))
+    def forward(self, z: torch.Tensor, mixing_prob: float = 0.0, truncation: float = 1.0, return_ws: bool = False):
+        """Images of z; with `return_ws`, (images, their W+ code) (the path-length regulariser's
+        input, taken through forward so that a DistributedDataParallel wrapper sees the pass)."""
+        ws = self.ws_from_z(z, mixing_prob, truncation=truncation)
+        images = self.synthesis(ws)
+        return (images, ws) if return_ws else images
 
 
 class DiscriminatorBlock(nn.Module):

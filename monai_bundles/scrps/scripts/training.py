@@ -2,7 +2,9 @@
 step (logistic loss, lazy R1 every `r1_interval` steps) and one generator step (non-saturating
 loss with style mixing, optional lazy path-length regularisation), then the EMA generator update.
 The trainer's `network` / `optimizer` are the generator's; the discriminator and its optimiser
-belong to the step."""
+belong to the step. In a distributed training (configs/multi_gpu_train.yaml) both networks come
+wrapped in DistributedDataParallel: every pass whose gradients an optimiser steps on goes through
+the wrapper (its forward), so the gradients are averaged over the processes."""
 
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ from scripts.stylegan2 import (
     path_length_penalty,
     r1_penalty,
 )
+
+
+def plain(network: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper (its attributes, the EMA's source)."""
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
 
 
 def ema_copy(generator: torch.nn.Module) -> torch.nn.Module:
@@ -63,7 +70,7 @@ class StyleGAN2Step:
         self.pl_mean, self.images_seen = state["pl_mean"], int(state["images_seen"])
 
     def _latents(self, generator, n: int, device) -> torch.Tensor:
-        return torch.randn(n, generator.style_dim, device=device)
+        return torch.randn(n, plain(generator).style_dim, device=device)
 
     def step(self, generator, g_optimizer, real: torch.Tensor, iteration: int) -> dict:
         """One D step and one G step on a batch of real images in [-1, 1]; returns the losses."""
@@ -83,8 +90,12 @@ class StyleGAN2Step:
         if self.r1_gamma > 0 and self.r1_interval and iteration % self.r1_interval == 0:
             self.d_optimizer.zero_grad(set_to_none=True)
             real_ = real.detach().requires_grad_(True)
-            r1 = r1_penalty(d(real_), real_)
-            (self.r1_gamma / 2 * r1 * self.r1_interval).backward()
+            logits = d(real_)
+            r1 = r1_penalty(logits, real_)
+            penalty = self.r1_gamma / 2 * r1 * self.r1_interval
+            if d is not plain(d):  # DDP waits for a gradient of every parameter: zero where R1 has none
+                penalty = penalty + 0 * logits.sum()
+            penalty.backward()
             self.d_optimizer.step()
         # generator
         d.requires_grad_(False)
@@ -98,8 +109,7 @@ class StyleGAN2Step:
         if self.pl_weight > 0 and self.pl_interval and iteration % self.pl_interval == 0:
             g_optimizer.zero_grad(set_to_none=True)
             n = max(1, batch // self.pl_batch_shrink)
-            ws = generator.ws_from_z(self._latents(generator, n, device))
-            images = generator.synthesis(ws)
+            images, ws = generator(self._latents(generator, n, device), return_ws=True)
             pl, self.pl_mean = path_length_penalty(images, ws, self.pl_mean.to(device))
             (self.pl_weight * self.pl_interval * pl + 0 * images[0, 0, 0, 0]).backward()
             g_optimizer.step()
@@ -109,7 +119,7 @@ class StyleGAN2Step:
             half_life = self.ema_kimg * 1000
             if self.ema_rampup:
                 half_life = min(half_life, self.images_seen * self.ema_rampup)
-            update_ema(self.g_ema, generator, 0.5 ** (batch / max(half_life, 1e-8)))
+            update_ema(self.g_ema, plain(generator), 0.5 ** (batch / max(half_life, 1e-8)))
         losses = {"loss": loss_g.detach(), "loss_d": loss_d.detach()}
         if r1 is not None:
             losses["r1"] = r1.detach()

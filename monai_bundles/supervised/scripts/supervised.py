@@ -8,9 +8,11 @@ contrasts of the same subjects (each contrast a separate entry).
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Iterable, Sequence
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
@@ -137,7 +139,8 @@ class PooledMaxDice(Metric):
     background voxels are easy negatives). Threshold-free, so model selection follows how well the
     map ranks lesion voxels even while no voxel is above 0.5 yet (argmax Dice stays 0 for the
     first thousands of steps of a small-lesion task). `output` is (logits, labels), as lists of
-    decollated (C, ...) tensors or batched tensors."""
+    decollated (C, ...) tensors or batched tensors. In a distributed training each rank validates its
+    share of the volumes and the histograms are summed over the ranks (ignite.distributed)."""
 
     def __init__(self, lesion_channel: int = 1, n_bins: int = 1000, output_transform=lambda x: x, device="cpu"):
         self.lesion_channel, self.n_bins = lesion_channel, n_bins
@@ -153,4 +156,10 @@ class PooledMaxDice(Metric):
             self.histogram.update(probability.detach().cpu().numpy(), (label[0] > 0).cpu().numpy())
 
     def compute(self) -> float:
-        return float(self.histogram.max_dice().dice)
+        histogram = self.histogram
+        if idist.get_world_size() > 1:  # validation shared out over the ranks of a distributed training
+            histogram = copy.copy(histogram)
+            histogram.pos_counts, histogram.neg_counts = (
+                idist.all_reduce(torch.from_numpy(counts.copy())).cpu().numpy()
+                for counts in (self.histogram.pos_counts, self.histogram.neg_counts))
+        return float(histogram.max_dice().dice)
