@@ -298,6 +298,21 @@ def test_cli_passes_contrast_and_strict(monkeypatch, tmp_path):
         cli.main(["detect", "dae", "scan.nii.gz", "--contrast", "PD"])
 
 
+def test_train_passes_the_network_settings_on_to_calibration(monkeypatch, tmp_path):
+    """A network changed with --set is calibrated as trained; training-only settings stay with training."""
+    from medanomaly import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "run_workflow",
+                        lambda bundle, workflow, overrides, **kw: calls.append((workflow, overrides)) or time.time())
+    cli.main(["train", "dae", "--datalist", "tiny", "--output-dir", str(tmp_path), "--set",
+              "network_def#channels=[8, 16, 32, 64]", "--set", "init_from=/elsewhere", "--set", "num_iterations=5"])
+    (_, train), (_, calibrate) = calls
+    assert train["init_from"] == "/elsewhere" and train["num_iterations"] == "5"  # as given: MONAI parses it
+    assert calibrate["network_def#channels"] == "[8, 16, 32, 64]" and "init_from" not in calibrate
+    assert calibrate["model_dir"] == str(tmp_path / "models")
+
+
 def test_slicer_method_shows_the_weights_contrast(monkeypatch):
     monkeypatch.syspath_prepend(str(REPOSITORY_BUNDLES.parent / "MedAnomalyExtension"))
     from MedAnomalyLib import inference

@@ -19,7 +19,7 @@ from medanomaly.bundles.input_files import expand_inputs
 from medanomaly.bundles.model_info import ModelInfoError
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.registry import REPOSITORY_ROOT, BundleNotFound
-from medanomaly.bundles.runner import check_distributed, check_override_keys
+from medanomaly.bundles.runner import check_distributed, check_override_keys, config_keys
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 
 _REPOSITORY_README = REPOSITORY_ROOT / "README.md"
@@ -114,6 +114,14 @@ def _check_distributed_training(args) -> None:
                          "or give --device cpu (gloo).")
 
 
+def _settings_for(bundle: str, workflow: str, settings: dict) -> dict:
+    """The `--set` settings of a training that the workflow after it also has (e.g. a changed
+    `network_def#channels`, so calibration builds the network that was trained); training-only
+    ones (`init_from`, `num_iterations`) stay with the training."""
+    known = config_keys(find_bundle(bundle), workflow)
+    return {key: value for key, value in settings.items() if str(key).split("#")[0] in known}
+
+
 def cmd_train(args) -> None:
     _check_distributed_training(args)
     overrides = _common_overrides(args, "train")
@@ -130,6 +138,7 @@ def cmd_train(args) -> None:
         for key in ("datalist", "device", "contrast"):
             if key in overrides:
                 settings[key] = overrides[key]
+        settings.update(_settings_for(args.bundle, workflow, parse_overrides(args.set)))
         run_workflow(args.bundle, workflow, settings, demo=args.demo)
     print(f"Weights and threshold: {model_dir}\n"
           f"Detect with them: medanomaly detect {args.bundle} SCAN --model-dir {model_dir}"
