@@ -67,7 +67,7 @@ def train_setting(name, parser, x_val, brain_val, iterations, every):
     torch.manual_seed(0)
     vae = SoftIntroVAE(1, parser["vae_channels"], parser["zdim"], parser["image_size"][0])
     lr = lr or parser["learning_rate"]
-    step = VAEStep(vae, lr=lr, **{**parser["vae_losses"], **losses})
+    step = VAEStep(vae, lr=lr, **{**parser.get_parsed_content("vae_losses"), **losses})
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     data, curve, started = _infinite(parser.get_parsed_content("train#dataloader")), [], time.perf_counter()
     for i in range(1, iterations + 1):

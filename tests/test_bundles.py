@@ -205,6 +205,24 @@ def test_overlays_extend_the_inference_handlers_instead_of_repeating_them(bundle
         assert "handlers" not in config and targets(config, "workflow_handlers") == handlers
 
 
+@pytest.mark.parametrize("bundle", ["cddpm", "dae", "intensity", "phanes", "sagan", "scrps", "supervised"])
+def test_every_nested_demo_setting_has_its_parent_in_every_workflow(bundle):
+    """demo.yaml is layered on every workflow (train, inference, calibrate, evaluate): a nested id
+    `a#b` whose `a` one of them lacks makes that workflow fail (MONAI: "query key: a")."""
+    import yaml
+
+    from medanomaly.bundles.runner import workflow_configs
+
+    info = find_bundle(bundle)
+    demo = yaml.safe_load((info.configs_dir / "demo.yaml").read_text())
+    for workflow in ("train", "inference", "calibrate", "evaluate"):
+        keys = set()
+        for name in workflow_configs(info, workflow):
+            keys |= set(yaml.safe_load((info.configs_dir / f"{name}.yaml").read_text()) or {})
+        missing = [key for key in demo if "#" in key and key.split("#")[0] not in keys]
+        assert not missing, f"{bundle} {workflow}: demo.yaml sets {missing} without their parent"
+
+
 def test_phanes_training_reports_the_iterations_of_both_stages(monkeypatch):
     import types
 
