@@ -370,5 +370,8 @@ def test_demo_weights_beat_chance(tiny, tmp_path):
     run_bundle("phanes", "evaluate", {"datalist": str(t2w), "device": "cpu", "num_workers": 0, "n_bootstrap": 10,
                                       "output_dir": str(tmp_path / "eval")})
     pixel, prevalence = pixel_metrics(tmp_path / "eval" / "metrics.json")
-    assert pixel["ap"] > 1.2 * prevalence  # chance: AP = the lesion prevalence
-    assert pixel["auroc"] > 0.5
+    # chance: AP = the lesion prevalence. The demo weights of 2026-12-02 measured AP 0.058 (3.2 x) and
+    # AUROC 0.625 on this tiny T2w split (the large lesions of 3 subjects; on the demo cohort they are at
+    # chance, docs/README.md); the earlier weights measured 1.2-1.9 x
+    assert pixel["ap"] > 2 * prevalence
+    assert pixel["auroc"] > 0.58

@@ -200,9 +200,10 @@ def test_demo_weights_find_lesions_above_chance(tiny, tmp_path, contrast):
     run_bundle("supervised", "evaluate", {"datalist": str(datalist), "contrast": contrast, "device": "cpu",
                                           "output_dir": str(tmp_path), "n_bootstrap": 10, "save_outputs": False})
     pixel, prevalence = pixel_metrics(tmp_path / "metrics.json")
-    # Chance pixel AP is the lesion prevalence (1.8 % of brain voxels here). The demo weights (18 min of
-    # CPU training, docs/README.md) measured AP 0.089 (4.9x chance) / AUROC 0.84 on FLAIR and 0.088 /
-    # 0.88 on T2w: 3x chance and AUROC 0.75 leave room for CPU nondeterminism, yet fail a map that does
-    # not follow lesions (a random map scores ~1x chance). T1w is not tested:
-    # those demo weights are below chance on T1w (AP 0.014), see the docs; they are no ceiling yet.
-    assert pixel["ap"] > 3 * prevalence and pixel["auroc"] > 0.75
+    # Chance pixel AP is the lesion prevalence (1.8 % of brain voxels here). The demo weights (30 min of
+    # CPU training, docs/README.md) measured AP 0.541 (30 x chance) / AUROC 0.84 on FLAIR and 0.198
+    # (11 x) / 0.79 on T2w; the limits (half the measured multiple, AUROC a few points lower) leave room
+    # for CPU nondeterminism yet fail the earlier 18-minute weights (5 x on both) and a map that does not
+    # follow lesions (~1 x). T1w is not tested: those weights reach only 2.3 x there (AP 0.041).
+    ap_multiple, auroc = {"FLAIR": (15, 0.78), "T2w": (5.5, 0.72)}[contrast]
+    assert pixel["ap"] > ap_multiple * prevalence and pixel["auroc"] > auroc
