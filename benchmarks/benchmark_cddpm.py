@@ -25,7 +25,7 @@ from pathlib import Path
 from medanomaly.benchmark import format_table, summary_row
 from medanomaly.bundles import run_bundle
 from medanomaly.console import parse_overrides
-from medanomaly.data import PRESETS, ensure_cohort, load_datalist, write_datalist
+from medanomaly.data import load_datalist, resolve_datalist, write_datalist
 
 ROWS = {  # name: (bundle, overrides, slow)
     "ddpm1000": ("cddpm", {"sampler": "ddpm", "num_inference_steps": 1000}, True),
@@ -78,7 +78,7 @@ def main(argv=None) -> list[dict]:
     common = parse_overrides(args.set)
 
     output_dir = Path(args.output_dir).resolve()
-    datalist = ensure_cohort(args.datalist) if args.datalist in PRESETS else Path(args.datalist)
+    datalist = resolve_datalist(args.datalist)
     n_all = sum(len(load_datalist(datalist, key)) for key in TEST_KEYS)
     slow_cap = args.slow_max_volumes
     if slow_cap is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from medanomaly.benchmark import format_table, summary_row
 from medanomaly.bundles import find_bundle, run_bundle
 from medanomaly.bundles.model_info import has_weights, read_model_info, weights_file
-from medanomaly.data import PRESETS, ensure_cohort
+from medanomaly.data import resolve_datalist
 
 ROWS = {  # name: switches
     "sagan": {},
@@ -85,7 +85,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir).resolve()
-    datalist = ensure_cohort(args.datalist) if args.datalist in PRESETS else Path(args.datalist)
+    datalist = resolve_datalist(args.datalist)
     bundle = find_bundle("sagan")
     rows = []
     for name in args.rows:

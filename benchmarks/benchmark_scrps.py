@@ -32,7 +32,7 @@ import torch
 
 from medanomaly.benchmark import format_table
 from medanomaly.bundles import bundle_scripts, find_bundle, run_bundle
-from medanomaly.data import PRESETS, ensure_cohort, load_datalist, write_datalist
+from medanomaly.data import load_datalist, resolve_datalist, write_datalist
 
 TEST_KEYS = ("test_lesion", "test_healthy")
 COLUMNS = ("row", "l2", "retrieval", "score", "pooled_dice", "pixel_ap", "volume_auroc", "seconds_per_volume")
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     output_dir = Path(args.output_dir).resolve()
-    datalist = ensure_cohort(args.datalist) if args.datalist in PRESETS else Path(args.datalist)
+    datalist = resolve_datalist(args.datalist)
     if args.max_volumes:
         datalist = first_volumes(datalist, args.max_volumes, output_dir / f"first_{args.max_volumes}")
     n_volumes = sum(len(load_datalist(datalist, key)) for key in TEST_KEYS)
