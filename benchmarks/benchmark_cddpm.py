@@ -25,7 +25,8 @@ from pathlib import Path
 from medanomaly.benchmark import format_table, summary_row
 from medanomaly.bundles import run_bundle
 from medanomaly.console import parse_overrides
-from medanomaly.data import load_datalist, resolve_datalist, write_datalist
+from medanomaly.data import load_datalist, resolve_datalist
+from medanomaly.data.datalist import TEST_KEYS, first_test_volumes
 
 ROWS = {  # name: (bundle, overrides, slow)
     "ddpm1000": ("cddpm", {"sampler": "ddpm", "num_inference_steps": 1000}, True),
@@ -37,7 +38,6 @@ ROWS = {  # name: (bundle, overrides, slow)
                                  "map_range": [0.0, 0.05]}, False),
 }
 DEFAULT_ROWS = ["ddpm1000", "ddim50", "ddim10", "dae"]
-TEST_KEYS = ("test_lesion", "test_healthy")
 COLUMNS = ["row", "volumes", "pooled_dice", "pixel_ap", "volume_auroc", "seconds_per_volume"]
 
 
@@ -47,18 +47,6 @@ def _cuda_device(device: str | None) -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def subset_datalist(datalist: Path, n_volumes: int, folder: Path) -> tuple[Path, int]:
-    """The first test volumes of `datalist`: about a quarter healthy (at least one of each kind
-    when possible), written as a datalist in `folder`. Returns (path, number of volumes)."""
-    lesion, healthy = (load_datalist(datalist, key) for key in TEST_KEYS)
-    n_healthy = min(len(healthy), max(1, n_volumes // 4)) if n_volumes > 1 else 0
-    n_lesion = min(len(lesion), n_volumes - n_healthy)
-    subset = {"test_lesion": lesion[:n_lesion], "test_healthy": healthy[:n_healthy]}
-    path = write_datalist(folder / "datalist.json", subset,
-                          name=f"{datalist.parent.name} test subset", description=f"first test volumes of {datalist}")
-    return path, n_lesion + n_healthy
 
 
 def main(argv=None) -> list[dict]:
@@ -93,7 +81,7 @@ def main(argv=None) -> list[dict]:
             continue
         rows_datalist, n_volumes = datalist, n_all
         if cap is not None and cap < n_all:
-            rows_datalist, n_volumes = subset_datalist(datalist, cap, output_dir / f"subset_{cap}")
+            rows_datalist, n_volumes = first_test_volumes(datalist, cap, output_dir / f"subset_{cap}")
         out = output_dir / (name if cap is None or cap >= n_all else f"{name}-{cap}volumes")
         overrides = {"datalist": str(rows_datalist), "output_dir": str(out), "n_bootstrap": args.n_bootstrap,
                      "device": args.device, "save_outputs": False, **common, **extra}

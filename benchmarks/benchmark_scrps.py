@@ -32,18 +32,10 @@ import torch
 
 from medanomaly.benchmark import format_table
 from medanomaly.bundles import bundle_scripts, find_bundle, run_bundle
-from medanomaly.data import load_datalist, resolve_datalist, write_datalist
+from medanomaly.data import load_datalist, resolve_datalist
+from medanomaly.data.datalist import TEST_KEYS, first_test_volumes
 
-TEST_KEYS = ("test_lesion", "test_healthy")
 COLUMNS = ("row", "l2", "retrieval", "score", "pooled_dice", "pixel_ap", "volume_auroc", "seconds_per_volume")
-
-
-def first_volumes(datalist: Path, n: int, folder: Path) -> Path:
-    """A datalist of the first n test volumes, three lesion volumes to each healthy one."""
-    lesion, healthy = (load_datalist(datalist, key) for key in TEST_KEYS)
-    n_healthy = min(len(healthy), max(1, n // 4))
-    return write_datalist(folder / "datalist.json", {"test_lesion": lesion[: n - n_healthy],
-                                                     "test_healthy": healthy[:n_healthy]})
 
 
 PAPER_NUM_WS = 12
@@ -114,7 +106,7 @@ def main(argv=None) -> dict:
     output_dir = Path(args.output_dir).resolve()
     datalist = resolve_datalist(args.datalist)
     if args.max_volumes:
-        datalist = first_volumes(datalist, args.max_volumes, output_dir / f"first_{args.max_volumes}")
+        datalist, _ = first_test_volumes(datalist, args.max_volumes, output_dir / f"first_{args.max_volumes}")
     n_volumes = sum(len(load_datalist(datalist, key)) for key in TEST_KEYS)
     num_ws = find_bundle("scrps").model_info.get("num_ws", PAPER_NUM_WS)
     default = layer(9, num_ws)

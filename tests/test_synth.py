@@ -87,6 +87,19 @@ def test_write_datalist_round_trip(tmp_path):
     assert dl.datalist_keys(path) == ["training", "test"]
 
 
+def test_first_test_volumes_keep_about_a_quarter_healthy(tmp_path):
+    """The quick-benchmark subset: the first volumes of each test split, one healthy per three
+    lesion volumes (at least one of each when more than one volume is asked for)."""
+    lesion = [{"image": f"/d/l{i}.nii.gz"} for i in range(6)]
+    healthy = [{"image": f"/d/h{i}.nii.gz"} for i in range(3)]
+    source = dl.write_datalist(tmp_path / "all.json", {"test_lesion": lesion, "test_healthy": healthy})
+    for n, expected in ((8, (6, 2)), (4, (3, 1)), (2, (1, 1)), (1, (1, 0)), (20, (6, 3))):
+        path, count = dl.first_test_volumes(source, n, tmp_path / f"first_{n}")
+        got = tuple(len(dl.load_datalist(path, key)) for key in dl.TEST_KEYS)
+        assert (got, count) == (expected, sum(expected)), n
+        assert dl.load_datalist(path, "test_lesion")[0]["image"] == "/d/l0.nii.gz"
+
+
 def test_geometry_is_oblique_and_anisotropic(tiny):
     import SimpleITK as sitk
 
