@@ -46,57 +46,8 @@ def module_tree() -> ast.Module:
     return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
 
 
-def top_level_classes(tree: ast.Module) -> dict[str, ast.ClassDef]:
-    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-
-
-def base_names(node: ast.ClassDef) -> list[str]:
-    return [b.id if isinstance(b, ast.Name) else ast.unparse(b) for b in node.bases]
-
-
 # =============================================================================================
 # the module file
-
-
-def test_module_file_defines_the_four_classes_and_a_parameter_node():
-    classes = top_level_classes(module_tree())
-    expected = {"MedAnomaly": "ScriptedLoadableModule", "MedAnomalyWidget": "ScriptedLoadableModuleWidget",
-                "MedAnomalyLogic": "ScriptedLoadableModuleLogic", "MedAnomalyTest": "ScriptedLoadableModuleTest"}
-    for name, base in expected.items():
-        assert name in classes, f"MedAnomaly.py lacks class {name}"
-        assert base in base_names(classes[name]), f"{name} must derive from {base}"
-    parameters = classes["MedAnomalyParameterNode"]
-    assert [ast.unparse(d) for d in parameters.decorator_list] == ["parameterNodeWrapper"]
-    fields = {n.target.id: ast.unparse(n.annotation) for n in parameters.body if isinstance(n, ast.AnnAssign)}
-    assert fields["inputVolume"] == "vtkMRMLScalarVolumeNode"
-    assert fields["anomalySegmentation"] == "vtkMRMLSegmentationNode"
-    for name in ("method", "device", "threshold", "heatmapVolume", "keepPreviousResults", "loadPseudoHealthy"):
-        assert name in fields
-    test_methods = [n.name for n in classes["MedAnomalyTest"].body if isinstance(n, ast.FunctionDef)]
-    assert {"setUp", "runTest", "test_MedAnomalyDetection"} <= set(test_methods)
-
-
-ALLOWED_TOP_LEVEL_IMPORTS = {"logging", "os", "ctk", "qt", "vtk", "slicer", "slicer.i18n",
-                             "slicer.ScriptedLoadableModule", "slicer.util", "slicer.parameterNodeWrapper"}
-
-
-def test_module_file_imports_nothing_heavy_at_module_level():
-    imported = set()
-    for node in module_tree().body:
-        if isinstance(node, ast.Import):
-            imported |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module)
-    unexpected = imported - ALLOWED_TOP_LEVEL_IMPORTS
-    assert imported <= ALLOWED_TOP_LEVEL_IMPORTS, f"heavy or unexpected imports at module level: {unexpected}"
-
-
-def test_module_category_and_sample_registration_are_deferred():
-    source = MODULE_FILE.read_text()
-    assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in source
-    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
-    # torch only ever through PyTorchUtils or pip, inside a method; never `import torch` anywhere
-    assert not re.search(r"^\s*(import torch|from torch)", source, re.M)
 
 
 def _bound_names(tree: ast.AST) -> set[str]:
@@ -149,10 +100,10 @@ def test_ui_file_is_a_qmrmlwidget_with_every_widget_the_code_uses():
     assert mrml <= receivers
 
 
-def test_ui_parameter_names_match_the_parameter_node():
-    classes = top_level_classes(module_tree())
-    fields = {n.target.id: ast.unparse(n.annotation) for n in classes["MedAnomalyParameterNode"].body
-              if isinstance(n, ast.AnnAssign)}
+def test_ui_parameter_names_match_the_parameter_node(stub_import):
+    """Every .ui widget with a SlicerParameterName names a field of the imported parameter node
+    class, and node selectors / check boxes have that field's node type / bool."""
+    fields = stub_import["parameters"]
     connected = {}
     for widget in ui_widgets().values():
         for prop in widget.findall("property"):
@@ -206,7 +157,9 @@ STUB_SLICER = textwrap.dedent('''
         majorVersion, minorVersion = 5, 10
         def connect(self, signal, slot): self.connected.append((signal, slot))
 
-    def translate(context, text): return text
+    # a stand-in for a non-English Slicer: Slicer's own translation of its core "Segmentation" category
+    TRANSLATIONS = {("qSlicerAbstractCoreModule", "Segmentation"): "Segmentierung"}
+    def translate(context, text): return TRANSLATIONS.get((context, text), text)
     app = App()
     slicer = module("slicer", app=app, modules=types.SimpleNamespace(),
                     vtkMRMLScalarVolumeNode=type("vtkMRMLScalarVolumeNode", (), {}),
@@ -218,7 +171,9 @@ STUB_SLICER = textwrap.dedent('''
         ScriptedLoadableModuleWidget=base("ScriptedLoadableModuleWidget"),
         ScriptedLoadableModuleLogic=base("ScriptedLoadableModuleLogic"), ScriptedLoadableModuleTest=unittest.TestCase)
     slicer.util = module("slicer.util", VTKObservationMixin=base("VTKObservationMixin"))
-    slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls)
+    wrapped = []  # the classes given to @parameterNodeWrapper
+    slicer.parameterNodeWrapper = module("slicer.parameterNodeWrapper",
+                                         parameterNodeWrapper=lambda cls: wrapped.append(cls) or cls)
     module("qt", QSettings=Settings, QTimer=Anything, Qt=Anything())
     module("ctk", ctkPathLineEdit=Anything())
     module("vtk", vtkCommand=Anything(), vtkMatrix4x4=Anything, vtkStringArray=Anything, vtkImageData=Anything)
@@ -231,6 +186,26 @@ STUB_SLICER = textwrap.dedent('''
         def registerCustomSampleDataCategory(category, title): pass
     module("SampleData", SampleDataLogic=SampleDataLogic)
 
+    installed_torch = []
+    class PyTorchUtilsLogic:  # the PyTorch extension: installs torch itself (through light-the-torch and pip)
+        def installTorch(self, **kwargs):
+            import os
+            installed_torch.append(dict(kwargs, PIP_CONSTRAINT=os.environ.get("PIP_CONSTRAINT")))
+            return types.SimpleNamespace(__version__="2.8.0")
+    module("PyTorchUtils", PyTorchUtilsLogic=PyTorchUtilsLogic)
+
+    class ImportGuard:
+        """Refuses (and records) every import of the named top-level packages while `active`."""
+        def __init__(self, names): self.names, self.active, self.attempts = set(names), True, []
+        def find_spec(self, name, path=None, target=None):
+            if self.active and name.split(".")[0] in self.names:
+                self.attempts.append(name)
+                raise ImportError(f"{name} must not be imported here")
+            return None
+    heavy_guard = ImportGuard(json.loads(sys.argv[3]))  # while Slicer loads the module and registers sample data
+    torch_guard = ImportGuard(["torch", "torchvision", "monai"])  # in Slicer's process: never
+    sys.meta_path[:0] = [heavy_guard, torch_guard]
+
     sys.path.insert(0, sys.argv[1])
     App.majorVersion, App.minorVersion = (int(v) for v in sys.argv[2].split("."))
     before = set(sys.modules)
@@ -239,8 +214,16 @@ STUB_SLICER = textwrap.dedent('''
     MedAnomaly.MedAnomaly(parent)
     loaded_by_module = sorted(set(sys.modules) - before)
     (signal, slot), = App.connected
+    registered_before_startup = len(registered)
     slot()  # what Slicer calls when start-up has completed
     loaded_by_registration = sorted(set(sys.modules) - before)
+    heavy_guard.active = False
+
+    def qualified(cls): return [c.__name__ for c in cls.__mro__]
+    classes = {name: qualified(value) for name, value in vars(MedAnomaly).items()
+               if isinstance(value, type) and value.__module__ == "MedAnomaly"}
+    parameters = {name: getattr(kind, "__name__", repr(kind))
+                  for name, kind in MedAnomaly.MedAnomalyParameterNode.__annotations__.items()}
 
     logic = MedAnomaly.MedAnomalyLogic()
     methods = [m.name for m in logic.methods()]
@@ -267,6 +250,10 @@ STUB_SLICER = textwrap.dedent('''
     logic.dependencyPlan = lambda: plans.pop(0)
     installed = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
 
+    # PyTorch through the PyTorch extension, under the same constraints (as $PIP_CONSTRAINT)
+    plans = [environment.InstallPlan(torch=["torch>=2.8"], reasons=["no torch"]), environment.InstallPlan()]
+    torch_installed = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
+
     logic.dependencyPlan = lambda: None  # the packages cannot be checked
     unknown_plan = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
     print(json.dumps({"title": parent.title, "categories": parent.categories, "signal": signal,
@@ -274,7 +261,15 @@ STUB_SLICER = textwrap.dedent('''
                       "registered": registered, "methods": methods, "source": logic.sourceFolder(),
                       "plan_empty": plan.empty, "loaded_by_logic": loaded_by_logic, "help": parent.helpText,
                       "version_problem": MedAnomaly.versionProblem(), "start": start, "unknown_plan": unknown_plan,
-                      "installed": installed, "pip_calls": pip_calls, "restart": logic.restartNeeded}))
+                      "installed": installed, "pip_calls": pip_calls, "restart": logic.restartNeeded,
+                      "slot": slot.__name__,
+                      "slot_is_registerSampleData": slot is MedAnomaly.registerSampleData,
+                      "registered_before_startup": registered_before_startup,
+                      "heavy_import_attempts": heavy_guard.attempts, "torch_import_attempts": torch_guard.attempts,
+                      "torch_installed": torch_installed, "installed_torch": installed_torch,
+                      "classes": classes, "parameters": parameters,
+                      "parameter_node_wrapped": [c.__name__ for c in wrapped],
+                      "test_methods": [m for m in dir(MedAnomaly.MedAnomalyTest) if not m.startswith("__")]}))
 ''')
 
 
@@ -283,7 +278,8 @@ def import_with_stub_slicer(folder: Path, slicer_version: str) -> dict:
     script = folder / "stub_slicer.py"
     script.write_text(STUB_SLICER)
     env = {k: v for k, v in os.environ.items() if k != "MEDANOMALY_BUNDLE_PATH"}
-    run = subprocess.run([sys.executable, str(script), str(EXTENSION), slicer_version], capture_output=True,
+    run = subprocess.run([sys.executable, str(script), str(EXTENSION), slicer_version,
+                          json.dumps(sorted(HEAVY_MODULES))], capture_output=True,
                          text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -310,7 +306,11 @@ def test_packages_that_cannot_be_checked_are_an_error_not_all_installed(stub_imp
 
 
 def test_loading_the_module_imports_nothing_heavy(stub_import):
-    assert stub_import["title"] == "MedAnomaly" and stub_import["categories"] == ["Segmentation"]
+    """Importing the module file, constructing the module and registering the sample data (what
+    Slicer does on start-up) never even tries to import a heavy package: the stub interpreter's import
+    guard refuses and records every attempt, including ones a try/except would hide."""
+    assert stub_import["title"] == "MedAnomaly"
+    assert stub_import["heavy_import_attempts"] == []
     loaded = stub_import["loaded_by_module"] + stub_import["loaded_by_registration"]
     heavy = {m.split(".")[0] for m in loaded} & HEAVY_MODULES
     assert not heavy, f"loading the module (and registering sample data) imported {heavy}"
@@ -334,6 +334,61 @@ def test_logic_finds_the_checkout_and_its_bundles(stub_import):
     assert not loaded & {"torch", "monai", "SimpleITK", "itk", "ignite"}
     assert "dae" in stub_import["methods"]
     assert stub_import["plan_empty"]  # this venv has everything (medanomaly installed editable)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module file, imported against the stub Slicer (STUB_SLICER)
+
+
+def test_module_defines_the_four_slicer_classes_and_a_wrapped_parameter_node(stub_import):
+    """The imported module's classes derive from Slicer's ScriptedLoadable* bases (stubbed), the
+    parameter node class goes through @parameterNodeWrapper with the annotated node types, and the
+    self-test class has the tests Slicer's "Reload and Test" runs."""
+    classes = stub_import["classes"]
+    expected = {"MedAnomaly": "ScriptedLoadableModule", "MedAnomalyWidget": "ScriptedLoadableModuleWidget",
+                "MedAnomalyLogic": "ScriptedLoadableModuleLogic", "MedAnomalyTest": "TestCase"}
+    for name, base in expected.items():
+        assert name in classes, f"MedAnomaly.py lacks class {name}"
+        assert base in classes[name], f"{name} must derive from {base}"
+    assert "VTKObservationMixin" in classes["MedAnomalyWidget"]
+    assert stub_import["parameter_node_wrapped"] == ["MedAnomalyParameterNode"]
+    fields = stub_import["parameters"]
+    assert fields["inputVolume"] == "vtkMRMLScalarVolumeNode"
+    assert fields["brainMask"] == "vtkMRMLLabelMapVolumeNode"
+    assert fields["anomalySegmentation"] == "vtkMRMLSegmentationNode"
+    assert fields["heatmapVolume"] == fields["pseudoHealthyVolume"] == "vtkMRMLScalarVolumeNode"
+    assert (fields["method"], fields["device"], fields["threshold"]) == ("str", "str", "float")
+    for name in ("useCalibratedThreshold", "keepPreviousResults", "loadPseudoHealthy"):
+        assert fields[name] == "bool", name
+    assert {"setUp", "runTest", "test_MedAnomalyDetection"} <= set(stub_import["test_methods"])
+
+
+def test_module_sits_in_slicers_translated_segmentation_category(stub_import):
+    """The category is Slicer's own translation of "Segmentation" (context qSlicerAbstractCoreModule),
+    so in a non-English Slicer the module is listed with the built-in segmentation modules: the
+    stub Slicer translates that one (context, text) pair to "Segmentierung"."""
+    assert stub_import["categories"] == ["Segmentierung"]
+
+
+def test_sample_data_is_registered_only_once_startup_completed(stub_import):
+    """Constructing the module registers nothing: it connects Slicer's startupCompleted() signal to
+    registerSampleData, and the sample appears once that signal fires."""
+    assert stub_import["signal"] == "startupCompleted()"
+    assert stub_import["slot_is_registerSampleData"], f"connected to {stub_import['slot']}"
+    assert stub_import["registered_before_startup"] == 0
+    assert len(stub_import["registered"]) == 1
+
+
+def test_slicers_process_never_imports_torch_and_installs_it_through_the_pytorch_extension(stub_import):
+    """Throughout the stub run (loading, listing methods, checking and installing packages) torch,
+    torchvision and monai are refused by an import guard and never asked for; a missing PyTorch is
+    installed through the PyTorch extension (a stub PyTorchUtils), with Slicer's pins as $PIP_CONSTRAINT."""
+    assert stub_import["torch_import_attempts"] == []
+    assert stub_import["torch_installed"] == "returned"
+    (call,) = stub_import["installed_torch"]
+    assert call["askConfirmation"] is False
+    assert call["torchVersionRequirement"] == environment.TORCH_REQUIREMENT
+    assert call["PIP_CONSTRAINT"] and call["PIP_CONSTRAINT"].startswith("file://")
 
 
 # ---------------------------------------------------------------------------------------------
