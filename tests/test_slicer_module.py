@@ -83,12 +83,26 @@ def ui_widgets() -> dict[str, ET.Element]:
     return {w.get("name"): w for w in root.iter("widget")}
 
 
+def test_the_panels_setup_runs_on_the_widgets_the_ui_file_defines(stub_import):
+    """MedAnomalyWidget.setup() runs against the stub Slicer with `self.ui` holding only the .ui's
+    named widgets (as slicer.util.childWidgetVariables does): it finishes, and every name it reads
+    is a widget of the .ui."""
+    assert stub_import["setup"] == "returned"
+    read = set(stub_import["ui_read"])
+    assert {"applyButton", "methodComboBox", "deviceComboBox", "thresholdSlider"} <= read
+    assert not read - set(ui_widgets())
+
+
 def test_ui_file_is_a_qmrmlwidget_with_every_widget_the_code_uses():
+    """Static, for the `self.ui.<name>` reads that only run in Slicer (during and after a detection,
+    which the stub cannot drive): every one names a widget of the .ui."""
     root = ET.parse(UI_FILE).getroot()
     top = root.find("widget")
     assert (root.findtext("class"), top.get("class"), top.get("name")) == ("MedAnomaly", "qMRMLWidget", "MedAnomaly")
     widgets = ui_widgets()
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = {n.attr for n in ast.walk(module_tree()) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Attribute) and n.value.attr == "ui"
+            and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
     assert used and not used - set(widgets), f"used in MedAnomaly.py but not in the .ui: {used - set(widgets)}"
     declared = {c.findtext("class") for c in root.iter("customwidget")}
     custom = {w.get("class") for w in widgets.values() if not w.get("class").startswith("Q")}
@@ -133,6 +147,7 @@ STUB_SLICER = textwrap.dedent('''
         def __getattr__(self, name): return Anything()
         def __call__(self, *args, **kwargs): return Anything()
         def __or__(self, other): return self
+        def __sub__(self, other): return 0  # e.g. a combo box's count - 1
 
     def module(name, **attributes):
         m = types.ModuleType(name)
@@ -254,6 +269,27 @@ STUB_SLICER = textwrap.dedent('''
     plans = [environment.InstallPlan(torch=["torch>=2.8"], reasons=["no torch"]), environment.InstallPlan()]
     torch_installed = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
 
+    # the panel's setup(): `self.ui` is what slicer.util.childWidgetVariables gives, the .ui's named
+    # widgets only (any other name is an AttributeError, as in Slicer); every name it reads is recorded
+    class ChildWidgets:
+        def __init__(self, names): self._names, self._read = set(names), []
+        def __getattr__(self, name):
+            self._read.append(name)
+            if name not in self._names:
+                raise AttributeError(f"the .ui has no widget {name}")
+            return Anything()
+    ui = ChildWidgets(json.loads(sys.argv[4]))
+    slicer.ScriptedLoadableModule.ScriptedLoadableModuleWidget.setup = lambda self: None
+    slicer.util.loadUI = lambda path: Anything()
+    slicer.util.childWidgetVariables = lambda widget: ui
+    slicer.mrmlScene = Anything()
+    widget = MedAnomaly.MedAnomalyWidget()
+    widget.layout, widget.resourcePath = Anything(), lambda name: name
+    widget.addObserver = widget.removeObserver = lambda *args: None
+    widget.initializeParameterNode = lambda: None  # the wrapped parameter node needs Slicer's wrapper
+    setup = outcome(widget.setup)
+    ui_read = sorted(set(ui._read))
+
     logic.dependencyPlan = lambda: None  # the packages cannot be checked
     unknown_plan = outcome(lambda: logic.setupPythonRequirements(askConfirmation=False))
     print(json.dumps({"title": parent.title, "categories": parent.categories, "signal": signal,
@@ -267,7 +303,7 @@ STUB_SLICER = textwrap.dedent('''
                       "registered_before_startup": registered_before_startup,
                       "heavy_import_attempts": heavy_guard.attempts, "torch_import_attempts": torch_guard.attempts,
                       "torch_installed": torch_installed, "installed_torch": installed_torch,
-                      "classes": classes, "parameters": parameters,
+                      "classes": classes, "parameters": parameters, "setup": setup, "ui_read": ui_read,
                       "parameter_node_wrapped": [c.__name__ for c in wrapped],
                       "test_methods": [m for m in dir(MedAnomaly.MedAnomalyTest) if not m.startswith("__")]}))
 ''')
@@ -279,7 +315,7 @@ def import_with_stub_slicer(folder: Path, slicer_version: str) -> dict:
     script.write_text(STUB_SLICER)
     env = {k: v for k, v in os.environ.items() if k != "MEDANOMALY_BUNDLE_PATH"}
     run = subprocess.run([sys.executable, str(script), str(EXTENSION), slicer_version,
-                          json.dumps(sorted(HEAVY_MODULES))], capture_output=True,
+                          json.dumps(sorted(HEAVY_MODULES)), json.dumps(sorted(ui_widgets()))], capture_output=True,
                          text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.strip().splitlines()[-1])
