@@ -116,7 +116,7 @@ def test_cli_train_counts_then_calibrates_in_the_chosen_contrast(monkeypatch, tm
 
     calls = []
     monkeypatch.setattr(cli, "run_workflow",
-                        lambda bundle, workflow, overrides, demo: calls.append((workflow, overrides)))
+                        lambda bundle, workflow, overrides, demo, **kw: calls.append((workflow, overrides)))
     cli.main(["train", "intensity", "--contrast", "T2w", "--datalist", "tiny", "--output-dir", str(tmp_path)])
     assert [workflow for workflow, _ in calls] == ["train", "calibrate"]
     assert all(overrides["contrast"] == "T2w" and overrides["datalist"] == "tiny" for _, overrides in calls)

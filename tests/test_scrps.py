@@ -418,7 +418,7 @@ def test_post_train_workflow_builds_the_repository_before_calibration(monkeypatc
     import medanomaly.cli as cli
 
     calls = []
-    monkeypatch.setattr(cli, "run_workflow", lambda bundle, workflow, overrides, demo, quiet=False: calls.append(
+    monkeypatch.setattr(cli, "run_workflow", lambda bundle, workflow, overrides, demo, **kw: calls.append(
         (workflow, overrides.get("model_dir"))))
     cli.main(["train", "scrps", "--demo", "--datalist", "tiny", "--output-dir", "/tmp/x"])
     assert [c[0] for c in calls] == ["train", "build_repository", "calibrate"]
