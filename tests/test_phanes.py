@@ -361,8 +361,6 @@ def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, m
 
 
 @pytest.mark.slow  # several minutes on 2 cores: `make test-all`
-@pytest.mark.xfail(strict=True, reason="the T2w demo weights are at chance: their stage-1 VAE does not reconstruct "
-                                        "slices yet (docs/README.md, 'Results')")
 def test_demo_weights_beat_chance(tiny, tmp_path):
     if not (PHANES_BUNDLE.root / "models" / "model.pt").is_file():
         pytest.skip("No demo weights in monai_bundles/phanes/models (benchmarks/train_demo_weights.sh phanes).")
