@@ -42,3 +42,16 @@ def tiny(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("synth") / "tiny"
     return generate_cohort(root, "tiny", seed=0, workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tiny) -> str:
+    """The session's tiny cohort as the preset `tiny` (its per-contrast datalists, e.g. for bundles that
+    read several contrasts), linked into the session's MEDANOMALY_HOME instead of generated again."""
+    from medanomaly.data import cohort_root
+
+    root = cohort_root("tiny")
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(Path(tiny).parent, root, target_is_directory=True)
+    return "tiny"

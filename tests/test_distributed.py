@@ -267,18 +267,6 @@ def _small_datalist(tiny, folder: Path) -> str:
     return str(write_datalist(folder / "datalist.json", splits))
 
 
-@pytest.fixture
-def tiny_preset(tiny) -> str:
-    """The session's tiny cohort as the preset `tiny` (supervised reads its per-contrast datalists)."""
-    from medanomaly.data import cohort_root
-
-    root = cohort_root("tiny")
-    if not root.exists():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(Path(tiny).parent, root, target_is_directory=True)
-    return "tiny"
-
-
 # bundle: (settings beyond the cohort's, networks the probe records, trained ones, state entries that may differ)
 SLOW_RUNS = {
     "supervised": ({"train_contrasts": ["T1w"], "n_healthy_subjects": 2, "n_lesion_subjects": 2,

@@ -5,7 +5,6 @@ find lesions."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from medanomaly.bundles import bundle_scripts, find_bundle, import_bundle_scripts, run_bundle
-from medanomaly.data import CONTRASTS, cohort_root, load_datalist
+from medanomaly.data import CONTRASTS, load_datalist
 from medanomaly.data.companion import COMPANION_SEED_OFFSET, companion_seed
 from medanomaly.data.synth import plan_cohort
 
@@ -30,16 +29,6 @@ def _demo_config(*names: str, **overrides) -> ConfigParser:
     parser.read_config([str(SUPERVISED.config_file(n)) for n in (*names, "demo")])
     parser.update(overrides)
     return parser
-
-
-@pytest.fixture(scope="module")
-def tiny_preset(tiny) -> str:
-    """The session's tiny cohort as the preset `tiny` (its per-contrast datalists), without generating it again."""
-    root = cohort_root("tiny")
-    if not root.exists():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(Path(tiny).parent, root, target_is_directory=True)
-    return "tiny"
 
 
 def _images(datalist, keys) -> set[str]:
