@@ -44,14 +44,12 @@ def demo_config(contrast: str):
 
 
 def validation_slices(parser, n_volumes: int = 2, min_brain_pixels: int = 100):
-    slices, brains = [], []
+    from scripts.trainer import brain_slice_batches
+
     dataset = parser.get_parsed_content("validate#dataset")
-    for i in range(n_volumes):
-        image, brain = dataset[i]["image"].as_tensor(), dataset[i]["mask"].as_tensor()  # (1, H, W, D)
-        keep = [z for z in range(image.shape[-1]) if brain[0, :, :, z].sum() > min_brain_pixels]
-        slices += [image[..., z] for z in keep]
-        brains += [brain[..., z] for z in keep]
-    return torch.stack(slices).float(), torch.stack(brains).float()
+    volumes = [dataset[i] for i in range(n_volumes)]
+    batches = list(brain_slice_batches(volumes, "cpu", batch_size=10_000, min_brain_pixels=min_brain_pixels))
+    return torch.cat([x for x, _ in batches]), torch.cat([m for _, m in batches])
 
 
 def brain_mse(prediction, x, brain) -> float:

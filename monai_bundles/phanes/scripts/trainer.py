@@ -195,15 +195,16 @@ def vae_mask_maps(vae, perceptual, x, saliency_sigma=2.0):
     return masking.mask_map(x, rec, perceptual, saliency_sigma=saliency_sigma), rec
 
 
-def brain_slice_batches(volumes, device, batch_size=32):
-    """(slices, brain masks) batches, (B, 1, H, W), of every axial slice with brain of `volumes`."""
+def brain_slice_batches(volumes, device, batch_size=32, min_brain_pixels=0):
+    """(slices, brain masks) batches, (B, 1, H, W), of every axial slice of `volumes` with more than
+    `min_brain_pixels` brain pixels."""
     for item in volumes:
         image, brain = item[IMAGE], item[MASK]  # (1, H, W, D)
         image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
         brain = brain.as_tensor() if hasattr(brain, "as_tensor") else torch.as_tensor(brain)
         slices = image[0].permute(2, 0, 1)[:, None].float()
         masks = brain[0].permute(2, 0, 1)[:, None].float()
-        keep = masks.flatten(1).any(1)
+        keep = masks.flatten(1).sum(1) > min_brain_pixels
         slices, masks = slices[keep], masks[keep]
         for start in range(0, len(slices), batch_size):
             yield slices[start:start + batch_size].to(device), masks[start:start + batch_size].to(device)
