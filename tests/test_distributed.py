@@ -94,8 +94,8 @@ def test_nproc_is_a_positive_whole_number(tmp_path, no_process, capsys):
         with pytest.raises(SystemExit):
             cli.main(["train", "dae", "--nproc", bad, "--output-dir", str(tmp_path / "run")])
         assert "--nproc" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="runs in one process"):
-        bundle_command("scrps", "build_repository", nproc=2)
+    with pytest.raises(ValueError, match="no configs/multi_gpu_train.yaml"):
+        bundle_command("phanes", "train", nproc=2)
 
 
 def test_the_bundles_that_train_in_several_processes():

@@ -175,3 +175,31 @@ def test_calibration_in_two_processes_stores_the_threshold_of_one_process(tiny_p
         thresholds.append(json.loads((model_dir / "model_info.json").read_text())["threshold"])
     assert thresholds[0] == thresholds[1]
     assert thresholds[0] != json.loads((find_bundle("dae").model_dir / "model_info.json").read_text())["threshold"]
+
+
+# --------------------------------------------------------------------------- scrps' latent repository
+def test_scrps_train_nproc_builds_its_repository_in_n_processes_and_calibrates_in_one(tmp_path, no_process):
+    cli.main(["train", "scrps", "--nproc", "2", "--demo", "--datalist", "tiny", "--output-dir", str(tmp_path)])
+    train, repository, calibrate = no_process
+    assert _torchrun(train, 2) and _torchrun(repository, 2) and not _torchrun(calibrate, 2)
+    assert _config_names(repository) == ["inference.yaml", "build_repository.yaml",
+                                         "multi_gpu_build_repository.yaml", "demo.yaml"]
+
+
+@pytest.mark.slow  # ~1 min: the shipped generator inverts 10 % of the tiny cohort's slices, twice
+def test_the_repository_built_in_two_processes_is_the_one_process_repository(tiny_preset, tmp_path):
+    import shutil
+
+    import torch
+    from medanomaly.latent import LatentRepository
+
+    repositories = []
+    for nproc in (None, 2):
+        model_dir = shutil.copytree(find_bundle("scrps").model_dir, tmp_path / f"models{nproc}")
+        runner.run_bundle("scrps", "build_repository", {
+            "datalist": "tiny", "contrast": "T2w", "model_dir": str(model_dir), "repository_fraction": 0.1,
+            "inversion_steps": 3, "repository_batch_size": 4}, nproc=nproc)
+        repositories.append(LatentRepository.load(model_dir / "repository.pt"))
+    one, two = repositories
+    assert len(one) > 8  # several batches, so both processes inverted some
+    assert one.sources == two.sources and torch.equal(one.codes, two.codes)

@@ -19,7 +19,7 @@ from medanomaly.bundles.input_files import expand_inputs
 from medanomaly.bundles.model_info import ModelInfoError
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.registry import REPOSITORY_ROOT, BundleNotFound
-from medanomaly.bundles.runner import check_distributed, check_override_keys, config_keys
+from medanomaly.bundles.runner import check_distributed, check_override_keys, config_keys, distributed_config
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 
 _REPOSITORY_README = REPOSITORY_ROOT / "README.md"
@@ -132,11 +132,13 @@ def cmd_train(args) -> None:
     overrides = _common_overrides(args, "train")
     output_dir = Path(_output_folder(overrides.get("output_dir") or str(Path("runs") / args.bundle)))
     overrides["output_dir"] = str(output_dir)
-    # training in --nproc processes (torchrun, DDP); what follows runs in one process
+    # training in --nproc processes (torchrun, DDP); the post-train workflows too where the bundle has
+    # their multi-process overlay; calibration in one process (few healthy validation volumes)
     run_workflow(args.bundle, "train", overrides, demo=args.demo, nproc=args.nproc)
     model_dir = output_dir / "models"
     # the bundle's own post-train workflows (e.g. scrps' latent repository), then calibration
-    after = [*find_bundle(args.bundle).post_train_workflows, *([] if args.no_calibrate else ["calibrate"])]
+    bundle = find_bundle(args.bundle)
+    after = [*bundle.post_train_workflows, *([] if args.no_calibrate else ["calibrate"])]
     for workflow in after:
         settings = {"model_dir": str(model_dir),
                     "output_dir": str(output_dir / ("calibration" if workflow == "calibrate" else workflow))}
@@ -144,7 +146,8 @@ def cmd_train(args) -> None:
             if key in overrides:
                 settings[key] = overrides[key]
         settings.update(_settings_for(args.bundle, workflow, parse_overrides(args.set)))
-        run_workflow(args.bundle, workflow, settings, demo=args.demo)
+        sharded = args.nproc is not None and workflow != "calibrate" and bundle.has_config(distributed_config(workflow))
+        run_workflow(args.bundle, workflow, settings, demo=args.demo, nproc=args.nproc if sharded else None)
     print(f"Weights and threshold: {model_dir}\n"
           f"Detect with them: medanomaly detect {args.bundle} SCAN --model-dir {model_dir}"
           + (f" --contrast {overrides['contrast']}" if "contrast" in overrides else "")

@@ -31,13 +31,19 @@ WORKFLOW_CONFIGS = {
     "calibrate": ["inference", "calibrate"],
 }
 # The overlay that runs a workflow in several processes under torchrun: DDP training on train.yaml;
-# volumes sharded over the processes on inference.yaml (+ evaluate / calibrate). See registry.BundleInfo.
+# volumes sharded over the processes on inference.yaml (+ evaluate / calibrate); a bundle's post-train
+# workflow X (e.g. scrps' build_repository) in several processes: its multi_gpu_X.yaml.
 DISTRIBUTED_CONFIGS = {
     "train": "multi_gpu_train",
     "inference": "multi_gpu_evaluate",
     "evaluate": "multi_gpu_evaluate",
     "calibrate": "multi_gpu_evaluate",
 }
+
+
+def distributed_config(workflow: str) -> str:
+    """The name of the overlay that runs `workflow` in several processes."""
+    return DISTRIBUTED_CONFIGS.get(workflow) or f"multi_gpu_{workflow}"
 
 
 def workflow_configs(bundle: BundleInfo, workflow: str) -> list[str]:
@@ -119,7 +125,7 @@ def config_keys(bundle: BundleInfo, workflow: str, demo: bool = True, distribute
     the multi-process overlay's): what an override may set."""
     import yaml
 
-    names = [*workflow_configs(bundle, workflow), *([DISTRIBUTED_CONFIGS[workflow]] if distributed else []),
+    names = [*workflow_configs(bundle, workflow), *([distributed_config(workflow)] if distributed else []),
              *(["demo"] if demo else [])]
     keys: set[str] = set()
     for name in names:
@@ -166,9 +172,8 @@ def torchrun_command(nproc: int, python: str | None = None) -> list[str]:
 
 def check_distributed(bundle: BundleInfo, workflow: str) -> None:
     """Raises `ValueError` unless `workflow` of `bundle` can run in several processes."""
-    if workflow not in DISTRIBUTED_CONFIGS:
-        raise ValueError(f"{workflow} runs in one process; {', '.join(DISTRIBUTED_CONFIGS)} run in several.")
-    overlay = DISTRIBUTED_CONFIGS[workflow]
+    workflow_configs(bundle, workflow)  # an unknown workflow: the error that names the known ones
+    overlay = distributed_config(workflow)
     if not bundle.has_config(overlay):
         names = ", ".join(b.name for b in list_bundles() if b.has_config(overlay)) or "none"
         raise ValueError(f"Bundle '{bundle.name}' has no configs/{overlay}.yaml: its {workflow} runs in one process "
@@ -191,7 +196,7 @@ def bundle_command(
     if nproc is not None:
         check_distributed(bundle, workflow)
     with_demo = uses_demo_config(bundle, workflow, overrides, demo)
-    names = (workflow_configs(bundle, workflow) + ([DISTRIBUTED_CONFIGS[workflow]] if nproc is not None else [])
+    names = (workflow_configs(bundle, workflow) + ([distributed_config(workflow)] if nproc is not None else [])
              + (["demo"] if with_demo else []))
     config_files = [str(bundle.config_file(name)) for name in names]
     launcher = [python or sys.executable] if nproc is None else torchrun_command(nproc, python)
