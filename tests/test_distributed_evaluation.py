@@ -191,6 +191,7 @@ def test_the_repository_built_in_two_processes_is_the_one_process_repository(tin
     import shutil
 
     import torch
+
     from medanomaly.latent import LatentRepository
 
     repositories = []
