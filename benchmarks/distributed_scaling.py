@@ -9,9 +9,8 @@ merge included).
 
     python benchmarks/distributed_scaling.py [--bundle dae] [--nproc 1 2] [--iterations 40] [--contrast T2w]
 
-On a CPU machine each process gets cores / N threads (torchrun gives one thread each unless
-OMP_NUM_THREADS is set; this script sets it), so N processes compete for the same cores: the ratio
-says what sharding costs or saves there. On N GPUs the ratio approaches N when data loading keeps up.
+On a CPU machine each process gets cores / N threads (the launcher's `threads_per_process`), so
+N processes share the same cores: the ratio says what sharding costs or saves there. On N GPUs the ratio approaches N when data loading keeps up.
 """
 
 from __future__ import annotations
@@ -26,12 +25,11 @@ from pathlib import Path
 
 from medanomaly.benchmark import format_table
 from medanomaly.bundles import find_bundle
+from medanomaly.bundles.runner import threads_per_process
 
 
-def _medanomaly(*arguments: str, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    result = subprocess.run([sys.executable, "-m", "medanomaly.cli", *arguments], env=env, capture_output=True,
-                            text=True)
+def _medanomaly(*arguments: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "medanomaly.cli", *arguments], capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"medanomaly {' '.join(arguments)} failed:\n{result.stderr[-3000:]}")
 
@@ -48,16 +46,16 @@ def _slices_per_iteration(bundle: str) -> int:
 
 
 def measure(bundle: str, nproc: int, iterations: int, contrast: str, folder: Path) -> dict:
-    threads = max((os.cpu_count() or 1) // nproc, 1)
+    threads = threads_per_process(nproc).get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "all"))
     distributed = ["--nproc", str(nproc)] if nproc > 1 else []
     run = folder / f"train{nproc}"
     _medanomaly("train", bundle, "--demo", "--datalist", "demo", "--contrast", contrast, "--no-calibrate",
                 "--output-dir", str(run), "--set", f"num_iterations={iterations}", "--set",
-                f"epoch_length={iterations}", "--set", "val_interval=1000000", *distributed, threads=threads)
+                f"epoch_length={iterations}", "--set", "val_interval=1000000", *distributed)
     train_seconds = json.loads((run / "models" / "model_info.json").read_text())["train_seconds"]
     evaluation = folder / f"evaluate{nproc}"
     _medanomaly("evaluate", bundle, "--datalist", "demo", "--contrast", contrast, "--output-dir", str(evaluation),
-                "--set", "n_bootstrap=10", *distributed, threads=threads)
+                "--set", "n_bootstrap=10", *distributed)
     metrics = json.loads((evaluation / "metrics.json").read_text())
     volumes = metrics["n_lesion_volumes"] + metrics["n_healthy_volumes"]
     samples = iterations * nproc * _slices_per_iteration(bundle)

@@ -204,3 +204,23 @@ def test_the_repository_built_in_two_processes_is_the_one_process_repository(tin
     one, two = repositories
     assert len(one) > 8  # several batches, so both processes inverted some
     assert one.sources == two.sources and torch.equal(one.codes, two.codes)
+
+
+def test_n_processes_share_the_machines_cores_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert runner.threads_per_process(4) == {"OMP_NUM_THREADS": "4"}
+    assert runner.threads_per_process(32) == {"OMP_NUM_THREADS": "1"}
+    assert runner.threads_per_process(None) == {} and runner.threads_per_process(1) == {}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runner.threads_per_process(4) == {}
+
+
+def test_the_launcher_gives_each_process_its_threads(monkeypatch, no_process):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    seen = {}
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda command, env=None, **kw: seen.update(env) or _NoProcess(
+        command))
+    runner.start_bundle("dae", "evaluate", nproc=2)
+    assert seen["OMP_NUM_THREADS"] == "4"

@@ -323,14 +323,27 @@ def describe_exit(returncode: int) -> str:
     return f"killed by {name}" + (f": {why}" if why else "")
 
 
+def threads_per_process(nproc: int | None) -> dict[str, str]:
+    """CPU threads of each of `nproc` processes on this machine: its cores shared between them
+    (torchrun would give each one thread, leaving cores idle when there are fewer processes than
+    cores; N processes with all cores each slow each other many times over). Nothing when the user
+    set OMP_NUM_THREADS, or for one process (torch takes every core)."""
+    if not nproc or nproc < 2 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cores // nproc))}
+
+
 def start_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None, nproc=None):
-    return BundleProcess(bundle_command(bundle, workflow, overrides, demo, python, nproc), cwd=cwd, env=env)
+    return BundleProcess(bundle_command(bundle, workflow, overrides, demo, python, nproc), cwd=cwd,
+                         env={**threads_per_process(nproc), **(env or {})})
 
 
 def run_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None,
                on_line=None, on_progress=None, nproc=None) -> int:
-    """Runs a workflow to its end, streaming its log and progress; raises on failure. `nproc`: a
-    training in that many processes under torchrun (see `bundle_command`)."""
+    """Runs a workflow to its end, streaming its log and progress; raises on failure. `nproc`: the
+    workflow in that many processes under torchrun (see `bundle_command`), the cores shared
+    between them (`threads_per_process`)."""
     process = start_bundle(bundle, workflow, overrides, demo, python, cwd, env, nproc)
     return process.wait(on_line=on_line, on_progress=on_progress)
 
