@@ -10,7 +10,8 @@ merge included).
     python benchmarks/distributed_scaling.py [--bundle dae] [--nproc 1 2] [--iterations 40] [--contrast T2w]
 
 On a CPU machine each process gets cores / N threads (the launcher's `threads_per_process`), so
-N processes share the same cores: the ratio says what sharding costs or saves there. On N GPUs the ratio approaches N when data loading keeps up.
+N processes share the same cores: the ratio says what sharding costs or saves there. On N GPUs
+the ratio approaches N when data loading keeps up.
 """
 
 from __future__ import annotations
