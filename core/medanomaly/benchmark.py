@@ -183,12 +183,12 @@ def _short_error(error: BaseException) -> str:
 
 
 def _run_evaluation(bundle: BundleInfo, overrides: dict, demo: bool | None, log_file: Path, on_progress,
-                    timeout_minutes: float | None) -> None:
-    """The evaluate workflow in its own process, its log into `log_file`; stopped (and
+                    timeout_minutes: float | None, nproc: int | None = None) -> None:
+    """The evaluate workflow in its own process (in `nproc` under torchrun), its log into `log_file`; stopped (and
     reported as such) when it runs past `timeout_minutes`. Whatever ends this call early (an
     exception, Ctrl-C, SIGTERM / SIGHUP through `stop_on_signals`) ends the bundle's process tree."""
     with open(log_file, "w") as log:
-        process = start_bundle(bundle, "evaluate", overrides, demo)
+        process = start_bundle(bundle, "evaluate", overrides, demo, nproc=nproc)
         timer = threading.Timer(60 * timeout_minutes, process.cancel) if timeout_minutes else None
         try:
             if timer is not None:
@@ -234,9 +234,11 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None = None, demo: bool | None = None,
                     n_bootstrap: int = 200, models_root: Path | None = None, on_progress=None,
-                    timeout_minutes: float | None = None, contrast: str | None = None) -> dict:
-    """Runs one bundle's evaluate workflow in its own process (with the override `contrast`
-    when given); returns its result entry (`row`, `groups`, `metrics`, `per_volume`), with the
+                    timeout_minutes: float | None = None, contrast: str | None = None,
+                    nproc: int | None = None) -> dict:
+    """Runs one bundle's evaluate workflow in its own process, or in `nproc` processes under
+    torchrun (with the override `contrast` when given); returns its result entry (`row`,
+    `groups`, `metrics`, `per_volume`), with the
     status and error when it could not run. Rows and groups carry the contrast and the bundle's
     role (metadata.json `medanomaly_role`). `name` may be a variant, `bundle[key=value,...]`
     (`parse_variant`): its row is labelled with the whole spec."""
@@ -247,7 +249,7 @@ def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None
         entry = {"row": failed_row(str(name), FAILED, str(error).splitlines()[0])}
     else:
         entry = _evaluate(bundle, datalist, run_dir, device, demo, n_bootstrap, models_root, on_progress,
-                          timeout_minutes, contrast, variant)
+                          timeout_minutes, contrast, variant, nproc)
         entry["row"]["role"] = bundle.metadata.get("medanomaly_role")
         if variant:
             entry["row"]["bundle"] = str(name)
@@ -260,7 +262,7 @@ def evaluate_bundle(name: str, datalist: Path, run_dir: Path, device: str | None
 
 
 def _evaluate(bundle: BundleInfo, datalist: Path, run_dir: Path, device, demo, n_bootstrap, models_root, on_progress,
-              timeout_minutes, contrast, variant: dict | None = None) -> dict:
+              timeout_minutes, contrast, variant: dict | None = None, nproc: int | None = None) -> dict:
     started = time.perf_counter()
     model_dir = _model_dir(bundle, models_root)
     model_info = read_model_info(model_dir)
@@ -282,7 +284,7 @@ def _evaluate(bundle: BundleInfo, datalist: Path, run_dir: Path, device, demo, n
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)  # never report an earlier run's numbers
     try:
-        _run_evaluation(bundle, overrides, demo, run_dir / "benchmark.log", on_progress, timeout_minutes)
+        _run_evaluation(bundle, overrides, demo, run_dir / "benchmark.log", on_progress, timeout_minutes, nproc)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         model_info = metrics.get("model_info", model_info)  # the weights the bundle evaluated (a variant's own)
     except Exception as error:  # a failing bundle never stops the others
@@ -368,9 +370,11 @@ def _run_dir(output_dir: Path, contrast: str, name: str) -> Path:
 def run_benchmark(bundles: list[str] | None = None, cohort: str = "demo", output_dir: Path = Path("outputs/benchmark"),
                   device: str | None = None, demo: bool | None = None, n_bootstrap: int = 200,
                   models_root: Path | None = None, report: bool = True, command: str | None = None,
-                  timeout_minutes: float | None = None, merge: bool = False, contrast: str | None = None) -> dict:
+                  timeout_minutes: float | None = None, merge: bool = False, contrast: str | None = None,
+                  nproc: int | None = None) -> dict:
     """Evaluates `bundles` (default: every bundle found) on `cohort` in each contrast of
-    `contrast` (see `cohort_datalists`), one contrast after the other; writes the tables and the
+    `contrast` (see `cohort_datalists`), one contrast after the other, each bundle in one process or
+    in `nproc` (torchrun, its multi_gpu_evaluate.yaml: the same metrics); writes the tables and the
     report into `output_dir` and returns the results (`results.json`'s content: per contrast, its
     datalist and bundle entries). `merge` keeps the output folder's earlier results of the other
     bundles and contrasts on the same cohort (e.g. to add a newly trained bundle without
@@ -385,7 +389,7 @@ def run_benchmark(bundles: list[str] | None = None, cohort: str = "demo", output
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command or f"run_benchmark(bundles={bundles!r}, cohort={str(cohort)!r}, contrast={contrast!r})",
-        "cohort": str(cohort), "device": device or "auto",
+        "cohort": str(cohort), "device": device or "auto", "processes": nproc or 1,
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
         "ci_method": CI_METHOD, "n_bootstrap": n_bootstrap,
         "contrasts": {c: {"datalist": str(path), "bundles": []} for c, path in datalists.items()},
@@ -397,7 +401,7 @@ def run_benchmark(bundles: list[str] | None = None, cohort: str = "demo", output
                 try:
                     entry = evaluate_bundle(name, datalist, _run_dir(output_dir, c, name), device, demo, n_bootstrap,
                                             models_root, on_progress=printer.progress,
-                                            timeout_minutes=timeout_minutes, contrast=c)
+                                            timeout_minutes=timeout_minutes, contrast=c, nproc=nproc)
                 finally:
                     printer.close()
                 results["contrasts"][c]["bundles"].append(entry)

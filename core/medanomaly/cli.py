@@ -19,7 +19,7 @@ from medanomaly.bundles.input_files import expand_inputs
 from medanomaly.bundles.model_info import ModelInfoError
 from medanomaly.bundles.outputs import SUMMARY_FILE
 from medanomaly.bundles.registry import REPOSITORY_ROOT, BundleNotFound
-from medanomaly.bundles.runner import check_distributed, check_override_keys, config_keys
+from medanomaly.bundles.runner import check_distributed, check_override_keys, config_keys, distributed_config
 from medanomaly.console import CommandError, format_metrics, parse_overrides, run_workflow, written_since
 
 _REPOSITORY_README = REPOSITORY_ROOT / "README.md"
@@ -100,16 +100,21 @@ def _common_overrides(args, workflow: str) -> dict:
     return overrides
 
 
-def _check_distributed_training(args) -> None:
-    """`--nproc`: the bundle has a multi-process overlay, and each process chooses its own device."""
+def _check_distributed(args, workflows: tuple[str, ...]) -> None:
+    """`--nproc`: each bundle has the workflows' multi-process overlays, and each process chooses
+    its own device."""
+    from medanomaly.benchmark import parse_variant
+
     if args.nproc is None:
         return
     try:
-        check_distributed(find_bundle(args.bundle), "train")
-    except ValueError as err:
+        for bundle in getattr(args, "bundles", None) or [getattr(args, "bundle", None) or "dae"]:
+            for workflow in workflows:
+                check_distributed(find_bundle(parse_variant(bundle)[0]), workflow)
+    except (ValueError, BundleNotFound) as err:
         raise SystemExit(f"error: {err}") from None
     if args.device not in (None, "cpu"):
-        raise SystemExit(f"error: with --nproc each process trains on its own GPU (cuda:<local rank>), or on the CPU "
+        raise SystemExit(f"error: with --nproc each process runs on its own GPU (cuda:<local rank>), or on the CPU "
                          f"when there is none; --device {args.device} would put them all on one. Leave --device out, "
                          "or give --device cpu (gloo).")
 
@@ -123,15 +128,17 @@ def _settings_for(bundle: str, workflow: str, settings: dict) -> dict:
 
 
 def cmd_train(args) -> None:
-    _check_distributed_training(args)
+    _check_distributed(args, ("train",))
     overrides = _common_overrides(args, "train")
     output_dir = Path(_output_folder(overrides.get("output_dir") or str(Path("runs") / args.bundle)))
     overrides["output_dir"] = str(output_dir)
-    # training in --nproc processes (torchrun, DDP); what follows runs in one process
+    # training in --nproc processes (torchrun, DDP); the post-train workflows too where the bundle has
+    # their multi-process overlay; calibration in one process (few healthy validation volumes)
     run_workflow(args.bundle, "train", overrides, demo=args.demo, nproc=args.nproc)
     model_dir = output_dir / "models"
     # the bundle's own post-train workflows (e.g. scrps' latent repository), then calibration
-    after = [*find_bundle(args.bundle).post_train_workflows, *([] if args.no_calibrate else ["calibrate"])]
+    bundle = find_bundle(args.bundle)
+    after = [*bundle.post_train_workflows, *([] if args.no_calibrate else ["calibrate"])]
     for workflow in after:
         settings = {"model_dir": str(model_dir),
                     "output_dir": str(output_dir / ("calibration" if workflow == "calibrate" else workflow))}
@@ -139,7 +146,8 @@ def cmd_train(args) -> None:
             if key in overrides:
                 settings[key] = overrides[key]
         settings.update(_settings_for(args.bundle, workflow, parse_overrides(args.set)))
-        run_workflow(args.bundle, workflow, settings, demo=args.demo)
+        sharded = args.nproc is not None and workflow != "calibrate" and bundle.has_config(distributed_config(workflow))
+        run_workflow(args.bundle, workflow, settings, demo=args.demo, nproc=args.nproc if sharded else None)
     print(f"Weights and threshold: {model_dir}\n"
           f"Detect with them: medanomaly detect {args.bundle} SCAN --model-dir {model_dir}"
           + (f" --contrast {overrides['contrast']}" if "contrast" in overrides else "")
@@ -165,12 +173,13 @@ def cmd_detect(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    _check_distributed(args, ("evaluate",))
     overrides = _common_overrides(args, "evaluate")
     default_folder = Path("outputs") / args.bundle / "evaluate"
     overrides["output_dir"] = _output_folder(overrides.get("output_dir") or str(default_folder))
     if args.keys:
         overrides["datalist_keys"] = args.keys
-    started = run_workflow(args.bundle, "evaluate", overrides, demo=args.demo, quiet=True)
+    started = run_workflow(args.bundle, "evaluate", overrides, demo=args.demo, quiet=True, nproc=args.nproc)
     path = Path(overrides["output_dir"]) / "metrics.json"
     if not written_since(path, started):
         raise SystemExit(f"error: the evaluation ended without writing {path}.")
@@ -195,11 +204,12 @@ def cmd_benchmark(args) -> None:
         write_tables(results, output_dir)
         print(f"Report: {results['report']}")
     else:
+        _check_distributed(args, ("evaluate",))
         command = "medanomaly " + shlex.join(args.argv)
         results = run_benchmark(bundles=args.bundles, cohort=args.cohort, output_dir=output_dir, device=args.device,
                                 demo=args.demo, n_bootstrap=args.n_bootstrap, models_root=args.models_root,
                                 command=command, timeout_minutes=args.timeout_minutes, merge=args.merge,
-                                contrast=args.contrast)
+                                contrast=args.contrast, nproc=args.nproc)
     if args.update_readme:
         print(f"Updated {update_readme(Path(args.update_readme), results)}")
         for path in update_bundle_metadata(results):  # the same numbers as the README's table
@@ -214,6 +224,10 @@ def _process_count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text}: the number of processes is at least 1")
     return value
+
+
+def _nproc_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--nproc", type=_process_count, metavar="N", help=help)
 
 
 def _contrast(name: str) -> str:
@@ -269,10 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "then calibrate its threshold on healthy volumes", cmd_train)
     train.add_argument("--datalist", help="Decathlon-style JSON or a synthetic preset (tiny | demo | full)")
     train.add_argument("--no-calibrate", action="store_true")
-    train.add_argument("--nproc", type=_process_count, metavar="N",
-                       help="train in N processes on this machine, one per GPU (NCCL; gloo on CPUs), with torchrun "
-                            "and the bundle's configs/multi_gpu_train.yaml; post-train workflows and calibration "
-                            "then run in one process. Several machines: docs/DISTRIBUTED.md")
+    _nproc_option(train, "train in N processes on this machine, one per GPU (NCCL; gloo on CPUs), with torchrun "
+                         "and the bundle's configs/multi_gpu_train.yaml; post-train workflows and calibration "
+                         "then run in one process. Several machines: docs/DISTRIBUTED.md")
     _contrast_options(train, "contrast of a synthetic preset's datalist (default T1w); recorded with the weights")
 
     detect = bundle_command("detect", "heatmap + segmentation for volumes", cmd_detect)
@@ -290,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model-dir", dest="model_dir")
     evaluate.add_argument("--threshold", type=_threshold)
     _contrast_options(evaluate, "contrast of a synthetic preset's datalist (default T1w)", strict=True)
+    _nproc_option(evaluate, "score the volumes in N processes, one per GPU (gloo on CPUs), with torchrun and the "
+                            "bundle's configs/multi_gpu_evaluate.yaml: the same metrics as one process")
 
     demo = commands.add_parser("demo", help="detect lesions in a synthetic scan with the demo weights")
     demo.add_argument("--bundle", default="dae")
@@ -322,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="bootstrap resamples of the confidence intervals")
     benchmark.add_argument("--timeout-minutes", dest="timeout_minutes", type=float,
                            help="stop a bundle's evaluation after this long and report it as failed")
+    _nproc_option(benchmark, "evaluate each bundle in N processes, one per GPU (gloo on CPUs), with torchrun and its "
+                             "configs/multi_gpu_evaluate.yaml: the same metrics as one process")
     benchmark.add_argument("--merge", action="store_true",
                            help="keep the output folder's earlier results of the bundles not run now (same cohort)")
     benchmark.add_argument("--report-only", action="store_true",

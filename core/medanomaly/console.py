@@ -51,7 +51,7 @@ def run_workflow(bundle: str, workflow: str, overrides: dict, demo: bool | None,
                  nproc: int | None = None) -> float:
     """Runs a workflow with a progress bar; returns the time it started (to tell its outputs
     from an earlier run's). A failure exits with its cause; the log's tail is added only when
-    the log was not shown already (`quiet`); it raises `CommandError`. `nproc`: a training in
+    the log was not shown already (`quiet`); it raises `CommandError`. `nproc`: the workflow in
     that many processes under torchrun."""
     started = time.time()
     printer = ProgressPrinter(f"{bundle} {workflow}", quiet=quiet)

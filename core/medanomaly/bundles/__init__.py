@@ -11,7 +11,8 @@ use inside a bundle process (runtime layer), loads on first access:
 slices; `Invertd` brings the maps back to the input grid (`predictions`), `writing.SaveAnomalyOutputsd`
 writes them, and `handlers` report progress, the summary, metrics, thresholds and model_info.json.
 `weights` loads the network's weights and finds the checkpoint to resume from; `contrast` checks
-that inputs match the contrast the weights were trained on.
+that inputs match the contrast the weights were trained on; `distributed` starts the process group
+of the multi-process overlays and merges what the ranks collected.
 """
 
 from medanomaly.bundles.progress import VolumeProgress, format_progress, parse_progress, report_progress
@@ -43,7 +44,8 @@ __all__ = [
 
 # submodules this package does not import itself; the runtime ones (torch) load only when a bundle
 # config asks for them, e.g. `$medanomaly.bundles.weights.load_weights(...)` after `$import medanomaly`
-_LAZY_SUBMODULES = ("contrast", "handlers", "input_files", "inputs", "method", "predictions", "weights", "writing")
+_LAZY_SUBMODULES = ("contrast", "distributed", "handlers", "input_files", "inputs", "method", "predictions",
+                    "weights", "writing")
 
 
 def __getattr__(name: str):

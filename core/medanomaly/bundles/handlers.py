@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from medanomaly import io
+from medanomaly.bundles.distributed import gather_in_order, is_main_process, world_size
 from medanomaly.bundles.model_info import read_model_info, update_model_info
 from medanomaly.bundles.outputs import SUMMARY_FILE, lock_output_dir
 from medanomaly.bundles.predictions import PRED, item_subject_name, label_array, scored_heatmap, supplied_brain_mask
@@ -50,13 +51,14 @@ class ProgressHandler:
 
 
 class OutputSummaryHandler:
-    """Writes `detections.json`: one record per input with its output files and score."""
+    """Writes `detections.json`: one record per input with its output files and score. Under
+    torchrun (multi_gpu_evaluate.yaml) rank 0 writes every rank's records, in the datalist's order."""
 
     def __init__(self, output_dir: str | None):
         self.output_dir, self.records = output_dir, []
 
     def attach(self, engine: Engine) -> None:
-        if self.output_dir is not None:
+        if self.output_dir is not None and is_main_process():
             lock_output_dir(self.output_dir)  # one run at a time writes into a folder
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._write)
@@ -65,7 +67,8 @@ class OutputSummaryHandler:
         self.records += [item["outputs"] for item in engine.state.output if "outputs" in item]
 
     def _write(self, engine: Engine) -> None:
-        if self.output_dir is None or not self.records:
+        self.records = gather_in_order(self.records)
+        if self.output_dir is None or not self.records or not is_main_process():
             return
         io.write_json(Path(self.output_dir) / SUMMARY_FILE, self.records, indent=2)
         logger.info("Wrote %d detection(s) to %s", len(self.records), self.output_dir)
@@ -99,7 +102,9 @@ def peak_memory() -> dict:
 
 class CohortHandler:
     """Accumulates every inverted prediction into a `medanomaly.metrics.CohortEvaluator`;
-    subclasses decide what to write when the run completes."""
+    subclasses decide what to write when the run completes. Under torchrun (multi_gpu_evaluate.yaml)
+    each rank collects its shard of the volumes; at the end rank 0 holds every rank's records in the
+    datalist's order (the records carry the score histograms), and writes alone."""
 
     def __init__(self, evaluator):
         self.evaluator = evaluator
@@ -107,7 +112,7 @@ class CohortHandler:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
+        engine.add_event_handler(Events.COMPLETED, self._complete)
 
     def _start(self, engine: Engine) -> None:
         self.started = time.perf_counter()
@@ -115,6 +120,11 @@ class CohortHandler:
     def _collect(self, engine: Engine) -> None:
         for item in processed_items(engine):
             collect_volume(self.evaluator, item)
+
+    def _complete(self, engine: Engine) -> None:
+        self.evaluator.records = gather_in_order(self.evaluator.records)
+        if is_main_process():
+            self._write(engine)
 
     def _write(self, engine: Engine) -> None:
         raise NotImplementedError
@@ -132,7 +142,8 @@ class CohortMetricsHandler(CohortHandler):
         self.model_dir = model_dir
 
     def attach(self, engine: Engine) -> None:
-        lock_output_dir(self.output_dir)
+        if is_main_process():
+            lock_output_dir(self.output_dir)
         super().attach(engine)
 
     def _write(self, engine: Engine) -> None:
@@ -143,7 +154,9 @@ class CohortMetricsHandler(CohortHandler):
         seconds = time.perf_counter() - self.started  # loading, inference, inversion, writing
         self.output_dir.mkdir(parents=True, exist_ok=True)
         summary = self.evaluator.summary(threshold=self.threshold, n_boot=self.n_boot)
+        # rank 0's clock and memory; with N processes, seconds_per_volume is the cohort's throughput
         summary["timing"] = {"seconds": round(seconds, 2), "device": str(engine.state.device),
+                             "processes": world_size(),
                              "seconds_per_volume": round(seconds / max(len(self.evaluator.records), 1), 3),
                              **peak_memory()}
         if self.model_dir is not None:  # the weights evaluated (a variant's own folder, e.g. models/brainomaly)

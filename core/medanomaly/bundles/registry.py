@@ -67,7 +67,16 @@ class BundleInfo:
     def trains_distributed(self) -> bool:
         """True when the bundle trains in several processes (PyTorch distributed under torchrun):
         it has the overlay configs/multi_gpu_train.yaml."""
-        return (self.configs_dir / "multi_gpu_train.yaml").is_file()
+        return self.has_config("multi_gpu_train")
+
+    @property
+    def evaluates_distributed(self) -> bool:
+        """True when the bundle's inference, evaluation and calibration shard the volumes over
+        several processes: it has the overlay configs/multi_gpu_evaluate.yaml."""
+        return self.has_config("multi_gpu_evaluate")
+
+    def has_config(self, name: str) -> bool:
+        return (self.configs_dir / f"{name}.yaml").is_file()
 
     @property
     def model_dir(self) -> Path:
@@ -110,6 +119,7 @@ class BundleInfo:
             "demo_weights": self.weights_need_demo_config,
             "contrast": self.weights_contrast,
             "trains_distributed": self.trains_distributed,
+            "evaluates_distributed": self.evaluates_distributed,
         }
 
 

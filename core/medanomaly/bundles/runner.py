@@ -1,5 +1,6 @@
-"""Run a bundle's workflow (`train`, `inference`, `evaluate`) in its own process, or a training
-in N processes under torchrun (`nproc`: PyTorch distributed, the bundle's multi_gpu_train.yaml).
+"""Run a bundle's workflow (`train`, `inference`, `evaluate`, `calibrate`) in its own process, or in
+N processes under torchrun (`nproc`: PyTorch distributed, the bundle's multi_gpu_train.yaml or
+multi_gpu_evaluate.yaml).
 
 The CLI, the benchmark and the Slicer module all launch bundles through `bundle_command`
 and `BundleProcess`, so what a user runs from a shell is exactly what the tests run.
@@ -29,8 +30,20 @@ WORKFLOW_CONFIGS = {
     "evaluate": ["inference", "evaluate"],
     "calibrate": ["inference", "calibrate"],
 }
-# The overlay on train.yaml that trains in several processes (DDP under torchrun); see registry.BundleInfo.
-DISTRIBUTED_CONFIG = "multi_gpu_train"
+# The overlay that runs a workflow in several processes under torchrun: DDP training on train.yaml;
+# volumes sharded over the processes on inference.yaml (+ evaluate / calibrate); a bundle's post-train
+# workflow X (e.g. scrps' build_repository) in several processes: its multi_gpu_X.yaml.
+DISTRIBUTED_CONFIGS = {
+    "train": "multi_gpu_train",
+    "inference": "multi_gpu_evaluate",
+    "evaluate": "multi_gpu_evaluate",
+    "calibrate": "multi_gpu_evaluate",
+}
+
+
+def distributed_config(workflow: str) -> str:
+    """The name of the overlay that runs `workflow` in several processes."""
+    return DISTRIBUTED_CONFIGS.get(workflow) or f"multi_gpu_{workflow}"
 
 
 def workflow_configs(bundle: BundleInfo, workflow: str) -> list[str]:
@@ -112,7 +125,7 @@ def config_keys(bundle: BundleInfo, workflow: str, demo: bool = True, distribute
     the multi-process overlay's): what an override may set."""
     import yaml
 
-    names = [*workflow_configs(bundle, workflow), *([DISTRIBUTED_CONFIG] if distributed else []),
+    names = [*workflow_configs(bundle, workflow), *([distributed_config(workflow)] if distributed else []),
              *(["demo"] if demo else [])]
     keys: set[str] = set()
     for name in names:
@@ -159,12 +172,12 @@ def torchrun_command(nproc: int, python: str | None = None) -> list[str]:
 
 def check_distributed(bundle: BundleInfo, workflow: str) -> None:
     """Raises `ValueError` unless `workflow` of `bundle` can run in several processes."""
-    if workflow != "train":
-        raise ValueError(f"Only training runs in several processes; {workflow} runs in one.")
-    if not bundle.trains_distributed:
-        names = ", ".join(b.name for b in list_bundles() if b.trains_distributed) or "none"
-        raise ValueError(f"Bundle '{bundle.name}' has no configs/{DISTRIBUTED_CONFIG}.yaml: it trains in one process "
-                         f"only (bundles that train in several: {names}).")
+    workflow_configs(bundle, workflow)  # an unknown workflow: the error that names the known ones
+    overlay = distributed_config(workflow)
+    if not bundle.has_config(overlay):
+        names = ", ".join(b.name for b in list_bundles() if b.has_config(overlay)) or "none"
+        raise ValueError(f"Bundle '{bundle.name}' has no configs/{overlay}.yaml: its {workflow} runs in one process "
+                         f"only (bundles whose {workflow} runs in several: {names}).")
 
 
 def bundle_command(
@@ -175,14 +188,15 @@ def bundle_command(
     python: str | None = None,
     nproc: int | None = None,
 ) -> list[str]:
-    """The `python -m monai.bundle run ...` command line of one workflow; with `nproc`, a training
+    """The `python -m monai.bundle run ...` command line of one workflow; with `nproc`, the workflow
     in that many processes: `python -m torch.distributed.run ... -m monai.bundle run` with the
-    configs train.yaml, multi_gpu_train.yaml (then demo.yaml when used)."""
+    workflow's configs, its multi-process overlay (multi_gpu_train.yaml, multi_gpu_evaluate.yaml),
+    then demo.yaml when used."""
     bundle = find_bundle(bundle)
     if nproc is not None:
         check_distributed(bundle, workflow)
     with_demo = uses_demo_config(bundle, workflow, overrides, demo)
-    names = (workflow_configs(bundle, workflow) + ([DISTRIBUTED_CONFIG] if nproc is not None else [])
+    names = (workflow_configs(bundle, workflow) + ([distributed_config(workflow)] if nproc is not None else [])
              + (["demo"] if with_demo else []))
     config_files = [str(bundle.config_file(name)) for name in names]
     launcher = [python or sys.executable] if nproc is None else torchrun_command(nproc, python)
@@ -309,14 +323,27 @@ def describe_exit(returncode: int) -> str:
     return f"killed by {name}" + (f": {why}" if why else "")
 
 
+def threads_per_process(nproc: int | None) -> dict[str, str]:
+    """CPU threads of each of `nproc` processes on this machine: its cores shared between them
+    (torchrun would give each one thread, leaving cores idle when there are fewer processes than
+    cores; N processes with all cores each slow each other many times over). Nothing when the user
+    set OMP_NUM_THREADS, or for one process (torch takes every core)."""
+    if not nproc or nproc < 2 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"OMP_NUM_THREADS": str(max(1, cores // nproc))}
+
+
 def start_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None, nproc=None):
-    return BundleProcess(bundle_command(bundle, workflow, overrides, demo, python, nproc), cwd=cwd, env=env)
+    return BundleProcess(bundle_command(bundle, workflow, overrides, demo, python, nproc), cwd=cwd,
+                         env={**threads_per_process(nproc), **(env or {})})
 
 
 def run_bundle(bundle, workflow="inference", overrides=None, demo=None, python=None, cwd=None, env=None,
                on_line=None, on_progress=None, nproc=None) -> int:
-    """Runs a workflow to its end, streaming its log and progress; raises on failure. `nproc`: a
-    training in that many processes under torchrun (see `bundle_command`)."""
+    """Runs a workflow to its end, streaming its log and progress; raises on failure. `nproc`: the
+    workflow in that many processes under torchrun (see `bundle_command`), the cores shared
+    between them (`threads_per_process`)."""
     process = start_bundle(bundle, workflow, overrides, demo, python, cwd, env, nproc)
     return process.wait(on_line=on_line, on_progress=on_progress)
 

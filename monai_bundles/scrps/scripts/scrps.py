@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from medanomaly import scoring
+from medanomaly.bundles.distributed import gather_in_order, is_main_process, rank, world_size
 from medanomaly.bundles.method import SliceAnomalyMethod
 from medanomaly.bundles.model_info import update_model_info
 from medanomaly.data import IMAGE, MASK
@@ -79,7 +80,9 @@ def build_repository(inverter: LatentInverter, data: Sequence[dict], transform: 
                      fraction: float = 0.05, seed: int = 0, batch_size: int = 64, min_brain_fraction: float = 0.05,
                      device=None, filename: str = REPOSITORY_FILE) -> LatentRepository:
     """Inverts a random `fraction` of the brain slices of `data` (healthy training volumes) and
-    saves the codes as `model_dir/repository.pt` (records its size in model_info.json)."""
+    saves the codes as `model_dir/repository.pt` (records its size in model_info.json). Under
+    torchrun (configs/multi_gpu_build_repository.yaml) rank r inverts the batches r, r + N, ... and
+    rank 0 saves every rank's codes in the order of one process (the same batches: the same codes)."""
     generator = inverter.generator
     device = device or next(generator.parameters()).device
     volumes, candidates = [], []
@@ -91,17 +94,21 @@ def build_repository(inverter: LatentInverter, data: Sequence[dict], transform: 
     chosen = [candidates[i] for i in select_fraction(len(candidates), fraction, seed)]
     logger.info("Latent repository: inverting %d of %d brain slices of %d volumes.", len(chosen), len(candidates),
                 len(volumes))
-    codes, sources, losses = [], [], []
-    for start in tqdm(range(0, len(chosen), batch_size), desc="inverting repository slices"):
+    inverted = []  # (codes, losses, sources) of each batch of this process
+    starts = range(0, len(chosen), batch_size)[rank()::world_size()]
+    for start in tqdm(starts, desc="inverting repository slices", disable=not is_main_process()):
         batch = chosen[start:start + batch_size]
         images = torch.stack([volumes[v][1][..., z] for v, z in batch]).to(device)  # (b, 1, H, W)
-        codes.append(inverter(resize(images, generator.size)).cpu())
-        losses.append(inverter.last_losses.cpu())
-        sources += [f"{volumes[v][0]}:{z}" for v, z in batch]
+        inverted.append((inverter(resize(images, generator.size)).cpu(), inverter.last_losses.cpu(),
+                         [f"{volumes[v][0]}:{z}" for v, z in batch]))
+    codes, losses, batch_sources = zip(*gather_in_order(inverted))
+    sources = [source for names in batch_sources for source in names]
     info = {"fraction": fraction, "seed": seed, "candidate_slices": len(candidates), "volumes": len(volumes),
             "inversion_steps": inverter.steps, "lambda_mse": inverter.lambda_mse, "lpips_weight": inverter.lpips_weight,
             "mean_inversion_loss": float(torch.cat(losses).mean())}
     repository = LatentRepository(torch.cat(codes), sources, info)
+    if not is_main_process():
+        return repository
     path = repository.save(Path(model_dir) / filename)
     update_model_info(model_dir, repository_size=len(repository), repository=info)
     logger.info("Saved %d codes to %s (mean inversion loss %.4f).", len(repository), path, info["mean_inversion_loss"])
