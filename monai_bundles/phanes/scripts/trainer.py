@@ -1,12 +1,14 @@
-"""PHANES training: a small two-stage engine.
+"""PHANES training: two stages, each an ignite `Engine` as the other bundles' trainers are.
 
 Stage 1 trains the RA soft-introspective VAE with its own encoder and decoder steps
-(`VAEStep`); between the stages the mask thresholds are calibrated on healthy validation slices
-(`calibrate_mask_thresholds`); stage 2 trains the AOT-GAN inpainter on healthy slices with
-masks = (stage-1 anomaly mask  OR  ~10 random ellipses) inside the brain (`InpainterStep`).
-Each stage checkpoints every `checkpoint_interval` iterations into
-`model_dir/checkpoint_stage{1,2}.pt` and resumes from there; `model_dir/model.pt` holds both
-state dicts (`model`) and the calibrated `mask_thresholds`.
+(`VAEStep`, the engine's process function); between the stages the mask thresholds are
+calibrated on healthy validation slices (`calibrate_mask_thresholds`); stage 2 trains the AOT-GAN
+inpainter on healthy slices with masks = (stage-1 anomaly mask  OR  ~10 random ellipses) inside
+the brain (`InpainterStep`). Handlers on each stage's engine report progress, validate stage 1,
+log, write TensorBoard scalars (`<output_dir>/tensorboard`) and checkpoint every
+`checkpoint_interval` iterations into `model_dir/checkpoint_stage{1,2}.pt`, from which a stage
+resumes (the engine's own iteration counter); `model_dir/model.pt` holds both state dicts
+(`model`) and the calibrated `mask_thresholds`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from ignite.engine import Engine, Events
 
 from medanomaly import masking
 from medanomaly.bundles.model_info import update_model_info, weights_file
@@ -281,7 +283,7 @@ class PhanesTrainer:
                  stage="both", stage1_iterations=100000, stage2_iterations=100000, learning_rate=5e-5,
                  inpainter_learning_rate=1e-4, vae_losses=None, inpainter_losses=None, discriminator=None,
                  features=None, n_ellipses=10, vae_masks=True, mask_fpr=0.05, checkpoint_interval=500,
-                 log_interval=50, validation_interval=None, resume=False, seed=0, info=None):
+                 log_interval=50, validation_interval=None, resume=False, seed=0, info=None, tensorboard_dir=None):
         self.model, self.loader, self.validation = model.to(device), train_loader, validation_data
         self.perceptual = perceptual.to(device) if perceptual is not None else None
         self.model_dir, self.device, self.amp = Path(model_dir), device, amp
@@ -300,6 +302,7 @@ class PhanesTrainer:
         self.best_vae: dict | None = None
         self.validation_curve: list = []  # [iteration, healthy validation reconstruction MSE]
         self.resume, self.seed, self.info = resume, seed, dict(info or {})
+        self.tensorboard_dir = tensorboard_dir
         self.rng = np.random.default_rng(seed)
         self._last_report = -float("inf")
         self.mask_thresholds: dict = {}
@@ -349,32 +352,52 @@ class PhanesTrainer:
             self.stages_done = saved.get("stages_done", [])
 
     # ---- stages
+    def stage_engine(self, stage: int) -> Engine:
+        """Stage `stage`'s ignite engine: one `VAEStep` / `InpainterStep` per iteration (its losses are
+        the engine's output), with the progress, validation, logging, TensorBoard and checkpoint
+        handlers; it runs `iterations[stage]` iterations over the training loader, repeated."""
+        total = self.iterations[stage]
+        threshold = self.mask_thresholds.get(f"{self.mask_fpr:g}") if self.vae_masks else None
+
+        def step(engine, batch):
+            x, brain = _slices(batch, self.device)
+            if stage == 1:
+                return self.vae_step(x)
+            mask = training_masks(x, brain, self.model.vae if threshold is not None else None, self.perceptual,
+                                  threshold, self.n_ellipses, self.rng)
+            return self.inpainter_step(x, mask)
+
+        engine = Engine(step)
+
+        def every(n, handler):  # handler(iteration) every n iterations, and at the last one
+            when = Events.ITERATION_COMPLETED(event_filter=lambda _, i: i % n == 0 or i == total)
+            engine.add_event_handler(when, lambda e: handler(e.state.iteration))
+
+        every(1, lambda done: self._report_progress(stage, done))
+        if stage == 1 and self.validation_interval:
+            every(self.validation_interval, self._validate_stage1)
+        every(self.log_interval, lambda done: logger.info("stage %d iteration %d/%d %s", stage, done, total, " ".join(
+            f"{k}={v:.5g}" for k, v in engine.state.output.items())))
+        every(self.checkpoint_interval, lambda done: self._save_checkpoint(stage, done))
+        if self.tensorboard_dir:
+            from monai.handlers import TensorBoardStatsHandler
+
+            TensorBoardStatsHandler(log_dir=str(self.tensorboard_dir), iteration_log=True, epoch_log=False,
+                                    output_transform=lambda losses: {f"stage{stage}/{k}": v for k, v in losses.items()},
+                                    ).attach(engine)
+        return engine
+
     def _run_stage(self, stage):
         start = self._load_checkpoint(stage)
         total = self.iterations[stage]
         if stage == 2 and not self.mask_thresholds:
             self._calibrate()
-        threshold = self.mask_thresholds.get(f"{self.mask_fpr:g}") if self.vae_masks else None
-        data = _infinite(self.loader)
         started, last = time.perf_counter(), {}
-        bar = tqdm(range(start, total), desc=f"PHANES stage {stage}", initial=start, total=total, mininterval=10)
-        for iteration in bar:
-            x, brain = _slices(next(data), self.device)
-            if stage == 1:
-                last = self.vae_step(x)
-            else:
-                mask = training_masks(x, brain, self.model.vae if threshold is not None else None, self.perceptual,
-                                      threshold, self.n_ellipses, self.rng)
-                last = self.inpainter_step(x, mask)
-            done = iteration + 1
-            self._report_progress(stage, done)
-            if stage == 1 and self.validation_interval and (done % self.validation_interval == 0 or done == total):
-                self._validate_stage1(done)
-            if done % self.log_interval == 0 or done == total:
-                logger.info("stage %d iteration %d/%d %s", stage, done, total,
-                            " ".join(f"{k}={v:.5g}" for k, v in last.items()))
-            if done % self.checkpoint_interval == 0 or done == total:
-                self._save_checkpoint(stage, done)
+        if start < total:  # a stage checkpointed at its end is done
+            engine = self.stage_engine(stage)
+            engine.load_state_dict({"iteration": start, "epoch_length": total, "max_epochs": 1})
+            engine.run(_infinite(self.loader), max_epochs=1, epoch_length=total)
+            last = engine.state.output or {}
         if stage not in self.stages_done:
             self.stages_done.append(stage)
         if stage == 1 and self.best_vae is not None:
