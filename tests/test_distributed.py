@@ -100,7 +100,7 @@ def test_nproc_is_a_positive_whole_number(tmp_path, no_process, capsys):
 
 def test_the_bundles_that_train_in_several_processes():
     assert [name for name in DISTRIBUTED_BUNDLES if find_bundle(name).trains_distributed] == list(DISTRIBUTED_BUNDLES)
-    assert not find_bundle("intensity").trains_distributed and not find_bundle("phanes").trains_distributed
+    assert not find_bundle("intensity").trains_distributed and find_bundle("phanes").trains_distributed
     assert find_bundle("dae").summary()["trains_distributed"] is True
 
 
@@ -172,7 +172,8 @@ def test_overlay_runs_train_yamls_run_inside_a_process_group(bundle):
 
 
 # --------------------------------------------------------------------------- two processes, gloo
-def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int | None) -> Path:
+def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int | None,
+                   handlers_key: str = "train#trainer#train_handlers") -> Path:
     """Per-rank output folders (rank 1 must leave its own empty) and the probe on every rank."""
     overlay = {
         "output_dir": f"$os.path.join({str(root)!r}, 'rank' + str(@rank))",
@@ -180,7 +181,8 @@ def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int |
                               "path": f"$os.path.join({str(root)!r}, 'probe_rank' + str(@rank) + '.pt')",
                               "networks": networks,
                               "stop_after": f"${stop_rank1_after} if @rank == 1 else None"},
-        "train#trainer#train_handlers": "$@train#handlers + [@distributed_probe]",
+        handlers_key: ("$@train#handlers + [@distributed_probe]" if handlers_key == "train#trainer#train_handlers"
+                       else "$[@distributed_probe]"),
     }
     path = root / "probe.yaml"
     path.write_text(yaml.safe_dump(overlay))
@@ -188,14 +190,16 @@ def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int |
 
 
 def train_in_two_processes(bundle: str, root: Path, overrides: dict, networks: dict[str, str],
-                           stop_rank1_after: int | None = None, timeout: float = 300) -> tuple[dict, dict, str]:
+                           stop_rank1_after: int | None = None, timeout: float = 300,
+                           handlers_key: str = "train#trainer#train_handlers") -> tuple[dict, dict, str]:
     """Runs `medanomaly train BUNDLE --nproc 2`'s command (demo overlay) plus the probe overlay
     (`stop_rank1_after`: rank 1 alone is told to stop after that iteration); returns the two
     ranks' probe records and the log."""
     root.mkdir(parents=True, exist_ok=True)
     command = bundle_command(bundle, "train", overrides, demo=True, nproc=2)
     at = command.index("--config_file") + 1
-    command[at] = repr([*ast.literal_eval(command[at]), str(_probe_overlay(root, networks, stop_rank1_after))])
+    probe = _probe_overlay(root, networks, stop_rank1_after, handlers_key)
+    command[at] = repr([*ast.literal_eval(command[at]), str(probe)])
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     process = BundleProcess(command, env=env, log_lines=400)
     timer = threading.Timer(timeout, process.cancel)
@@ -299,3 +303,21 @@ def test_gan_diffusion_and_supervised_bundles_train_in_two_processes_with_identi
     rank0, rank1, _ = train_in_two_processes(bundle, tmp_path / "run", overrides, networks, timeout=600)
     check_ranks(rank0, rank1, 4, trained=trained, skip=may_differ)
     check_rank0_wrote_alone(tmp_path / "run", 4)
+
+
+@pytest.mark.slow  # ~1 min here (make test-all)
+def test_phanes_trains_in_two_processes_with_identical_networks(tiny, tmp_path):
+    """PHANES without DDP's wrapper (its steps call the VAE's encoder and decoder): rank 0's weights at
+    the start, gradients averaged before every optimiser step and rank 0's BatchNorm statistics keep
+    the ranks' networks identical through stage 1, trained on different slices; rank 0 alone writes."""
+    overrides = {"datalist": _small_datalist(tiny, tmp_path), "num_workers": 0, "stage": "1", "stage1_iterations": 4,
+                 "checkpoint_interval": 2, "validation_interval": 2, "log_interval": 1, "dist_timeout_minutes": 3,
+                 "vae_channels": [4, 8, 8, 8, 8], "zdim": 8}
+    rank0, rank1, _ = train_in_two_processes("phanes", tmp_path / "run", overrides,
+                                             {"network": "@network_def", "discriminator": "@discriminator"},
+                                             timeout=600, handlers_key="trainer#handlers")
+    check_ranks(rank0, rank1, 4, trained=("network",))
+    models = tmp_path / "run" / "rank0" / "models"
+    assert {"model.pt", "checkpoint_stage1.pt", "model_info.json"} <= {p.name for p in models.iterdir()}
+    assert list((tmp_path / "run" / "rank0" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "run" / "rank1").exists()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
 from medanomaly import masking
+from medanomaly.bundles.distributed import average_gradients, broadcast_from_rank0, is_main_process, rank
 from medanomaly.bundles.model_info import update_model_info, weights_file
 from medanomaly.bundles.progress import report_progress
 from medanomaly.data import IMAGE, MASK
@@ -103,6 +104,7 @@ class VAEStep:
                       + self.negative_weight * (exp_fake + exp_rec) + self.embedding_weight * loss_embed)
         self.opt_e.zero_grad(set_to_none=True)
         loss_e.backward()
+        average_gradients(self.opt_e)
         self.opt_e.step()
         # ---- decoder step
         with _autocast(self.device, self.amp):
@@ -123,6 +125,7 @@ class VAEStep:
         self.opt_d.zero_grad(set_to_none=True)
         self.opt_e.zero_grad(set_to_none=True)
         loss_d.backward()
+        average_gradients(self.opt_d)
         self.opt_d.step()
         self.opt_e.zero_grad(set_to_none=True)  # the decoder step's encoder gradients are not used
         losses = {"loss_e": loss_e, "loss_d": loss_d, "rec_mse": loss_rec_d / x[0].numel(), "kl": loss_kl,
@@ -178,12 +181,14 @@ class InpainterStep:
                 total = total + self.adversarial_weight * adversarial
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()
+        average_gradients(self.opt_g)
         self.opt_g.step()
         with _autocast(self.device, self.amp):
             d_loss = discriminator_loss(self.discriminator(x).float(),
                                         self.discriminator(composed.detach()).float(), mask)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
+        average_gradients(self.opt_d)
         self.opt_d.step()
         losses = {"loss_g": total, "loss_d": d_loss, "adversarial": adversarial, **parts}
         return {k: float(v.detach()) for k, v in losses.items()}
@@ -283,7 +288,8 @@ class PhanesTrainer:
                  stage="both", stage1_iterations=100000, stage2_iterations=100000, learning_rate=5e-5,
                  inpainter_learning_rate=1e-4, vae_losses=None, inpainter_losses=None, discriminator=None,
                  features=None, n_ellipses=10, vae_masks=True, mask_fpr=0.05, checkpoint_interval=500,
-                 log_interval=50, validation_interval=None, resume=False, seed=0, info=None, tensorboard_dir=None):
+                 log_interval=50, validation_interval=None, resume=False, seed=0, info=None, tensorboard_dir=None,
+                 handlers=()):
         self.model, self.loader, self.validation = model.to(device), train_loader, validation_data
         self.perceptual = perceptual.to(device) if perceptual is not None else None
         self.model_dir, self.device, self.amp = Path(model_dir), device, amp
@@ -302,8 +308,8 @@ class PhanesTrainer:
         self.best_vae: dict | None = None
         self.validation_curve: list = []  # [iteration, healthy validation reconstruction MSE]
         self.resume, self.seed, self.info = resume, seed, dict(info or {})
-        self.tensorboard_dir = tensorboard_dir
-        self.rng = np.random.default_rng(seed)
+        self.tensorboard_dir, self.handlers = tensorboard_dir, list(handlers or ())
+        self.rng = np.random.default_rng([seed, rank()])  # each rank its own ellipses
         self._last_report = -float("inf")
         self.mask_thresholds: dict = {}
         self.stages_done: list = []
@@ -340,6 +346,9 @@ class PhanesTrainer:
         self.mask_thresholds = state.get("mask_thresholds", {})
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if rank() > 0:  # rank 0's saved streams: the other ranks draw their own again
+            self.rng = np.random.default_rng([self.seed, rank(), int(state["iteration"])])
+            torch.manual_seed(self.seed + rank() + int(state["iteration"]))
         logger.info("Resuming stage %d from %s at iteration %d.", stage, path, state["iteration"])
         return int(state["iteration"])
 
@@ -362,10 +371,14 @@ class PhanesTrainer:
         def step(engine, batch):
             x, brain = _slices(batch, self.device)
             if stage == 1:
-                return self.vae_step(x)
-            mask = training_masks(x, brain, self.model.vae if threshold is not None else None, self.perceptual,
-                                  threshold, self.n_ellipses, self.rng)
-            return self.inpainter_step(x, mask)
+                losses = self.vae_step(x)
+            else:
+                mask = training_masks(x, brain, self.model.vae if threshold is not None else None, self.perceptual,
+                                      threshold, self.n_ellipses, self.rng)
+                losses = self.inpainter_step(x, mask)
+            # several processes: rank 0's BatchNorm statistics, as DistributedDataParallel keeps them
+            broadcast_from_rank0(self.model, self.discriminator, buffers_only=True)
+            return losses
 
         engine = Engine(step)
 
@@ -373,9 +386,13 @@ class PhanesTrainer:
             when = Events.ITERATION_COMPLETED(event_filter=lambda _, i: i % n == 0 or i == total)
             engine.add_event_handler(when, lambda e: handler(e.state.iteration))
 
-        every(1, lambda done: self._report_progress(stage, done))
-        if stage == 1 and self.validation_interval:
+        if stage == 1 and self.validation_interval:  # every rank: the same weights, the same best VAE
             every(self.validation_interval, self._validate_stage1)
+        for handler in self.handlers:
+            handler.attach(engine)
+        if not is_main_process():  # rank 0 alone reports, logs and writes files
+            return engine
+        every(1, lambda done: self._report_progress(stage, done))
         every(self.log_interval, lambda done: logger.info("stage %d iteration %d/%d %s", stage, done, total, " ".join(
             f"{k}={v:.5g}" for k, v in engine.state.output.items())))
         every(self.checkpoint_interval, lambda done: self._save_checkpoint(stage, done))
@@ -404,6 +421,8 @@ class PhanesTrainer:
             self.model.vae.load_state_dict(self.best_vae)
         if stage == 1 and (start < total or not self.mask_thresholds):
             self._calibrate()
+        if not is_main_process():
+            return
         save_model(self.model_dir, self.model, self.mask_thresholds, self.stages_done)
         update_model_info(self.model_dir, **self.info, **{
             f"stage{stage}_iterations_done": total, f"stage{stage}_seconds": round(time.perf_counter() - started, 1),
@@ -446,9 +465,11 @@ class PhanesTrainer:
     def run(self):
         if self.stage not in ("1", "2", "both"):
             raise ValueError(f"stage must be 1, 2 or 'both', got {self.stage!r}.")
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + rank())
         if self.stage == "2":
             self._load_previous_model()
+        # several processes (configs/multi_gpu_train.yaml): every rank starts from rank 0's weights
+        broadcast_from_rank0(self.model, self.discriminator)
         if self.stage in ("1", "both"):
             self._run_stage(1)
         if self.stage in ("2", "both"):
