@@ -23,51 +23,25 @@ from medanomaly import cli
 from medanomaly.bundles import BundleProcess, bundle_command, find_bundle, runner
 from medanomaly.data import load_datalist, write_datalist
 
+from checks import config_names
+
 TESTS = Path(__file__).resolve().parent
 DISTRIBUTED_BUNDLES = ("dae", "supervised", "cddpm", "sagan", "scrps")
 
 
 # --------------------------------------------------------------------------- the command line
-class _NoProcess:
-    """Stands in for subprocess.Popen: records the command, runs nothing, exits 0."""
-
-    started: list[list[str]] = []
-
-    def __init__(self, command, **kwargs):
-        self.started.append(list(command))
-        self.stdout, self.pid = iter(()), 0
-
-    def wait(self, timeout=None):
-        return 0
-
-    def poll(self):
-        return 0
-
-
-@pytest.fixture
-def no_process(monkeypatch):
-    _NoProcess.started = []
-    monkeypatch.setattr(runner.subprocess, "Popen", _NoProcess)
-    return _NoProcess.started
-
-
-def _config_names(command: list[str]) -> list[str]:
-    configs = command[command.index("--config_file") + 1]
-    return [Path(c).name for c in (ast.literal_eval(configs) if configs.startswith("[") else [configs])]
-
-
 def test_train_nproc_runs_the_training_under_torchrun_then_calibrates_in_one_process(tmp_path, no_process):
     cli.main(["train", "dae", "--nproc", "2", "--demo", "--datalist", "tiny", "--output-dir", str(tmp_path / "run"),
               "--set", "dist_timeout_minutes=5"])
     train, calibrate = no_process
     assert train[:8] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          "-m", "monai.bundle"] and train[8] == "run"
-    assert _config_names(train) == ["train.yaml", "multi_gpu_train.yaml", "demo.yaml"]
+    assert config_names(train) == ["train.yaml", "multi_gpu_train.yaml", "demo.yaml"]
     assert train[train.index("--dist_timeout_minutes") + 1] == "5"  # a key of the overlay is a known setting
     assert train[train.index("--output_dir") + 1] == "$" + repr(str(tmp_path / "run"))
     # calibration: one process, no torchrun, on the weights the distributed training wrote
     assert calibrate[:4] == [sys.executable, "-m", "monai.bundle", "run"] and "torch.distributed.run" not in calibrate
-    assert _config_names(calibrate) == ["inference.yaml", "calibrate.yaml", "demo.yaml"]
+    assert config_names(calibrate) == ["inference.yaml", "calibrate.yaml", "demo.yaml"]
     assert calibrate[calibrate.index("--model_dir") + 1] == "$" + repr(str(tmp_path / "run" / "models"))
 
 
@@ -75,7 +49,7 @@ def test_without_nproc_training_runs_in_one_process_as_before(tmp_path, no_proce
     cli.main(["train", "dae", "--demo", "--datalist", "tiny", "--output-dir", str(tmp_path / "run"), "--no-calibrate"])
     (train,) = no_process
     assert train[:4] == [sys.executable, "-m", "monai.bundle", "run"]
-    assert _config_names(train) == ["train.yaml", "demo.yaml"]
+    assert config_names(train) == ["train.yaml", "demo.yaml"]
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -95,7 +69,7 @@ def test_nproc_is_a_positive_whole_number(tmp_path, no_process, capsys):
             cli.main(["train", "dae", "--nproc", bad, "--output-dir", str(tmp_path / "run")])
         assert "--nproc" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no configs/multi_gpu_train.yaml"):
-        bundle_command("phanes", "train", nproc=2)
+        bundle_command("intensity", "train", nproc=2)
 
 
 def test_the_bundles_that_train_in_several_processes():
