@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not warm.supported(), reason="the warm worker ne
 def light_worker():
     """A worker that preloads nothing (fast to start); the runs are ordinary modules."""
     worker = warm.WarmWorker(modules=())
-    assert worker._ready(timeout=30)
+    assert worker.wait_ready(timeout=30)
     yield worker
     worker.close()
 
@@ -79,11 +79,15 @@ def test_dae_detection_in_the_worker_writes_what_a_new_process_writes(tiny, tmp_
 
     scan = load_datalist(tiny, "test_lesion")[0]["image"]
     worker = warm.WarmWorker()
+    assert worker.start_bundle(["true"]).spawn is None  # not a bundle command: a process of its own
+    worker.start()  # in the background: a run before it is ready gets a process of its own
     try:
         outputs = []
         for name, start in (("plain", runner.BundleProcess), ("warm", worker.start_bundle)):
             folder = tmp_path / name
             command = runner.bundle_command("dae", "inference", {"input": scan, "output_dir": str(folder)})
+            if name == "warm":
+                assert worker.wait_ready(timeout=120)
             process = start(command)
             assert process.wait() == 0
             assert (process.spawn is not None) == (name == "warm")

@@ -84,7 +84,9 @@ class ForkedRun:
 
 class WarmWorker:
     """One background process with torch, MONAI and ignite imported; `start_bundle` forks a run
-    from it. Starts on first use (or `start()`), in the background; `close()` ends it."""
+    from it. It starts on first use (or `start()`) in the background and never makes a caller wait:
+    until it is ready, runs start as processes of their own (`wait_ready` waits, for scripts and
+    tests); `close()` ends it."""
 
     def __init__(self, python: str | None = None, env: Mapping[str, str] | None = None,
                  modules: tuple[str, ...] = PRELOADED):
@@ -94,14 +96,14 @@ class WarmWorker:
         self._server: subprocess.Popen | None = None
         self._folder = None
         self._lock = threading.Lock()
-        self._is_ready = False
+        self._is_ready, self._ready_event = False, threading.Event()
 
     @property
     def socket_path(self) -> Path:
         return Path(self._folder.name) / "worker.sock"
 
     def start(self) -> None:
-        """Starts the worker process (once); it is ready when it has imported everything."""
+        """Starts the worker process (once), without waiting; it is ready when it has imported everything."""
         with self._lock:
             if self._server is not None and self._server.poll() is None:
                 return
@@ -111,22 +113,27 @@ class WarmWorker:
                 [self.python, "-m", "medanomaly.bundles.warm", str(self.socket_path), *self.modules],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 encoding="utf-8", errors="replace", start_new_session=True, env={**os.environ, **self.env})
+            self._ready_event = threading.Event()
+            threading.Thread(target=self._read_until_ready, args=(self._server, self._ready_event),
+                             daemon=True).start()
 
-    def _ready(self, timeout: float = 120.0) -> bool:
-        """Waits until the worker says "ready" (its imports done); False when it did not (then
-        the run starts a process of its own)."""
-        self.start()
-        if not self._is_ready:
-            reader = threading.Thread(target=self._read_until_ready, daemon=True)
-            reader.start()
-            reader.join(timeout)
-        return self._is_ready and self._server.poll() is None
-
-    def _read_until_ready(self) -> None:
-        for line in self._server.stdout:  # import warnings may come first
+    def _read_until_ready(self, server: subprocess.Popen, ready: threading.Event) -> None:
+        for line in server.stdout:  # import warnings may come first
             if line.strip() == "ready":
                 self._is_ready = True
-                return
+                break
+        ready.set()  # ready, or the worker ended (then runs start processes of their own)
+
+    @property
+    def ready(self) -> bool:
+        return self._is_ready and self._server is not None and self._server.poll() is None
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """Starts the worker if needed and waits until it is ready (its imports done); False when it
+        is not after `timeout` seconds or could not start."""
+        self.start()
+        self._ready_event.wait(timeout)
+        return self.ready
 
     def can_run(self, command: list[str]) -> bool:
         return (supported() and len(command) > 3 and command[0] == self.python
@@ -135,8 +142,11 @@ class WarmWorker:
     def start_bundle(self, command: list[str], cwd: str | None = None,
                      env: Mapping[str, str] | None = None) -> BundleProcess:
         """The run of `command` (`runner.bundle_command`'s), forked from the worker where it can be,
-        else in a process of its own."""
-        if not self.can_run(command) or not self._ready():
+        else in a process of its own (also while the worker is still importing: nobody waits for it)."""
+        if not self.can_run(command):
+            return BundleProcess(command, cwd=cwd, env=env)
+        self.start()
+        if not self.ready:
             return BundleProcess(command, cwd=cwd, env=env)
         return BundleProcess(command, cwd=cwd, env=env, spawn=self._fork)
 
