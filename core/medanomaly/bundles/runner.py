@@ -212,6 +212,15 @@ def bundle_command(
     return command
 
 
+def _new_process(command: list[str], cwd: str | None, env: Mapping[str, str]) -> subprocess.Popen:
+    """A new interpreter in its own session (cancel ends its whole process tree)."""
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1,
+        start_new_session=True, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+    )
+
+
 @dataclass
 class BundleProcess:
     """A running bundle: lines and progress stream in from a reader thread; `cancel` ends
@@ -233,15 +242,7 @@ class BundleProcess:
         # thread (which would leave the bundle blocked on a full pipe); no console window on Windows
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
         self.cancelled = False
-        if self.spawn is not None:
-            self.process = self.spawn(self.command, self.cwd, env)
-            threading.Thread(target=self._read, daemon=True).start()
-            return
-        self.process = subprocess.Popen(
-            self.command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1,
-            start_new_session=True, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
-        )
+        self.process = (self.spawn or _new_process)(self.command, self.cwd, env)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
