@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -62,3 +63,25 @@ def write_dicom_series(image: sitk.Image, directory: Path, series_uid: str, skip
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(directory / f"{series_uid}_{k:03d}.dcm"))
         writer.Execute(slice_)
+
+
+def config_names(command: list[str]) -> list[str]:
+    """The file names of a `monai.bundle run` command's --config_file, in order."""
+    configs = command[command.index("--config_file") + 1]
+    return [Path(c).name for c in (ast.literal_eval(configs) if configs.startswith("[") else [configs])]
+
+
+class NoProcess:
+    """Stands in for subprocess.Popen: records the command, runs nothing, exits 0."""
+
+    started: list[list[str]] = []
+
+    def __init__(self, command, **kwargs):
+        self.started.append(list(command))
+        self.stdout, self.pid = iter(()), 0
+
+    def wait(self, timeout=None):
+        return 0
+
+    def poll(self):
+        return 0

@@ -55,3 +55,15 @@ def tiny_preset(tiny) -> str:
         root.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(Path(tiny).parent, root, target_is_directory=True)
     return "tiny"
+
+
+@pytest.fixture
+def no_process(monkeypatch) -> list[list[str]]:
+    """Bundle processes are not started; the list collects the commands that would have run."""
+    from medanomaly.bundles import runner
+
+    from checks import NoProcess
+
+    NoProcess.started = []
+    monkeypatch.setattr(runner.subprocess, "Popen", NoProcess)
+    return NoProcess.started

@@ -35,7 +35,8 @@ class ParameterProbe:
 
     def _iteration(self, engine: Engine) -> None:
         output = engine.state.output  # MONAI's iterations: decollated items; a GAN step: one dict
-        self.record["losses"].append(float((output[0] if isinstance(output, list) else output)["loss"]))
+        losses = output[0] if isinstance(output, list) else output
+        self.record["losses"].append(float(losses["loss"] if "loss" in losses else next(iter(losses.values()))))
         if engine.state.iteration == self.stop_after:
             engine.terminate()
 

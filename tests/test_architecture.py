@@ -21,9 +21,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "core" / "medanomaly"
 APPS = {"medanomaly.cli", "medanomaly.console", "medanomaly.benchmark", "medanomaly.demo", "medanomaly.report"}
 LAUNCH = {f"medanomaly.bundles{name}" for name in
-          ("", ".registry", ".runner", ".progress", ".outputs", ".model_info", ".input_files")}
+          ("", ".registry", ".runner", ".progress", ".outputs", ".model_info", ".input_files", ".warm")}
 RUNTIME = {f"medanomaly.bundles.{name}" for name in
-           ("method", "predictions", "writing", "handlers", "weights", "inputs", "contrast")}
+           ("method", "predictions", "writing", "handlers", "weights", "inputs", "contrast", "distributed")}
 HEAVY = {"torch", "monai", "ignite", "numpy", "SimpleITK"}
 LEVEL = {"apps": 3, "launch": 2, "runtime": 2, "library": 1}
 # launch and runtime share a level: runtime modules use the launch helpers (registry, outputs), but the

@@ -23,51 +23,25 @@ from medanomaly import cli
 from medanomaly.bundles import BundleProcess, bundle_command, find_bundle, runner
 from medanomaly.data import load_datalist, write_datalist
 
+from checks import config_names
+
 TESTS = Path(__file__).resolve().parent
 DISTRIBUTED_BUNDLES = ("dae", "supervised", "cddpm", "sagan", "scrps")
 
 
 # --------------------------------------------------------------------------- the command line
-class _NoProcess:
-    """Stands in for subprocess.Popen: records the command, runs nothing, exits 0."""
-
-    started: list[list[str]] = []
-
-    def __init__(self, command, **kwargs):
-        self.started.append(list(command))
-        self.stdout, self.pid = iter(()), 0
-
-    def wait(self, timeout=None):
-        return 0
-
-    def poll(self):
-        return 0
-
-
-@pytest.fixture
-def no_process(monkeypatch):
-    _NoProcess.started = []
-    monkeypatch.setattr(runner.subprocess, "Popen", _NoProcess)
-    return _NoProcess.started
-
-
-def _config_names(command: list[str]) -> list[str]:
-    configs = command[command.index("--config_file") + 1]
-    return [Path(c).name for c in (ast.literal_eval(configs) if configs.startswith("[") else [configs])]
-
-
 def test_train_nproc_runs_the_training_under_torchrun_then_calibrates_in_one_process(tmp_path, no_process):
     cli.main(["train", "dae", "--nproc", "2", "--demo", "--datalist", "tiny", "--output-dir", str(tmp_path / "run"),
               "--set", "dist_timeout_minutes=5"])
     train, calibrate = no_process
     assert train[:8] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          "-m", "monai.bundle"] and train[8] == "run"
-    assert _config_names(train) == ["train.yaml", "multi_gpu_train.yaml", "demo.yaml"]
+    assert config_names(train) == ["train.yaml", "multi_gpu_train.yaml", "demo.yaml"]
     assert train[train.index("--dist_timeout_minutes") + 1] == "5"  # a key of the overlay is a known setting
     assert train[train.index("--output_dir") + 1] == "$" + repr(str(tmp_path / "run"))
     # calibration: one process, no torchrun, on the weights the distributed training wrote
     assert calibrate[:4] == [sys.executable, "-m", "monai.bundle", "run"] and "torch.distributed.run" not in calibrate
-    assert _config_names(calibrate) == ["inference.yaml", "calibrate.yaml", "demo.yaml"]
+    assert config_names(calibrate) == ["inference.yaml", "calibrate.yaml", "demo.yaml"]
     assert calibrate[calibrate.index("--model_dir") + 1] == "$" + repr(str(tmp_path / "run" / "models"))
 
 
@@ -75,7 +49,7 @@ def test_without_nproc_training_runs_in_one_process_as_before(tmp_path, no_proce
     cli.main(["train", "dae", "--demo", "--datalist", "tiny", "--output-dir", str(tmp_path / "run"), "--no-calibrate"])
     (train,) = no_process
     assert train[:4] == [sys.executable, "-m", "monai.bundle", "run"]
-    assert _config_names(train) == ["train.yaml", "demo.yaml"]
+    assert config_names(train) == ["train.yaml", "demo.yaml"]
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -95,12 +69,12 @@ def test_nproc_is_a_positive_whole_number(tmp_path, no_process, capsys):
             cli.main(["train", "dae", "--nproc", bad, "--output-dir", str(tmp_path / "run")])
         assert "--nproc" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no configs/multi_gpu_train.yaml"):
-        bundle_command("phanes", "train", nproc=2)
+        bundle_command("intensity", "train", nproc=2)
 
 
 def test_the_bundles_that_train_in_several_processes():
     assert [name for name in DISTRIBUTED_BUNDLES if find_bundle(name).trains_distributed] == list(DISTRIBUTED_BUNDLES)
-    assert not find_bundle("intensity").trains_distributed and not find_bundle("phanes").trains_distributed
+    assert not find_bundle("intensity").trains_distributed and find_bundle("phanes").trains_distributed
     assert find_bundle("dae").summary()["trains_distributed"] is True
 
 
@@ -172,7 +146,8 @@ def test_overlay_runs_train_yamls_run_inside_a_process_group(bundle):
 
 
 # --------------------------------------------------------------------------- two processes, gloo
-def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int | None) -> Path:
+def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int | None,
+                   handlers_key: str = "train#trainer#train_handlers") -> Path:
     """Per-rank output folders (rank 1 must leave its own empty) and the probe on every rank."""
     overlay = {
         "output_dir": f"$os.path.join({str(root)!r}, 'rank' + str(@rank))",
@@ -180,7 +155,8 @@ def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int |
                               "path": f"$os.path.join({str(root)!r}, 'probe_rank' + str(@rank) + '.pt')",
                               "networks": networks,
                               "stop_after": f"${stop_rank1_after} if @rank == 1 else None"},
-        "train#trainer#train_handlers": "$@train#handlers + [@distributed_probe]",
+        handlers_key: ("$@train#handlers + [@distributed_probe]" if handlers_key == "train#trainer#train_handlers"
+                       else "$[@distributed_probe]"),
     }
     path = root / "probe.yaml"
     path.write_text(yaml.safe_dump(overlay))
@@ -188,14 +164,16 @@ def _probe_overlay(root: Path, networks: dict[str, str], stop_rank1_after: int |
 
 
 def train_in_two_processes(bundle: str, root: Path, overrides: dict, networks: dict[str, str],
-                           stop_rank1_after: int | None = None, timeout: float = 300) -> tuple[dict, dict, str]:
+                           stop_rank1_after: int | None = None, timeout: float = 300,
+                           handlers_key: str = "train#trainer#train_handlers") -> tuple[dict, dict, str]:
     """Runs `medanomaly train BUNDLE --nproc 2`'s command (demo overlay) plus the probe overlay
     (`stop_rank1_after`: rank 1 alone is told to stop after that iteration); returns the two
     ranks' probe records and the log."""
     root.mkdir(parents=True, exist_ok=True)
     command = bundle_command(bundle, "train", overrides, demo=True, nproc=2)
     at = command.index("--config_file") + 1
-    command[at] = repr([*ast.literal_eval(command[at]), str(_probe_overlay(root, networks, stop_rank1_after))])
+    probe = _probe_overlay(root, networks, stop_rank1_after, handlers_key)
+    command[at] = repr([*ast.literal_eval(command[at]), str(probe)])
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     process = BundleProcess(command, env=env, log_lines=400)
     timer = threading.Timer(timeout, process.cancel)
@@ -299,3 +277,21 @@ def test_gan_diffusion_and_supervised_bundles_train_in_two_processes_with_identi
     rank0, rank1, _ = train_in_two_processes(bundle, tmp_path / "run", overrides, networks, timeout=600)
     check_ranks(rank0, rank1, 4, trained=trained, skip=may_differ)
     check_rank0_wrote_alone(tmp_path / "run", 4)
+
+
+@pytest.mark.slow  # ~1 min here (make test-all)
+def test_phanes_trains_in_two_processes_with_identical_networks(tiny, tmp_path):
+    """PHANES without DDP's wrapper (its steps call the VAE's encoder and decoder): rank 0's weights at
+    the start, gradients averaged before every optimiser step and rank 0's BatchNorm statistics keep
+    the ranks' networks identical through stage 1, trained on different slices; rank 0 alone writes."""
+    overrides = {"datalist": _small_datalist(tiny, tmp_path), "num_workers": 0, "stage": "1", "stage1_iterations": 4,
+                 "checkpoint_interval": 2, "validation_interval": 2, "log_interval": 1, "dist_timeout_minutes": 3,
+                 "vae_channels": [4, 8, 8, 8, 8], "zdim": 8}
+    rank0, rank1, _ = train_in_two_processes("phanes", tmp_path / "run", overrides,
+                                             {"network": "@network_def", "discriminator": "@discriminator"},
+                                             timeout=600, handlers_key="trainer#handlers")
+    check_ranks(rank0, rank1, 4, trained=("network",))
+    models = tmp_path / "run" / "rank0" / "models"
+    assert {"model.pt", "checkpoint_stage1.pt", "model_info.json"} <= {p.name for p in models.iterdir()}
+    assert list((tmp_path / "run" / "rank0" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "run" / "rank1").exists()

@@ -5,7 +5,6 @@ process. Here two processes on the CPU with gloo against one process, file by fi
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import yaml
 
 from medanomaly import cli
 from medanomaly.bundles import distributed, find_bundle, list_bundles, runner
+
+from checks import NoProcess, config_names
 
 EVALUATED_BUNDLES = ("cddpm", "dae", "intensity", "phanes", "sagan", "scrps", "supervised")
 
@@ -69,34 +70,6 @@ def test_every_bundle_evaluates_in_several_processes_with_the_same_overlay():
         assert {"dataloader", "progress", "device", "evaluator"} <= set(inference)
 
 
-class _NoProcess:
-    """Stands in for subprocess.Popen: records the command, runs nothing, exits 0."""
-
-    started: list[list[str]] = []
-
-    def __init__(self, command, **kwargs):
-        self.started.append(list(command))
-        self.stdout, self.pid = iter(()), 0
-
-    def wait(self, timeout=None):
-        return 0
-
-    def poll(self):
-        return 0
-
-
-@pytest.fixture
-def no_process(monkeypatch):
-    _NoProcess.started = []
-    monkeypatch.setattr(runner.subprocess, "Popen", _NoProcess)
-    return _NoProcess.started
-
-
-def _config_names(command: list[str]) -> list[str]:
-    configs = command[command.index("--config_file") + 1]
-    return [Path(c).name for c in (ast.literal_eval(configs) if configs.startswith("[") else [configs])]
-
-
 def _torchrun(command: list[str], nproc: int) -> bool:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return command[:6] == torchrun
@@ -107,7 +80,7 @@ def _torchrun(command: list[str], nproc: int) -> bool:
 def test_a_sharded_workflow_adds_the_overlay_after_its_own_and_before_demo(workflow, overlay):
     command = runner.bundle_command("dae", workflow, demo=True, nproc=2)
     assert _torchrun(command, 2)
-    assert _config_names(command) == ["inference.yaml", *([overlay] if overlay else []), "multi_gpu_evaluate.yaml",
+    assert config_names(command) == ["inference.yaml", *([overlay] if overlay else []), "multi_gpu_evaluate.yaml",
                                       "demo.yaml"]
 
 
@@ -116,7 +89,7 @@ def test_evaluate_and_benchmark_take_nproc(tmp_path, no_process):
         cli.main(["evaluate", "dae", "--nproc", "2", "--datalist", "tiny", "--output-dir", str(tmp_path / "e"),
                   "--set", "dist_timeout_minutes=5"])
     (evaluate,) = no_process
-    assert _torchrun(evaluate, 2) and "multi_gpu_evaluate.yaml" in _config_names(evaluate)
+    assert _torchrun(evaluate, 2) and "multi_gpu_evaluate.yaml" in config_names(evaluate)
     assert evaluate[evaluate.index("--dist_timeout_minutes") + 1] == "5"  # a key of the overlay is a known setting
     no_process.clear()
     cli.main(["benchmark", "--bundles", "dae", "phanes[mode=ra]", "--nproc", "3", "--cohort", "tiny",
@@ -182,7 +155,7 @@ def test_scrps_train_nproc_builds_its_repository_in_n_processes_and_calibrates_i
     cli.main(["train", "scrps", "--nproc", "2", "--demo", "--datalist", "tiny", "--output-dir", str(tmp_path)])
     train, repository, calibrate = no_process
     assert _torchrun(train, 2) and _torchrun(repository, 2) and not _torchrun(calibrate, 2)
-    assert _config_names(repository) == ["inference.yaml", "build_repository.yaml",
+    assert config_names(repository) == ["inference.yaml", "build_repository.yaml",
                                          "multi_gpu_build_repository.yaml", "demo.yaml"]
 
 
@@ -220,7 +193,7 @@ def test_the_launcher_gives_each_process_its_threads(monkeypatch, no_process):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     seen = {}
-    monkeypatch.setattr(runner.subprocess, "Popen", lambda command, env=None, **kw: seen.update(env) or _NoProcess(
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda command, env=None, **kw: seen.update(env) or NoProcess(
         command))
     runner.start_bundle("dae", "evaluate", nproc=2)
     assert seen["OMP_NUM_THREADS"] == "4"

@@ -273,6 +273,42 @@ def test_stage1_validation_is_the_brain_mse_of_the_reconstruction_and_keeps_the_
     assert TRAINER.PhanesTrainer._validation_record(state)["stage1_best_iteration"] == 200
 
 
+def _stage1_trainer(tmp_path, perceptual, iterations, monkeypatch, resume=False):
+    torch.manual_seed(0)
+    x, brain = _healthy_batch(4)
+    loader = [{"image": x, "mask": brain}]  # one batch, repeated by the engine
+    volume = _healthy_volume(x[:, 0].permute(1, 2, 0).numpy(), brain[:, 0].permute(1, 2, 0).numpy() > 0)
+    trainer = TRAINER.PhanesTrainer(
+        PHANES(SoftIntroVAE(1, **TINY_VAE), Inpainter(dim=8, n_blocks=1)), loader, [volume], perceptual,
+        tmp_path / "models", stage="1", stage1_iterations=iterations, learning_rate=1e-3, checkpoint_interval=4,
+        log_interval=2, validation_interval=3, resume=resume, tensorboard_dir=tmp_path / "tensorboard",
+        inpainter_losses={"style_weight": 0.0, "perceptual_weight": 0.0})
+    steps, slices = [], TRAINER._slices  # every iteration takes its slices from the batch once
+    monkeypatch.setattr(TRAINER, "_slices", lambda batch, device: steps.append(1) or slices(batch, device))
+    return trainer, steps
+
+
+def test_each_stage_runs_on_an_ignite_engine_that_validates_checkpoints_and_resumes(tmp_path, perceptual, monkeypatch):
+    """Stage 1 on its ignite engine: validation every 3 iterations and at the end, checkpoints every
+    4 and at the end, TensorBoard scalars per loss; a resumed run continues at the checkpoint's
+    iteration (2 more steps, not 8) and keeps the earlier validation curve."""
+    trainer, steps = _stage1_trainer(tmp_path, perceptual, 6, monkeypatch)
+    assert isinstance(trainer.stage_engine(1), TRAINER.Engine)
+    trainer.run()
+    assert len(steps) == 6 and [i for i, _ in trainer.validation_curve] == [3, 6]
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint_stage1.pt", weights_only=False)
+    assert checkpoint["iteration"] == 6
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    info = json.loads((tmp_path / "models" / "model_info.json").read_text())
+    assert info["stage1_iterations_done"] == 6 and set(info["stage1_final_losses"]) >= {"loss_e", "loss_d"}
+    assert load_model_file(tmp_path / "models")["mask_thresholds"]
+
+    resumed, steps = _stage1_trainer(tmp_path, perceptual, 8, monkeypatch, resume=True)
+    resumed.run()
+    assert len(steps) == 2 and [i for i, _ in resumed.validation_curve] == [3, 6, 8]
+    assert torch.load(tmp_path / "models" / "checkpoint_stage1.pt", weights_only=False)["iteration"] == 8
+
+
 def test_inpainter_fills_a_masked_healthy_region_closer_to_the_truth_than_the_fill_value(tiny):
     """With the demo weights (on healthy tiny-cohort slices at the demo geometry); a tiny
     inpainter overfitted on a fixed batch stands in when no demo weights are shipped."""

@@ -93,6 +93,51 @@ def test_the_panels_setup_runs_on_the_widgets_the_ui_file_defines(stub_import):
     assert not read - set(ui_widgets())
 
 
+SLICER_API = EXTENSION / "Testing" / "Python" / "slicer_api.json"
+# Calls the Slicer source cannot vouch for: VTK's and Qt's own classes (not in Slicer's repository)
+# and another extension's logic; each is a long-standing API of its library.
+NOT_IN_SLICER_SOURCE = {
+    "IsA": "vtkObjectBase", "UnRegister": "vtkObjectBase",
+    "QSettings": "Qt (qt.QSettings)", "QTimer": "Qt (qt.QTimer)",
+    "PyTorchUtilsLogic": "the PyTorch extension's PyTorchUtils module",
+}
+
+
+def _slicer_calls() -> tuple[set[str], set[str]]:
+    """(method names called on objects, slicer.util functions called) in MedAnomaly.py: calls whose
+    name starts upper-case (VTK / MRML / Qt style), minus the project's own classes."""
+    own = {n.name for path in [MODULE_FILE, *EXTENSION.glob("MedAnomalyLib/*.py")]
+           for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.ClassDef)}
+    methods, util = set(), set()
+    for node in ast.walk(module_tree()):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name, owner = node.func.attr, node.func.value
+            if name[:1].isupper() and name not in own:
+                methods.add(name)
+            if isinstance(owner, ast.Attribute) and owner.attr == "util":
+                util.add(name)
+    return methods, util
+
+
+def test_every_slicer_call_is_in_the_supported_slicer_api():
+    """Each VTK-style method and slicer.util function MedAnomaly.py calls exists in the Slicer source
+    at every supported release tag (slicer_api.json, made by make_slicer_api.py from Slicer's git)."""
+    api = json.loads(SLICER_API.read_text(encoding="utf-8"))
+    assert set(api["tags"]) >= {"v5.10.0", "v5.12.0"} and all(len(sha) == 40 for sha in api["tags"].values())
+    methods, util = _slicer_calls()
+    assert {"SetTerminology", "ImportLabelmapToSegmentationNode", "AddNewNodeByClass"} <= methods
+    unknown = methods - set(api["methods"]) - set(NOT_IN_SLICER_SOURCE)
+    assert not unknown, f"not in Slicer {', '.join(api['tags'])}: {sorted(unknown)}"
+    assert not util - set(api["slicer.util"]), f"not in slicer.util: {sorted(util - set(api['slicer.util']))}"
+    assert not set(NOT_IN_SLICER_SOURCE) & set(api["methods"])  # nothing excused that Slicer has
+
+
+def test_the_api_list_would_catch_a_call_slicer_does_not_have():
+    api = set(json.loads(SLICER_API.read_text(encoding="utf-8"))["methods"])
+    assert "SetTerminology" in api and "SetTerminologyAndMore" not in api  # 5.10+ has it, a typo is caught
+    assert "GetTerminologyEntryTagName" in api and "AddNewNodeByClass" in api
+
+
 def test_ui_file_is_a_qmrmlwidget_with_every_widget_the_code_uses():
     """Static, for the `self.ui.<name>` reads that only run in Slicer (during and after a detection,
     which the stub cannot drive): every one names a widget of the .ui."""

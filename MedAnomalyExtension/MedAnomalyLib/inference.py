@@ -289,17 +289,48 @@ class DetectionJob:
     without blocking: `poll()` from a GUI timer, or `wait()` in scripts and tests."""
 
     def __init__(self, command: list[str], cwd: str | os.PathLike | None = None, env: dict | None = None,
-                 request: DetectionRequest | None = None):
+                 request: DetectionRequest | None = None, worker=None):
         self.command, self.request = list(command), request
         self.started = time.monotonic()
         self.log_lines: list[str] = []
         self.fraction, self.message = 0.0, ""
         self.finished = False
-        self.process = BundleProcess(self.command, cwd=None if cwd is None else str(cwd), env=env)
+        cwd = None if cwd is None else str(cwd)
+        if worker is not None:  # forked from the warm worker where it can (same run, no start-up)
+            self.process = worker.start_bundle(self.command, cwd=cwd, env=env)
+        else:
+            self.process = BundleProcess(self.command, cwd=cwd, env=env)
 
     @classmethod
-    def start(cls, request: DetectionRequest, env: dict | None = None) -> "DetectionJob":
-        return cls(request.command(), cwd=request.output_dir, env=env, request=request)
+    def start(cls, request: DetectionRequest, env: dict | None = None, warm: bool = True) -> "DetectionJob":
+        """The request's run; with `warm`, forked from the session's warm worker (`shared_worker`)."""
+        worker = shared_worker(request.python, env) if warm else None
+        return cls(request.command(), cwd=request.output_dir, env=env, request=request, worker=worker)
+
+
+_WORKER = None
+
+
+def shared_worker(python: str | None, env: dict | None = None):
+    """The session's warm worker (`medanomaly.bundles.warm`) for this Python and environment, started
+    on first use and restarted when they change; None where there is none (not Linux, an older
+    medanomaly, MEDANOMALY_WARM_WORKER=0). It ends with the application."""
+    global _WORKER
+    try:
+        from medanomaly.bundles import warm
+    except ImportError:
+        return None
+    if not warm.supported():
+        return None
+    key = (python, tuple(sorted((env or {}).items())))
+    if _WORKER is None or _WORKER[0] != key:
+        if _WORKER is not None:
+            _WORKER[1].close()
+        _WORKER = (key, warm.WarmWorker(python, env))
+        import atexit
+
+        atexit.register(_WORKER[1].close)
+    return _WORKER[1]
 
     @property
     def cancelled(self) -> bool:

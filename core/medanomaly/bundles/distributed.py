@@ -83,3 +83,29 @@ def shard_progress(sampler):
     from medanomaly.bundles.progress import VolumeProgress
 
     return VolumeProgress(len(sampler), **({} if is_main_process() else {"report": lambda *_: None}))
+
+
+# --------------------------------------------------------------------------- training without DDP's wrapper
+# For trainers whose steps call a network's own methods (PHANES' encode / decode) rather than its
+# forward, where DistributedDataParallel's hooks never run: the same guarantees by hand.
+def broadcast_from_rank0(*modules: torch.nn.Module, buffers_only: bool = False) -> None:
+    """Every rank takes rank 0's parameters and buffers (DDP does so at the start), or only its
+    buffers (BatchNorm's running statistics: DDP broadcasts them before every forward)."""
+    if world_size() < 2:
+        return
+    for module in modules:
+        tensors = list(module.buffers()) if buffers_only else [*module.parameters(), *module.buffers()]
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """The mean over the ranks of the gradients of `optimizer`'s parameters (DDP's all-reduce),
+    before its step: with identical starting weights the ranks then stay identical."""
+    if world_size() < 2:
+        return
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+                parameter.grad /= world_size()

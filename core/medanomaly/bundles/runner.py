@@ -212,6 +212,15 @@ def bundle_command(
     return command
 
 
+def _new_process(command: list[str], cwd: str | None, env: Mapping[str, str]) -> subprocess.Popen:
+    """A new interpreter in its own session (cancel ends its whole process tree)."""
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1,
+        start_new_session=True, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
+    )
+
+
 @dataclass
 class BundleProcess:
     """A running bundle: lines and progress stream in from a reader thread; `cancel` ends
@@ -221,6 +230,9 @@ class BundleProcess:
     cwd: str | None = None
     env: Mapping[str, str] | None = None
     log_lines: int = 200
+    # how the process starts: a new interpreter (subprocess.Popen), or `spawn(command, cwd, env)`
+    # giving an object with Popen's stdout / pid / poll / wait (warm.WarmWorker: a fork of a warm process)
+    spawn: Callable | None = None
     _lines: "queue.Queue[str | None]" = field(default_factory=queue.Queue, init=False)
     _tail: deque = field(init=False)
 
@@ -229,12 +241,8 @@ class BundleProcess:
         # UTF-8 both ways, and an undecodable byte becomes U+FFFD instead of killing the reader
         # thread (which would leave the bundle blocked on a full pipe); no console window on Windows
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
-        self.process = subprocess.Popen(
-            self.command, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1,
-            start_new_session=True, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
-        )
         self.cancelled = False
+        self.process = (self.spawn or _new_process)(self.command, self.cwd, env)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -275,7 +283,10 @@ class BundleProcess:
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
-                return
+                try:  # a forked run cancelled before it made its own session
+                    os.kill(self.process.pid, sig)
+                except ProcessLookupError:
+                    return
             try:
                 self.process.wait(timeout=wait)
                 return

@@ -1,12 +1,14 @@
-"""PHANES training: a small two-stage engine.
+"""PHANES training: two stages, each an ignite `Engine` as the other bundles' trainers are.
 
 Stage 1 trains the RA soft-introspective VAE with its own encoder and decoder steps
-(`VAEStep`); between the stages the mask thresholds are calibrated on healthy validation slices
-(`calibrate_mask_thresholds`); stage 2 trains the AOT-GAN inpainter on healthy slices with
-masks = (stage-1 anomaly mask  OR  ~10 random ellipses) inside the brain (`InpainterStep`).
-Each stage checkpoints every `checkpoint_interval` iterations into
-`model_dir/checkpoint_stage{1,2}.pt` and resumes from there; `model_dir/model.pt` holds both
-state dicts (`model`) and the calibrated `mask_thresholds`.
+(`VAEStep`, the engine's process function); between the stages the mask thresholds are
+calibrated on healthy validation slices (`calibrate_mask_thresholds`); stage 2 trains the AOT-GAN
+inpainter on healthy slices with masks = (stage-1 anomaly mask  OR  ~10 random ellipses) inside
+the brain (`InpainterStep`). Handlers on each stage's engine report progress, validate stage 1,
+log, write TensorBoard scalars (`<output_dir>/tensorboard`) and checkpoint every
+`checkpoint_interval` iterations into `model_dir/checkpoint_stage{1,2}.pt`, from which a stage
+resumes (the engine's own iteration counter); `model_dir/model.pt` holds both state dicts
+(`model`) and the calibrated `mask_thresholds`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from ignite.engine import Engine, Events
 
 from medanomaly import masking
+from medanomaly.bundles.distributed import average_gradients, broadcast_from_rank0, is_main_process, rank
 from medanomaly.bundles.model_info import update_model_info, weights_file
 from medanomaly.bundles.progress import report_progress
 from medanomaly.data import IMAGE, MASK
@@ -101,6 +104,7 @@ class VAEStep:
                       + self.negative_weight * (exp_fake + exp_rec) + self.embedding_weight * loss_embed)
         self.opt_e.zero_grad(set_to_none=True)
         loss_e.backward()
+        average_gradients(self.opt_e)
         self.opt_e.step()
         # ---- decoder step
         with _autocast(self.device, self.amp):
@@ -121,6 +125,7 @@ class VAEStep:
         self.opt_d.zero_grad(set_to_none=True)
         self.opt_e.zero_grad(set_to_none=True)
         loss_d.backward()
+        average_gradients(self.opt_d)
         self.opt_d.step()
         self.opt_e.zero_grad(set_to_none=True)  # the decoder step's encoder gradients are not used
         losses = {"loss_e": loss_e, "loss_d": loss_d, "rec_mse": loss_rec_d / x[0].numel(), "kl": loss_kl,
@@ -176,12 +181,14 @@ class InpainterStep:
                 total = total + self.adversarial_weight * adversarial
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()
+        average_gradients(self.opt_g)
         self.opt_g.step()
         with _autocast(self.device, self.amp):
             d_loss = discriminator_loss(self.discriminator(x).float(),
                                         self.discriminator(composed.detach()).float(), mask)
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
+        average_gradients(self.opt_d)
         self.opt_d.step()
         losses = {"loss_g": total, "loss_d": d_loss, "adversarial": adversarial, **parts}
         return {k: float(v.detach()) for k, v in losses.items()}
@@ -281,7 +288,8 @@ class PhanesTrainer:
                  stage="both", stage1_iterations=100000, stage2_iterations=100000, learning_rate=5e-5,
                  inpainter_learning_rate=1e-4, vae_losses=None, inpainter_losses=None, discriminator=None,
                  features=None, n_ellipses=10, vae_masks=True, mask_fpr=0.05, checkpoint_interval=500,
-                 log_interval=50, validation_interval=None, resume=False, seed=0, info=None):
+                 log_interval=50, validation_interval=None, resume=False, seed=0, info=None, tensorboard_dir=None,
+                 handlers=()):
         self.model, self.loader, self.validation = model.to(device), train_loader, validation_data
         self.perceptual = perceptual.to(device) if perceptual is not None else None
         self.model_dir, self.device, self.amp = Path(model_dir), device, amp
@@ -300,7 +308,8 @@ class PhanesTrainer:
         self.best_vae: dict | None = None
         self.validation_curve: list = []  # [iteration, healthy validation reconstruction MSE]
         self.resume, self.seed, self.info = resume, seed, dict(info or {})
-        self.rng = np.random.default_rng(seed)
+        self.tensorboard_dir, self.handlers = tensorboard_dir, list(handlers or ())
+        self.rng = np.random.default_rng([seed, rank()])  # each rank its own ellipses
         self._last_report = -float("inf")
         self.mask_thresholds: dict = {}
         self.stages_done: list = []
@@ -337,6 +346,9 @@ class PhanesTrainer:
         self.mask_thresholds = state.get("mask_thresholds", {})
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
+        if rank() > 0:  # rank 0's saved streams: the other ranks draw their own again
+            self.rng = np.random.default_rng([self.seed, rank(), int(state["iteration"])])
+            torch.manual_seed(self.seed + rank() + int(state["iteration"]))
         logger.info("Resuming stage %d from %s at iteration %d.", stage, path, state["iteration"])
         return int(state["iteration"])
 
@@ -349,38 +361,68 @@ class PhanesTrainer:
             self.stages_done = saved.get("stages_done", [])
 
     # ---- stages
+    def stage_engine(self, stage: int) -> Engine:
+        """Stage `stage`'s ignite engine: one `VAEStep` / `InpainterStep` per iteration (its losses are
+        the engine's output), with the progress, validation, logging, TensorBoard and checkpoint
+        handlers; it runs `iterations[stage]` iterations over the training loader, repeated."""
+        total = self.iterations[stage]
+        threshold = self.mask_thresholds.get(f"{self.mask_fpr:g}") if self.vae_masks else None
+
+        def step(engine, batch):
+            x, brain = _slices(batch, self.device)
+            if stage == 1:
+                losses = self.vae_step(x)
+            else:
+                mask = training_masks(x, brain, self.model.vae if threshold is not None else None, self.perceptual,
+                                      threshold, self.n_ellipses, self.rng)
+                losses = self.inpainter_step(x, mask)
+            # several processes: rank 0's BatchNorm statistics, as DistributedDataParallel keeps them
+            broadcast_from_rank0(self.model, self.discriminator, buffers_only=True)
+            return losses
+
+        engine = Engine(step)
+
+        def every(n, handler):  # handler(iteration) every n iterations, and at the last one
+            when = Events.ITERATION_COMPLETED(event_filter=lambda _, i: i % n == 0 or i == total)
+            engine.add_event_handler(when, lambda e: handler(e.state.iteration))
+
+        if stage == 1 and self.validation_interval:  # every rank: the same weights, the same best VAE
+            every(self.validation_interval, self._validate_stage1)
+        for handler in self.handlers:
+            handler.attach(engine)
+        if not is_main_process():  # rank 0 alone reports, logs and writes files
+            return engine
+        every(1, lambda done: self._report_progress(stage, done))
+        every(self.log_interval, lambda done: logger.info("stage %d iteration %d/%d %s", stage, done, total, " ".join(
+            f"{k}={v:.5g}" for k, v in engine.state.output.items())))
+        every(self.checkpoint_interval, lambda done: self._save_checkpoint(stage, done))
+        if self.tensorboard_dir:
+            from monai.handlers import TensorBoardStatsHandler
+
+            TensorBoardStatsHandler(log_dir=str(self.tensorboard_dir), iteration_log=True, epoch_log=False,
+                                    output_transform=lambda losses: {f"stage{stage}/{k}": v for k, v in losses.items()},
+                                    ).attach(engine)
+        return engine
+
     def _run_stage(self, stage):
         start = self._load_checkpoint(stage)
         total = self.iterations[stage]
         if stage == 2 and not self.mask_thresholds:
             self._calibrate()
-        threshold = self.mask_thresholds.get(f"{self.mask_fpr:g}") if self.vae_masks else None
-        data = _infinite(self.loader)
         started, last = time.perf_counter(), {}
-        bar = tqdm(range(start, total), desc=f"PHANES stage {stage}", initial=start, total=total, mininterval=10)
-        for iteration in bar:
-            x, brain = _slices(next(data), self.device)
-            if stage == 1:
-                last = self.vae_step(x)
-            else:
-                mask = training_masks(x, brain, self.model.vae if threshold is not None else None, self.perceptual,
-                                      threshold, self.n_ellipses, self.rng)
-                last = self.inpainter_step(x, mask)
-            done = iteration + 1
-            self._report_progress(stage, done)
-            if stage == 1 and self.validation_interval and (done % self.validation_interval == 0 or done == total):
-                self._validate_stage1(done)
-            if done % self.log_interval == 0 or done == total:
-                logger.info("stage %d iteration %d/%d %s", stage, done, total,
-                            " ".join(f"{k}={v:.5g}" for k, v in last.items()))
-            if done % self.checkpoint_interval == 0 or done == total:
-                self._save_checkpoint(stage, done)
+        if start < total:  # a stage checkpointed at its end is done
+            engine = self.stage_engine(stage)
+            engine.load_state_dict({"iteration": start, "epoch_length": total, "max_epochs": 1})
+            engine.run(_infinite(self.loader), max_epochs=1, epoch_length=total)
+            last = engine.state.output or {}
         if stage not in self.stages_done:
             self.stages_done.append(stage)
         if stage == 1 and self.best_vae is not None:
             self.model.vae.load_state_dict(self.best_vae)
         if stage == 1 and (start < total or not self.mask_thresholds):
             self._calibrate()
+        if not is_main_process():
+            return
         save_model(self.model_dir, self.model, self.mask_thresholds, self.stages_done)
         update_model_info(self.model_dir, **self.info, **{
             f"stage{stage}_iterations_done": total, f"stage{stage}_seconds": round(time.perf_counter() - started, 1),
@@ -423,9 +465,11 @@ class PhanesTrainer:
     def run(self):
         if self.stage not in ("1", "2", "both"):
             raise ValueError(f"stage must be 1, 2 or 'both', got {self.stage!r}.")
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + rank())
         if self.stage == "2":
             self._load_previous_model()
+        # several processes (configs/multi_gpu_train.yaml): every rank starts from rank 0's weights
+        broadcast_from_rank0(self.model, self.discriminator)
         if self.stage in ("1", "both"):
             self._run_stage(1)
         if self.stage in ("2", "both"):
