@@ -110,8 +110,10 @@ def test_nproc_refuses_a_device_for_every_process_and_a_bundle_without_the_overl
 
 # --------------------------------------------------------------------------- two processes = one process
 def _evaluate(bundle: str, output_dir: Path, nproc: int | None) -> Path:
+    """One thread a process either way: convolutions sum in another order with another number of
+    threads, which moves maps in their last bits (docs/DISTRIBUTED.md); the merge is what is tested."""
     overrides = {"datalist": "tiny", "contrast": "T2w", "output_dir": str(output_dir), "n_bootstrap": 50}
-    runner.run_bundle(bundle, "evaluate", overrides=overrides, nproc=nproc)
+    runner.run_bundle(bundle, "evaluate", overrides=overrides, nproc=nproc, env={"OMP_NUM_THREADS": "1"})
     return output_dir
 
 
@@ -144,7 +146,8 @@ def test_calibration_in_two_processes_stores_the_threshold_of_one_process(tiny_p
     for nproc in (None, 2):
         model_dir = shutil.copytree(find_bundle("dae").model_dir, tmp_path / f"models{nproc}")
         runner.run_bundle("dae", "calibrate", overrides={"datalist": "tiny", "contrast": "T2w",
-                                                         "model_dir": str(model_dir)}, nproc=nproc)
+                                                         "model_dir": str(model_dir)}, nproc=nproc,
+                          env={"OMP_NUM_THREADS": "1"})
         thresholds.append(json.loads((model_dir / "model_info.json").read_text())["threshold"])
     assert thresholds[0] == thresholds[1]
     assert thresholds[0] != json.loads((find_bundle("dae").model_dir / "model_info.json").read_text())["threshold"]
@@ -172,7 +175,7 @@ def test_the_repository_built_in_two_processes_is_the_one_process_repository(tin
         model_dir = shutil.copytree(find_bundle("scrps").model_dir, tmp_path / f"models{nproc}")
         runner.run_bundle("scrps", "build_repository", {
             "datalist": "tiny", "contrast": "T2w", "model_dir": str(model_dir), "repository_fraction": 0.1,
-            "inversion_steps": 3, "repository_batch_size": 4}, nproc=nproc)
+            "inversion_steps": 3, "repository_batch_size": 4}, nproc=nproc, env={"OMP_NUM_THREADS": "1"})
         repositories.append(LatentRepository.load(model_dir / "repository.pt"))
     one, two = repositories
     assert len(one) > 8  # several batches, so both processes inverted some

@@ -307,31 +307,6 @@ class DetectionJob:
         worker = shared_worker(request.python, env) if warm else None
         return cls(request.command(), cwd=request.output_dir, env=env, request=request, worker=worker)
 
-
-_WORKER = None
-
-
-def shared_worker(python: str | None, env: dict | None = None):
-    """The session's warm worker (`medanomaly.bundles.warm`) for this Python and environment, started
-    on first use and restarted when they change; None where there is none (not Linux, an older
-    medanomaly, MEDANOMALY_WARM_WORKER=0). It ends with the application."""
-    global _WORKER
-    try:
-        from medanomaly.bundles import warm
-    except ImportError:
-        return None
-    if not warm.supported():
-        return None
-    key = (python, tuple(sorted((env or {}).items())))
-    if _WORKER is None or _WORKER[0] != key:
-        if _WORKER is not None:
-            _WORKER[1].close()
-        _WORKER = (key, warm.WarmWorker(python, env))
-        import atexit
-
-        atexit.register(_WORKER[1].close)
-    return _WORKER[1]
-
     @property
     def cancelled(self) -> bool:
         return self.process.cancelled
@@ -419,11 +394,38 @@ def shared_worker(python: str | None, env: dict | None = None):
         return read_result(self.request, self.log)
 
 
+_WORKER = None
+
+
+def shared_worker(python: str | None, env: dict | None = None):
+    """The session's warm worker (`medanomaly.bundles.warm`) for this Python and environment, started
+    on first use and restarted when they change; None where there is none (not Linux, an older
+    medanomaly, MEDANOMALY_WARM_WORKER=0). It ends with the application."""
+    global _WORKER
+    try:
+        from medanomaly.bundles import warm
+    except ImportError:
+        return None
+    if not warm.supported():
+        return None
+    key = (python, tuple(sorted((env or {}).items())))
+    if _WORKER is None or _WORKER[0] != key:
+        if _WORKER is not None:
+            _WORKER[1].close()
+        _WORKER = (key, warm.WarmWorker(python, env))
+        import atexit
+
+        atexit.register(_WORKER[1].close)
+    return _WORKER[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # results and failures
 
 
 @dataclass(frozen=True)
+
+
 class DetectionResult:
     heatmap: Path
     segmentation: Path | None
