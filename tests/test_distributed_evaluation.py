@@ -62,12 +62,16 @@ def test_every_bundle_evaluates_in_several_processes_with_the_same_overlay():
     for name in EVALUATED_BUNDLES:
         bundle = find_bundle(name)
         overlay = yaml.safe_load(bundle.config_file("multi_gpu_evaluate").read_text())
-        assert overlay["dataloader#sampler"] == "@sampler" and "shard_sampler" in overlay["sampler"]
+        assert overlay["dataloader#sampler"] == "@volume_shards" and "shard_sampler" in overlay["volume_shards"]
         # the process group starts before anything that asks for the rank (sampler, handlers)
         assert overlay["run"][0] == "$@rank" and "start_process_group" in overlay["rank"]
         # what the overlay redirects exists in the inference config it lays over
         inference = yaml.safe_load(bundle.config_file("inference").read_text())
         assert {"dataloader", "progress", "device", "evaluator"} <= set(inference)
+        # and it overrides nothing else of the bundle's (cddpm's `sampler` is its diffusion sampler)
+        own = {key for name in ("inference", "evaluate", "calibrate", "demo") for key in
+               yaml.safe_load(bundle.config_file(name).read_text())}
+        assert set(overlay) & own <= {"device", "progress", "run", "finalize"}, name
 
 
 def _torchrun(command: list[str], nproc: int) -> bool:
@@ -142,15 +146,16 @@ def test_every_bundles_evaluation_in_two_processes_writes_what_one_process_write
 def test_calibration_in_two_processes_stores_the_threshold_of_one_process(tiny_preset, tmp_path):
     import shutil
 
-    thresholds = []
+    thresholds, volumes = [], []
     for nproc in (None, 2):
         model_dir = shutil.copytree(find_bundle("dae").model_dir, tmp_path / f"models{nproc}")
         runner.run_bundle("dae", "calibrate", overrides={"datalist": "tiny", "contrast": "T2w",
                                                          "model_dir": str(model_dir)}, nproc=nproc,
                           env={"OMP_NUM_THREADS": "1"})
-        thresholds.append(json.loads((model_dir / "model_info.json").read_text())["threshold"])
-    assert thresholds[0] == thresholds[1]
-    assert thresholds[0] != json.loads((find_bundle("dae").model_dir / "model_info.json").read_text())["threshold"]
+        info = json.loads((model_dir / "model_info.json").read_text())
+        thresholds.append(info["threshold"])
+        volumes.append(info["calibration_volumes"])
+    assert thresholds[0] == thresholds[1] and volumes == [2, 2]  # the tiny cohort's 2 healthy volumes, both
 
 
 # --------------------------------------------------------------------------- scrps' latent repository

@@ -502,7 +502,7 @@ def test_bundle_trains_builds_its_repository_calibrates_infers_and_evaluates(tin
 
     run_bundle("scrps", "calibrate", {**common, "model_dir": str(model_dir)}, demo=True)
     threshold = json.loads((model_dir / "model_info.json").read_text())["threshold"]
-    assert 0 < threshold < 2
+    assert 0 < threshold < 50  # the demo's map range (A_per with the medanomaly backbone)
 
     subject = load_datalist(datalist, "test_lesion")[0]
     sitk.WriteImage(io.read_volume(subject["image"]), str(tmp_path / "scan.nrrd"))
