@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         rows = [measure(args.bundle, n, args.iterations, args.contrast, Path(folder)) for n in args.nproc]
-    base = rows[0]
+    base = dict(rows[0])  # the numbers, before the rows are formatted
     for row in rows:
         for key in ("training samples / s", "evaluation volumes / s"):
             row[key.replace(" / s", " ratio")] = f"{row[key] / base[key]:.2f}"
