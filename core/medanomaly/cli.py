@@ -108,7 +108,10 @@ def _check_distributed(args, workflows: tuple[str, ...]) -> None:
     if args.nproc is None:
         return
     try:
-        for bundle in getattr(args, "bundles", None) or [getattr(args, "bundle", None) or "dae"]:
+        # benchmark without --bundles: every bundle found, as the benchmark runs them
+        names = getattr(args, "bundles", None) or ([args.bundle] if hasattr(args, "bundle") else
+                                                   [b.name for b in list_bundles()])
+        for bundle in names:
             for workflow in workflows:
                 check_distributed(find_bundle(parse_variant(bundle)[0]), workflow)
     except (ValueError, BundleNotFound) as err:
