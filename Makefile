@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-all benchmark clean-venv
+.PHONY: install demo test test-all benchmark mutation clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/medanomaly demo
 
+# the default suite, then every bundle's end-to-end test (marked slow and e2e): what CI runs
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m e2e
 
 test-all: install
 	$(PY) -m pytest -q -m ""
@@ -27,6 +29,13 @@ test-all: install
 BENCHMARK_ARGS ?= --contrast all
 benchmark: install
 	$(VENV)/bin/medanomaly benchmark $(BENCHMARK_ARGS)
+
+# mutation testing of metrics, scoring, masking, latent and anomalies (hours on 2 cores; not in CI),
+# e.g. `make mutation MUTATION_ARGS="--modules masking latent"`
+MUTATION_ARGS ?=
+mutation: install
+	$(PY) -m pip install --quiet -e ".[mutation]"
+	$(PY) tools/mutation_testing.py $(MUTATION_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

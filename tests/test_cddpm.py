@@ -386,7 +386,8 @@ def _small_datalist(tiny, folder) -> str:
     return str(write_datalist(folder / "datalist.json", splits))
 
 
-@pytest.mark.slow  # four bundle processes, ~2.5 min on 2 cores (make test-all)
+@pytest.mark.slow  # with `e2e`: run by `make test` (and CI) after the default suite
+@pytest.mark.e2e
 def test_bundle_trains_calibrates_infers_and_evaluates_from_any_directory(tiny, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

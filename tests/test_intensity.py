@@ -137,7 +137,8 @@ def _brain_fraction_above(out_dir: Path, items: list[dict], threshold: float) ->
     return above / brain
 
 
-@pytest.mark.slow  # four bundle processes, ~3 min on 2 cores (make test-all)
+@pytest.mark.slow  # with `e2e`: run by `make test` (and CI) after the default suite
+@pytest.mark.e2e
 def test_bundle_trains_calibrates_infers_and_evaluates_on_t1w(tiny, tmp_path):
     common = {"datalist": str(tiny), "device": "cpu"}
     run_bundle("intensity", "train", {**common, "output_dir": str(tmp_path / "run"), "num_workers": 0})

@@ -63,7 +63,8 @@ def test_mask_map_is_the_residual_times_the_smoothed_perceptual_map():
     expected = masking.clahe_residual(x, y) * torch.from_numpy(
         ndimage.gaussian_filter((2 * y - x).numpy(), (0, 0, 3.0, 3.0), mode="mirror", truncate=4.0))
     torch.testing.assert_close(masking.mask_map(x, y, perceptual, saliency_sigma=3.0), expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(calls[0][0], y) and torch.testing.assert_close(calls[0][1], x)  # (reconstruction, scan)
+    torch.testing.assert_close(calls[0][0], y)  # (reconstruction, scan)
+    torch.testing.assert_close(calls[0][1], x)
     torch.testing.assert_close(masking.mask_map(x, y, None), masking.clahe_residual(x, y))
 
 

@@ -351,7 +351,8 @@ def _small_datalist(tiny: Path, target: Path) -> Path:
     return target
 
 
-@pytest.mark.slow  # several minutes on 2 cores: `make test-all`
+@pytest.mark.slow  # with `e2e`: run by `make test` (and CI) after the default suite
+@pytest.mark.e2e
 def test_bundle_trains_resumes_calibrates_infers_and_evaluates(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     datalist = _small_datalist(tiny, tmp_path / "datalist.json")

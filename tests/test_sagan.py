@@ -459,7 +459,8 @@ def test_unlabeled_lesion_subjects_give_abnormal_slices_and_no_masks(tiny):
 
 
 # --------------------------------------------------------------------------- end to end (slow)
-@pytest.mark.slow
+@pytest.mark.slow  # with `e2e`: run by `make test` (and CI) after the default suite
+@pytest.mark.e2e
 @pytest.mark.parametrize("switches", [{}, {"model": "brainomaly"}, {"positional_encoding": "rope"},
                                       {"generator": "swin"}], ids=["sagan", "brainomaly", "rope", "swin"])
 def test_bundle_trains_calibrates_infers_and_evaluates(tiny, tmp_path, switches):

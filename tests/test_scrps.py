@@ -478,7 +478,8 @@ def _small_datalist(tiny, folder) -> str:
     return str(write_datalist(folder / "datalist.json", splits))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # with `e2e`: run by `make test` (and CI) after the default suite
+@pytest.mark.e2e
 def test_bundle_trains_builds_its_repository_calibrates_infers_and_evaluates(tiny, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -161,7 +161,8 @@ def test_metadata_marks_the_bundle_as_the_ceiling():
     assert SUPERVISED.metadata["medanomaly_role"] == "ceiling"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # with `e2e`: run by `make test` (and CI) after the default suite
+@pytest.mark.e2e
 def test_bundle_trains_within_its_time_budget_calibrates_and_evaluates(tiny, tiny_preset, tmp_path):
     run = tmp_path / "run"
     run_bundle("supervised", "train", {"datalist": tiny_preset, "device": "cpu", "num_workers": 0,
