@@ -45,12 +45,15 @@ def stage(workdir: Path, modules: list[str]) -> None:
     tests = sorted({t for m in modules for t in MODULES[m][1]})
     for name in TEST_HELPERS + tests:
         shutil.copy(REPO / "tests" / name, workdir / "tests" / name)
-    sources = ", ".join(f'"src/medanomaly/{MODULES[m][0]}"' for m in modules)
+    # the whole package is copied into mutants/ (the tests import all of it), only the modules mutate
+    patterns = ", ".join(f'"src/medanomaly/{MODULES[m][0]}"' if MODULES[m][0].endswith(".py")
+                         else f'"src/medanomaly/{MODULES[m][0]}/*"' for m in modules)
     test_files = ", ".join(f'"tests/{t}"' for t in tests)
     (workdir / "pyproject.toml").write_text(
         "[tool.mutmut]\n"
-        f"source_paths = [{sources}]\n"
-        f"tests_dir = [{test_files}]\n"
+        'source_paths = ["src/medanomaly"]\n'
+        f"only_mutate = [{patterns}]\n"
+        f"pytest_add_cli_args_test_selection = [{test_files}]\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not slow", "-q"]\n'
         "[tool.pytest.ini_options]\n"
         'markers = ["slow: long-running test"]\n'
@@ -61,8 +64,10 @@ def run_mutmut(workdir: Path, max_children: int) -> None:
     mutmut = Path(sys.executable).with_name("mutmut")
     if not mutmut.exists():
         sys.exit(f"mutmut is not installed in {sys.prefix}: pip install -e '.[mutation]'")
-    # the staged tree must win over the editable install of core/ that the environment has
-    env = {**os.environ, "PYTHONPATH": str(workdir / "mutants" / "src")}
+    # the staged tree must win over the editable install of core/ that the environment has; one thread
+    # per test process: mutmut forks a child per mutant, and a forked OpenMP pool can hang
+    env = {**os.environ, "PYTHONPATH": str(workdir / "mutants" / "src"), "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
     subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=workdir, env=env, check=True)
 
 
