@@ -4,6 +4,9 @@ iteration, and every validation metric against the iteration it was computed at.
 
     python benchmarks/plot_training_curve.py runs/cddpm-t2w.log --output monai_bundles/cddpm/docs/training_curve.png
 
+A run resumed from its checkpoint (`--set resume=true`) logged into another file: pass the logs in
+order (`run.log run-resumed.log`) for one curve.
+
 Prints the best validation value and where it was reached, so the docs can quote it.
 """
 
@@ -19,13 +22,14 @@ ITERATION = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- (\w+): ([-\d.eE+
 VALIDATION = re.compile(r"Epoch\[(\d+)\] Metrics -- (\w+): ([-\d.eE+]+)")
 
 
-def read_log(path: str | Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
-    """(training series, validation series): name -> [(iteration, value)]."""
+def read_log(*paths: str | Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
+    """(training series, validation series): name -> [(iteration, value)], over the logs in order."""
     train: dict[str, list[tuple[int, float]]] = {}
     validation: dict[str, list[tuple[int, float]]] = {}
     epoch_length = None
     seen = set()
-    for line in Path(path).read_text(errors="replace").splitlines():
+    lines = [line for path in paths for line in Path(path).read_text(errors="replace").splitlines()]
+    for line in lines:
         for epoch, it, length, name, value in ITERATION.findall(line):
             epoch_length = int(length)
             step = (int(epoch) - 1) * epoch_length + int(it)
@@ -79,15 +83,15 @@ def plot(train, validation, output: str | Path, title: str, lower_is_better: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("log")
+    parser.add_argument("logs", nargs="+", help="the run's log, then the logs of its resumed runs")
     parser.add_argument("--output", required=True)
     parser.add_argument("--title", default=None)
     parser.add_argument("--higher-is-better", action="store_true", help="the validation metric is a score, not a loss")
     args = parser.parse_args()
-    train, validation = read_log(args.log)
+    train, validation = read_log(*args.logs)
     if not train:
-        raise SystemExit(f"{args.log}: no training lines of MONAI's StatsHandler found.")
-    plot(train, validation, args.output, args.title or Path(args.log).stem, not args.higher_is_better)
+        raise SystemExit(f"{' '.join(args.logs)}: no training lines of MONAI's StatsHandler found.")
+    plot(train, validation, args.output, args.title or Path(args.logs[0]).stem, not args.higher_is_better)
     for name, series in validation.items():
         steps, values = np.array(series).T
         best = int(np.argmax(values) if args.higher_is_better else np.argmin(values))
