@@ -20,12 +20,14 @@ import numpy as np
 
 ITERATION = re.compile(r"Epoch: (\d+)/\d+, Iter: (\d+)/(\d+) -- (\w+): ([-\d.eE+]+)")
 VALIDATION = re.compile(r"Epoch\[(\d+)\] Metrics -- (\w+): ([-\d.eE+]+)")
+# StatsHandler rounds metrics to 4 decimals; the checkpoint saver logs a new best one in full
+BEST = re.compile(r"Key metric: (\w+) best value: ([-\d.eE+]+) at epoch: (\d+)")
 
 
 def read_log(*paths: str | Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
     """(training series, validation series): name -> [(iteration, value)], over the logs in order."""
     train: dict[str, list[tuple[int, float]]] = {}
-    validation: dict[str, list[tuple[int, float]]] = {}
+    validation: dict[str, dict[int, float]] = {}
     epoch_length = None
     seen = set()
     lines = [line for path in paths for line in Path(path).read_text(errors="replace").splitlines()]
@@ -37,11 +39,10 @@ def read_log(*paths: str | Path) -> tuple[dict[str, list[tuple[int, float]]], di
                 seen.add((name, step))
                 train.setdefault(name, []).append((step, float(value)))
         for epoch, name, value in VALIDATION.findall(line):
-            step = int(epoch) * (epoch_length or 1)
-            if (name, step) not in seen:
-                seen.add((name, step))
-                validation.setdefault(name, []).append((step, float(value)))
-    return train, validation
+            validation.setdefault(name, {}).setdefault(int(epoch) * (epoch_length or 1), float(value))
+        for name, value, epoch in BEST.findall(line):
+            validation.setdefault(name, {})[int(epoch) * (epoch_length or 1)] = float(value)
+    return train, {name: sorted(series.items()) for name, series in validation.items()}
 
 
 def moving_average(values: np.ndarray, window: int = 50) -> np.ndarray:
