@@ -226,6 +226,23 @@ def test_the_bounding_box_preconditioner_cuts_the_conjugate_gradient_iterations(
     assert iterations[0] < 0.5 * iterations[1], iterations
 
 
+@pytest.mark.parametrize("solver", ["auto", "cg"])
+def test_blending_reads_the_patch_only_on_the_region_and_its_ring(brain_slice, solver):
+    """The Poisson task warps its patch only inside `ring_window`: the blend is the one of the full patch."""
+    from medanomaly.anomalies.poisson import ring_window
+
+    target, brain, region = star_region_cut_by_the_brain(brain_slice)
+    window = ring_window(region & brain)
+    warp = (synthetic_brain(3)[0], np.array([60.0, 66.0]), np.array([64.0, 40.0]), target.shape, 0.3, 1.1)
+    full, windowed = warp_source(*warp), warp_source(*warp, window=window)
+    assert np.array_equal(windowed[window], full[window]) and windowed.sum() < full.sum()
+    assert np.array_equal(poisson_blend(target, windowed, region, brain, True, solver=solver),
+                          poisson_blend(target, full, region, brain, True, solver=solver))
+    edge = np.zeros(target.shape, dtype=bool)
+    edge[0:3, 5:9] = True  # at the image border the window stops at the image
+    assert ring_window(edge) == (slice(0, 4), slice(4, 10)) and ring_window(edge & False) is None
+
+
 def test_regions_that_are_no_dirichlet_rectangle_keep_conjugate_gradients(brain_slice):
     target = brain_slice[0].astype(float)
     source = np.roll(target, 7, axis=1)

@@ -190,14 +190,28 @@ def bounding_box_preconditioner(rows: np.ndarray, cols: np.ndarray) -> LinearOpe
 
 
 def warp_source(source: np.ndarray, source_centre: np.ndarray, target_centre: np.ndarray,
-                target_shape: tuple[int, int], rotation: float = 0.0, scale: float = 1.0) -> np.ndarray:
+                target_shape: tuple[int, int], rotation: float = 0.0, scale: float = 1.0,
+                window: tuple[slice, slice] | None = None) -> np.ndarray:
     """The source resampled onto the target grid: the target pixel at `target_centre` reads
     the source at `source_centre`; around it the patch is rotated by `rotation` (radians)
-    and magnified by 1 / `scale`. Pixels that fall outside the source read 0."""
-    rows, cols = np.mgrid[: target_shape[0], : target_shape[1]].astype(np.float64)
+    and magnified by 1 / `scale`. Pixels that fall outside the source read 0. With `window`
+    (rows, columns of the target grid) only those pixels are resampled, the rest are 0:
+    blending reads the patch only on the region and its one-pixel ring."""
+    window = window or (slice(0, target_shape[0]), slice(0, target_shape[1]))
+    rows, cols = np.mgrid[window].astype(np.float64)
     drow, dcol = rows - target_centre[0], cols - target_centre[1]
     cos, sin = np.cos(rotation) * scale, np.sin(rotation) * scale
     coordinates = np.stack([source_centre[0] + cos * drow - sin * dcol,
                             source_centre[1] + sin * drow + cos * dcol])
-    return ndimage.map_coordinates(np.asarray(source, dtype=np.float64), coordinates, order=1,
-                                   mode="constant", cval=0.0)
+    warped = np.zeros(target_shape)
+    warped[window] = ndimage.map_coordinates(np.asarray(source, dtype=np.float64), coordinates, order=1,
+                                             mode="constant", cval=0.0)
+    return warped
+
+
+def ring_window(region: np.ndarray) -> tuple[slice, slice] | None:
+    """The bounding box of `region` grown by one pixel (within the image): what blending reads."""
+    rows, cols = np.nonzero(region)
+    if rows.size == 0:
+        return None
+    return (slice(max(rows.min() - 1, 0), rows.max() + 2), slice(max(cols.min() - 1, 0), cols.max() + 2))

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from medanomaly.anomalies.poisson import poisson_blend, warp_source
+from medanomaly.anomalies.poisson import poisson_blend, ring_window, warp_source
 from medanomaly.anomalies.shapes import AnomalyRegion
 
 _REFERENCE_SIZE = 128  # the reference code's push range is given in pixels of a 128-pixel slice
@@ -46,11 +46,11 @@ def poisson_blending(image: np.ndarray, brain: np.ndarray, region: AnomalyRegion
         candidates = np.argwhere(np.ones(source_image.shape, dtype=bool))
     source_centre = candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, size=2)
     change = 1.0 + rng.exponential(0.1)
+    mask = region.mask(image.shape)
     patch = warp_source(source_image, source_centre, np.asarray(region.centre), image.shape,
                         rotation=rng.uniform(-np.pi / 4, np.pi / 4),
-                        scale=change if rng.random() < 0.5 else 1.0 / change)
-    blended = poisson_blend(image, patch, region.mask(image.shape), brain, mixed_gradients=mixed_gradients,
-                            solver=solver)
+                        scale=change if rng.random() < 0.5 else 1.0 / change, window=ring_window(mask & brain))
+    blended = poisson_blend(image, patch, mask, brain, mixed_gradients=mixed_gradients, solver=solver)
     return np.clip(blended, 0.0, 1.0)
 
 
