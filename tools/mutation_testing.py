@@ -60,20 +60,25 @@ def stage(workdir: Path, modules: list[str]) -> None:
     )
 
 
-def run_mutmut(workdir: Path, max_children: int) -> None:
-    mutmut = Path(sys.executable).with_name("mutmut")
-    if not mutmut.exists():
+def mutmut() -> str:
+    """The mutmut of this Python's environment."""
+    path = Path(sys.executable).with_name("mutmut")
+    if not path.exists():
         sys.exit(f"mutmut is not installed in {sys.prefix}: pip install -e '.[mutation]'")
+    return str(path)
+
+
+def run_mutmut(workdir: Path, max_children: int) -> None:
     # the staged tree must win over the editable install of core/ that the environment has; one thread
     # per test process: mutmut forks a child per mutant, and a forked OpenMP pool can hang
     env = {**os.environ, "PYTHONPATH": str(workdir / "mutants" / "src"), "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
-    subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=workdir, env=env, check=True)
+    subprocess.run([mutmut(), "run", "--max-children", str(max_children)], cwd=workdir, env=env, check=True)
 
 
 def results(workdir: Path) -> dict[str, str]:
     """{mutant name: status} for every mutant mutmut made."""
-    out = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "results", "--all", "true"],
+    out = subprocess.run([mutmut(), "results", "--all", "true"],
                          cwd=workdir, capture_output=True, text=True, check=True).stdout
     pairs = (re.match(r"\s*(\S+): (.+)$", line) for line in out.splitlines())
     return {m[1]: m[2].strip() for m in pairs if m}

@@ -105,11 +105,10 @@ def dirichlet_eigenvalues(shape: tuple[int, int], shift: float = 0.0) -> np.ndar
     return shift + per_row[:, None] + per_col[None, :]
 
 
-def solve_dirichlet_laplacian(rhs: np.ndarray, shift: float = 0.0, eigenvalues: np.ndarray | None = None) -> np.ndarray:
+def solve_dirichlet_laplacian(rhs: np.ndarray, eigenvalues: np.ndarray) -> np.ndarray:
     """f with ``(4 + shift) f_p - sum_q f_q = rhs_p`` on a rectangle, f = 0 beyond it: one DST-I,
-    a division by the eigenvalues (`dirichlet_eigenvalues`, pass them when solving repeatedly), one
+    a division by the operator's eigenvalues (`dirichlet_eigenvalues(rhs.shape, shift)`), one
     inverse DST-I."""
-    eigenvalues = dirichlet_eigenvalues(rhs.shape, shift) if eigenvalues is None else eigenvalues
     return fft.idstn(fft.dstn(rhs, type=1, norm="ortho") / eigenvalues, type=1, norm="ortho")
 
 
@@ -126,7 +125,7 @@ def _blend_rectangle(target: np.ndarray, source: np.ndarray, box: tuple[slice, s
         q = (slice(1 + drow, 1 + drow + height), slice(1 + dcol, 1 + dcol + width))
         rhs = rhs + _guidance(s[1:-1, 1:-1], s[q], t[1:-1, 1:-1], t[q], mixed_gradients) + known[q]
     blended = target.copy()
-    blended[box] = solve_dirichlet_laplacian(rhs, shift=_TARGET_PULL)
+    blended[box] = solve_dirichlet_laplacian(rhs, dirichlet_eigenvalues(rhs.shape, _TARGET_PULL))
     return blended
 
 
@@ -184,7 +183,7 @@ def bounding_box_preconditioner(rows: np.ndarray, cols: np.ndarray) -> LinearOpe
     def solve(residual: np.ndarray) -> np.ndarray:
         grid = np.zeros(shape)
         grid[local] = residual
-        return solve_dirichlet_laplacian(grid, eigenvalues=eigenvalues)[local]
+        return solve_dirichlet_laplacian(grid, eigenvalues)[local]
 
     return LinearOperator((rows.size, rows.size), matvec=solve, dtype=np.float64)
 
