@@ -47,6 +47,7 @@ from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 
 from medanomaly.data import synth_mr
 from medanomaly.data.contrast import CONTRASTS, DEFAULT_CONTRAST, MODALITY_LABELS, check_contrast, check_contrasts
@@ -674,12 +675,10 @@ def _refuse_foreign_datalist(datalist: Path) -> None:
 
 
 def _worker_init() -> None:
-    try:  # two workers on two cores: keep BLAS to one thread each
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except Exception:  # pragma: no cover - threadpoolctl is optional
-        pass
+    # One BLAS thread in every worker (two workers on two cores), and in this process when it
+    # generates alone: a multi-threaded matrix product rounds differently, and the bytes of a
+    # subject must not depend on how many workers made the cohort.
+    threadpool_limits(1)
     load_template()
 
 
@@ -772,9 +771,10 @@ def generate_cohort(
     bar = tqdm(total=len(plans), initial=len(entries), desc="synthetic cohort", unit="subject", disable=not progress)
     try:
         if workers == 1:
-            for plan in todo:
-                entries[plan["subject"]] = _generate_subject_files(plan, str(root), contrasts)
-                bar.update(1)
+            with threadpool_limits(1):  # as in the workers (see _worker_init)
+                for plan in todo:
+                    entries[plan["subject"]] = _generate_subject_files(plan, str(root), contrasts)
+                    bar.update(1)
         elif todo:
             methods = multiprocessing.get_all_start_methods()
             use_fork = sys.platform.startswith("linux") and "fork" in methods
