@@ -84,6 +84,17 @@ def test_task_stays_in_brain_and_mask_matches_change(task, brain_slice, other_co
     assert np.mean(mean_change_inside) > 2e-3, "the masked pixels should differ from the input"
 
 
+def test_region_masks_are_cached_read_only_and_recomputed_for_another_region_or_shape():
+    region = AnomalyRegion(centre=(30.0, 40.0), semi_axes=(8.0, 5.0), angle=0.3)
+    mask = region.mask((64, 80))
+    assert region.mask((64, 80)) is mask and not mask.flags.writeable  # a caller cannot corrupt the cache
+    with pytest.raises(ValueError):
+        mask[0, 0] = True
+    moved = region.mask((64, 81))
+    assert moved.shape == (64, 81) and np.array_equal(moved[:, :80], mask)
+    assert not np.array_equal(region.scaled(0.5).mask((64, 80)), mask)
+
+
 def test_regions_sizes_and_placement(brain_slice):
     _, brain = brain_slice
     rng = np.random.default_rng(0)

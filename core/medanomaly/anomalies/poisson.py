@@ -28,10 +28,11 @@ Two solvers give the same f (to the conjugate-gradient tolerance):
 ``"box"`` is the approximation the "many tasks" reference code makes (after OpenCV's
 seamless cloning): one DST solve on the region's bounding box, whose pixels outside the
 region are guided by the target's own gradient instead of being held fixed. It costs a
-fraction of the CG solve of a star-shaped region and blends the same patch in (inside the
-region it differs from the exact blend by ~10 % of the change); without a fixed seam the
-patch bleeds a little beyond the region (the reference counts pixels that move by more than
-1e-3 as anomalous too). On a Dirichlet rectangle it is the exact solve.
+tenth of the CG solve of a star-shaped region and blends the same patch in, but without a
+seam fixed at the region's edge the result floats: on the task's regions it differs from
+the exact blend by ~0.4 of the change (benchmarks/benchmark_anomalies.py) and bleeds a
+little beyond the region (the reference counts pixels that move by more than 1e-3 as
+anomalous too). On a Dirichlet rectangle it is the exact solve.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ that at least half of it lies inside the brain.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -42,11 +43,11 @@ class AnomalyRegion:
         rim = 1.0 + sum(amp * np.cos(order * phi + phase) for amp, phase, order in self.harmonics)
         return radius * rim
 
-    @property
+    @cached_property
     def max_radius(self) -> float:
         return float(self.boundary(_ANGLES).max())
 
-    @property
+    @cached_property
     def area(self) -> float:
         """Exact area of the outline (not clipped by the image): 1/2 * integral of R(theta)^2."""
         return float(np.pi * np.mean(self.boundary(_ANGLES) ** 2))
@@ -80,11 +81,18 @@ class AnomalyRegion:
         return window, drow, dcol, radius, relative
 
     def mask(self, image_shape: tuple[int, int]) -> np.ndarray:
-        """Boolean image of the region (not restricted to the brain)."""
-        window, *_, relative = self.polar(image_shape)
-        full = np.zeros(image_shape, dtype=bool)
-        full[window] = relative < 1.0
-        return full
+        """Boolean image of the region (not restricted to the brain), read-only: it is cached, since
+        placing, applying and labelling one anomaly each ask for it."""
+        return _region_mask(self, tuple(image_shape))
+
+
+@lru_cache(maxsize=16)
+def _region_mask(region: AnomalyRegion, image_shape: tuple[int, int]) -> np.ndarray:
+    window, *_, relative = region.polar(image_shape)
+    full = np.zeros(image_shape, dtype=bool)
+    full[window] = relative < 1.0
+    full.flags.writeable = False
+    return full
 
 
 def random_outline(side_lengths: np.ndarray, rng: np.random.Generator) -> AnomalyRegion:
