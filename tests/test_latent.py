@@ -113,3 +113,75 @@ def test_repository_saves_and_loads_beside_the_weights(tmp_path):
     assert len(loaded) == 9 and loaded.num_layers == 12
     with pytest.raises(RepositoryMissing, match="build_repository"):
         load_repository(tmp_path / "elsewhere")
+
+
+def test_bad_inputs_raise_errors_that_name_the_argument_and_the_shapes():
+    codes, queries = _codes(5), _codes(3, seed=1)
+    with pytest.raises(ValueError, match=r"^queries must be W\+ codes \(N, L, D\), got shape \(3, 12\)\.$"):
+        retrieve(queries[:, :, 0], codes)
+    with pytest.raises(ValueError, match=r"^repository codes must be W\+ codes \(N, L, D\), got shape \(5, 12\)\.$"):
+        retrieve(queries, codes[:, :, 0])
+    with pytest.raises(ValueError, match=r"^repository codes must be W\+ codes"):
+        LatentRepository(codes[:, :, 0])
+    with pytest.raises(ValueError, match=r"^Query codes \(12, 16\) and repository codes \(11, 16\) differ\.$"):
+        retrieve(queries, codes[:, 1:])
+    with pytest.raises(ValueError, match=r"^The latent repository is empty\.$"):
+        retrieve(queries, codes[:0])
+    with pytest.raises(ValueError, match=r"^Codes to swap must have one shape, got \(3, 12, 16\) and \(3, 11, 16\)\.$"):
+        partial_swap(queries, queries[:, 1:], 2)
+    with pytest.raises(ValueError, match=r"^l2 must lie in 0 \.\. 12, got 13\.$"):
+        partial_swap(queries, queries, 13)
+    with pytest.raises(ValueError, match=r"^2 sources for 5 codes\.$"):
+        LatentRepository(codes, ["a", "b"])
+
+
+@pytest.mark.parametrize("l1, valid", [(0, False), (1, True), (11, True), (12, False)])
+def test_l1_must_split_the_layers_into_two_non_empty_stages(l1, valid):
+    codes, queries = _codes(5), _codes(2, seed=1)
+    if valid:
+        assert retrieve(queries, codes, l1=l1, k1=3, k2=2)[0].shape == (2, 2)
+    else:
+        with pytest.raises(ValueError, match=rf"^l1 must lie in 1 \.\. 11 for coarse-to-fine retrieval, got {l1}\.$"):
+            retrieve(queries, codes, l1=l1)
+    retrieve(queries[:1], codes[:2], l1=l1, coarse_to_fine=False)  # one-stage retrieval ignores l1
+
+
+def test_the_papers_settings_are_the_defaults():
+    """SCRPS: l1 = 6 coarse layers, k1 = 100 coarse candidates, k2 = 20 codes combined, swap at l2 = 9."""
+    import inspect
+
+    expected = {"l1": 6, "k1": 100, "k2": 20, "coarse_to_fine": True}
+    for function in (retrieve, LatentRepository.retrieve, LatentRepository.combined, LatentRepository.restore):
+        defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()
+                    if name in expected or name == "l2"}
+        assert defaults == {**expected, **({"l2": 9} if function is LatentRepository.restore else {})}
+    assert inspect.signature(select_fraction).parameters["seed"].default == 0
+
+
+def test_codes_and_results_keep_their_dtype_and_sources_their_names():
+    codes, queries = _codes(6).double(), _codes(2, seed=1).double()
+    assert weighted_combination(codes[None, :3], torch.ones(1, 3)).dtype == torch.float64
+    repository = LatentRepository(codes, [f"s{i}" for i in range(6)])
+    assert repository.sources == [f"s{i}" for i in range(6)] and LatentRepository(codes).sources == list("012345")
+    assert repository.combined(queries, k1=4, k2=2).dtype == torch.float64
+    assert repository.combined(queries.float(), k1=4, k2=2).dtype == torch.float32
+
+
+def test_select_fraction_bounds():
+    np.testing.assert_array_equal(select_fraction(20, 1.0), np.arange(20))  # all of them, each once
+    assert select_fraction(0, 0.5).size == 0
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^fraction must lie in \(0, 1\], got {fraction}\.$"):
+            select_fraction(10, fraction)
+
+
+def test_repository_saves_into_new_folders_and_loads_onto_the_asked_device(tmp_path):
+    path = LatentRepository(_codes(4)).save(tmp_path / "new" / "folder" / "repository.pt")
+    assert path.is_file()
+    assert LatentRepository.load(path).codes.device.type == "cpu"
+    assert LatentRepository.load(path, device="meta").codes.device.type == "meta"  # a device no test machine lacks
+    assert load_repository(path.parent, device="meta").codes.device.type == "meta"
+    with pytest.raises(RepositoryMissing, match=r"python -m monai\.bundle run --config_file "
+                                                r"\"\['configs/inference\.yaml','configs/build_repository\.yaml'\]\" "
+                                                r"--model_dir .*elsewhere\)\.$"):
+        LatentRepository.load(tmp_path / "elsewhere" / "repository.pt")

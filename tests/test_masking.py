@@ -121,3 +121,60 @@ def test_composition_leaves_unmasked_pixels_untouched():
     out = masking.compose(x, fill, m)
     assert torch.equal(out[m == 0], x[m == 0])
     assert torch.equal(out[m == 1], fill[m == 1])
+
+
+def test_bad_shapes_and_settings_raise_errors_that_name_them():
+    flat = torch.zeros(2, 8, 8)
+    for call, name in ((lambda: masking.gaussian_smooth(flat, 1.0), "x"), (lambda: masking.clahe(flat), "x"),
+                       (lambda: masking.normalise_per_image(flat), "residual"),
+                       (lambda: masking.binary_anomaly_mask(flat, 0.5), "anomaly_map")):
+        with pytest.raises(ValueError, match=rf"^{name} must be a \(B, C, H, W\) batch of slices, got shape "
+                                             r"\(2, 8, 8\)\.$"):
+            call()
+    with pytest.raises(ValueError,
+                       match=r"^x and the reconstruction differ in shape: \(1, 1, 8, 8\) vs \(1, 1, 8, 9\)\.$"):
+        masking.clahe_residual(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
+    with pytest.raises(ValueError, match=r"^No healthy values to calibrate a threshold on \(empty brain masks\?\)\.$"):
+        masking.threshold_at_fpr(torch.zeros(0), 0.01)
+    for fpr in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"^The target false-positive fraction must be in \[0, 1\), got {fpr}\.$"):
+            masking.threshold_at_fpr(torch.arange(10.0), fpr)
+
+
+def test_random_ellipses_equal_a_pixel_by_pixel_drawing_of_the_same_random_ellipses():
+    """The same random numbers drawn in the documented order (centres, semi-axes, angles), then every
+    pixel centre (i + 0.5, j + 0.5) tested against every ellipse; a non-square image and unequal axes."""
+    h, w, batch, count, radii = 24, 40, 2, 3, (0.05, 0.4)
+    masks = masking.random_ellipse_masks(batch, (h, w), count, radii, rng=7)
+    rng = np.random.default_rng(7)
+    centres = rng.uniform([0, 0], [h, w], size=(batch, count, 2))
+    axes = rng.uniform(radii[0] * h, radii[1] * h, size=(batch, count, 2))
+    angles = rng.uniform(0, np.pi, size=(batch, count))
+    expected = np.zeros((batch, 1, h, w))
+    for b in range(batch):
+        for k in range(count):
+            c, s = np.cos(angles[b, k]), np.sin(angles[b, k])
+            for i in range(h):
+                for j in range(w):
+                    dy, dx = i + 0.5 - centres[b, k, 0], j + 0.5 - centres[b, k, 1]
+                    u, v = c * dy + s * dx, -s * dy + c * dx  # along the first and the second semi-axis
+                    if (u / axes[b, k, 0]) ** 2 + (v / axes[b, k, 1]) ** 2 <= 1:
+                        expected[b, 0, i, j] = 1.0
+    assert masks.dtype == torch.float32 and masks.shape == (batch, 1, h, w)
+    assert 0.05 < expected.mean() < 0.95
+    assert (masks.numpy() != expected).sum() <= 2  # float32 against float64 on an ellipse's edge
+    generator = np.random.default_rng(7)
+    assert torch.equal(masking.random_ellipse_masks(batch, (h, w), count, radii, rng=generator), masks)
+
+
+def test_thresholded_masks_flag_values_above_the_threshold_only_and_grow_by_the_soft_dilation():
+    anomaly_map = torch.zeros(1, 1, 9, 9)
+    anomaly_map[0, 0, 4, 4] = 0.5
+    assert not masking.binary_anomaly_mask(anomaly_map, 0.5, sigma=1.2, level=0.1).any()  # > the threshold, not >=
+    mask = masking.binary_anomaly_mask(anomaly_map, 0.4, sigma=1.2, level=0.05)
+    impulse = (anomaly_map[0, 0].numpy() > 0.4).astype(np.float64)
+    blurred = torch.as_tensor(ndimage.gaussian_filter(impulse, 1.2, mode="reflect", truncate=4.0).astype(np.float32))
+    # a blurred single pixel exceeds 0.05 exactly on its 3 x 3 neighbourhood at sigma 1.2
+    assert torch.equal(mask[0, 0], (blurred > 0.05).float()) and int(mask.sum()) == 9
+    corner = float(blurred[3, 3])  # a value the blur takes: "> level" leaves the four corners out
+    assert int(masking.dilate_mask((anomaly_map > 0.4).float(), 1.2, corner).sum()) == 5

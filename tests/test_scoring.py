@@ -180,3 +180,73 @@ def test_lpips_uses_cached_backbone_weights_without_download(hub_dir, caplog):
         model = scoring.PerceptualDistance("squeeze")
     assert not model.random_backbone and "RANDOM" not in caplog.text
     torch.testing.assert_close(model.lpips.net.slice1[0].weight, reference.features[0].weight)
+
+
+def test_bad_inputs_raise_errors_that_name_them():
+    x = torch.rand(1, 1, 12, 12)
+    cases = [
+        (lambda: scoring.residual_map(x[0], x[0]),
+         r"^Expected \(B, C, H, W\) or \(B, C, H, W, D\), got shape \(1, 12, 12\)\.$"),
+        (lambda: scoring.residual_map(x, x[..., :11]),
+         r"^The two batches must have the same shape, got \(1, 1, 12, 12\) and \(1, 1, 12, 11\)\.$"),
+        (lambda: scoring.ssim_map(x, x, win_size=4), r"^The window size must be odd and positive, got 4\.$"),
+        (lambda: scoring.ssim_map(x, x, win_size=0), r"^The window size must be odd and positive, got 0\.$"),
+        (lambda: scoring.backbone_weights_path("resnet"),
+         r"^net must be one of \['alex', 'squeeze', 'vgg'\], got 'resnet'\.$"),
+        (lambda: scoring.combine_maps(), r"^combine_maps needs at least one map\.$"),
+        (lambda: scoring.combine_maps(x, x[..., :11]), r"^All maps must have the same shape, got \(1, 1, 12, 12\) and "
+                                                       r"\(1, 1, 12, 11\)\.$"),
+        (lambda: scoring.smooth_map(x, size=4), r"^size must be odd and positive, got 4\.$"),
+        (lambda: scoring.smooth_map(x, size=-1), r"^size must be odd and positive, got -1\.$"),
+        (lambda: scoring.volume_score(x, torch.zeros_like(x)),
+         r"^volume_score: the mask is empty; check the brain mask of this volume\.$"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_one_pixel_windows_and_integer_inputs():
+    x = torch.rand(1, 1, 12, 12)
+    # a 1-pixel window: SSIM of single pixels, (2 x y + c1)(c2) / ((x^2 + y^2 + c1)(c2)) exactly
+    y = torch.rand(1, 1, 12, 12)
+    c1 = 0.01 ** 2
+    expected = 1 - (2 * x * y + c1) / (x * x + y * y + c1)
+    torch.testing.assert_close(scoring.ssim_map(x, y, win_size=1), expected.clamp_min(0))
+    assert torch.equal(scoring.smooth_map(x, size=1), x) and torch.equal(scoring.smooth_map(x, "gaussian", size=1), x)
+    counts = torch.randint(0, 5, (1, 1, 12, 12))
+    assert scoring.smooth_map(counts, "gaussian", size=3).dtype == torch.float32  # integer maps are filtered as floats
+
+
+@pytest.mark.parametrize("data_range", [1.0, 255.0])
+def test_ssim_constants_scale_with_the_data_range(data_range):
+    """c1 = (k1 L)^2, c2 = (k2 L)^2: the same images scaled by L give the same map as at L = 1."""
+    x, y = torch.rand(1, 1, 24, 24, dtype=torch.float64), torch.rand(1, 1, 24, 24, dtype=torch.float64)
+    torch.testing.assert_close(scoring.ssim_map(x * data_range, y * data_range, data_range=data_range),
+                               scoring.ssim_map(x, y))
+    assert not torch.allclose(scoring.ssim_map(x * 255, y * 255, data_range=1.0), scoring.ssim_map(x, y))
+
+
+@pytest.mark.parametrize("value", ["1", "TRUE", " yes ", "True"])
+def test_the_random_backbone_switch_accepts_the_usual_spellings(value, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(scoring.RANDOM_BACKBONE_ENV, value)
+    with caplog.at_level(logging.WARNING, logger="medanomaly.scoring"):
+        assert scoring.use_random_backbone(tmp_path / "missing.pth", "VGG16_Weights", "a test", seed=3)
+    assert caplog.messages == [f"a test: '{tmp_path / 'missing.pth'}' not found; using a RANDOMLY INITIALISED backbone "
+                               "(seed 3). Its outputs are NOT perceptual; do not use them for real results."]
+    monkeypatch.setenv(scoring.RANDOM_BACKBONE_ENV, "no")
+    with pytest.raises(scoring.PerceptualWeightsMissing, match="missing.pth"):
+        scoring.use_random_backbone(tmp_path / "missing.pth", "VGG16_Weights", "a test")
+
+
+def test_percentile_scores_at_the_edges():
+    values = torch.arange(10.0).view(1, 1, 2, 5)
+    assert float(scoring.volume_score(values, reduction="top_percentile", percentile=100)) == 9.0
+    assert float(scoring.volume_score(values, reduction="top_percentile", percentile=0)) == 4.5
+    # at the 95th percentile of 0..9 (8.55) only 9 is at or above it
+    assert float(scoring.volume_score(values, reduction="top_percentile", percentile=95)) == 9.0
+    normalised = scoring.normalise_by_percentile(values, q=100)
+    torch.testing.assert_close(normalised, values / 9.0)
+    mask = torch.zeros_like(values)
+    mask[..., :2] = 1  # values 0, 1, 5, 6 inside
+    torch.testing.assert_close(scoring.normalise_by_percentile(values, mask, q=100), values / 6.0 * mask)

@@ -42,6 +42,10 @@ def stage(workdir: Path, modules: list[str]) -> None:
     shutil.copytree(REPO / "core" / "medanomaly", workdir / "src" / "medanomaly",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (workdir / "tests").mkdir(parents=True)
+    # mutmut writes mutants/src after it starts, but Python ignores a PYTHONPATH folder for good once an
+    # import found it missing: without it the tests import the unmutated package and mutmut finds no
+    # test that covers any mutant
+    (workdir / "mutants" / "src").mkdir(parents=True)
     tests = sorted({t for m in modules for t in MODULES[m][1]})
     for name in TEST_HELPERS + tests:
         shutil.copy(REPO / "tests" / name, workdir / "tests" / name)
