@@ -178,3 +178,66 @@ def test_thresholded_masks_flag_values_above_the_threshold_only_and_grow_by_the_
     assert torch.equal(mask[0, 0], (blurred > 0.05).float()) and int(mask.sum()) == 9
     corner = float(blurred[3, 3])  # a value the blur takes: "> level" leaves the four corners out
     assert int(masking.dilate_mask((anomaly_map > 0.4).float(), 1.2, corner).sum()) == 5
+
+
+def test_clahe_clips_its_input_and_passes_its_settings_to_skimage():
+    from skimage import exposure
+
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.uniform(-0.5, 1.5, (1, 1, 32, 32)), dtype=torch.float32)
+    clipped = x.clamp(0, 1)[0, 0].double().numpy()
+    expected = exposure.equalize_adapthist(clipped, kernel_size=8, clip_limit=0.05, nbins=64)
+    out = masking.clahe(x, clip_limit=0.05, kernel_size=8, nbins=64)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out[0, 0].numpy(), expected, atol=1e-6)
+    reconstruction = torch.as_tensor(rng.uniform(0, 1, (1, 1, 32, 32)), dtype=torch.float32)
+    residual = (masking.clahe(x, 0.05) - masking.clahe(reconstruction, 0.05)).abs()
+    torch.testing.assert_close(masking.clahe_residual(x, reconstruction, 90, clip_limit=0.05, eps=0.5),
+                               masking.normalise_per_image(residual, 90, eps=0.5))
+    torch.testing.assert_close(masking.mask_map(x, reconstruction, percentile=90, clip_limit=0.05),
+                               masking.clahe_residual(x, reconstruction, 90, clip_limit=0.05))
+
+
+def test_per_image_normalisation_handles_a_zero_percentile_and_negative_values():
+    residual = torch.zeros(1, 1, 10, 10)
+    residual[0, 0, 0, 0], residual[0, 0, 0, 1] = 0.3, -0.2  # the 95th percentile is 0
+    out = masking.normalise_per_image(residual, 95, eps=1e-8)
+    assert out[0, 0, 0, 0] == 1.0 and out[0, 0, 0, 1] == 0.0 and out.sum() == 1.0
+
+
+def test_saliency_reads_clipped_images():
+    seen = []
+
+    def perceptual(a, b):
+        seen.extend([a, b])
+        return (a - b).abs()
+
+    x = torch.linspace(-1, 2, 64).view(1, 1, 8, 8)
+    masking.smoothed_saliency(perceptual, x.flip(-1), x, sigma=0.0)
+    assert all(float(t.min()) == 0.0 and float(t.max()) == 1.0 for t in seen)
+
+
+def test_gaussian_smoothing_edges_and_dtypes():
+    x = torch.rand(1, 1, 16, 16, dtype=torch.float64)
+    assert masking.gaussian_smooth(x, 0.0) is x  # sigma 0: unchanged
+    expected = ndimage.gaussian_filter(x[0, 0].numpy(), 1.0, mode="reflect", truncate=4.0)
+    smoothed = masking.gaussian_smooth(x, 1.0)
+    assert smoothed.dtype == torch.float64
+    inner = (slice(4, -4), slice(4, -4))  # away from the border, where the padding conventions differ
+    np.testing.assert_allclose(smoothed[0, 0].numpy()[inner], expected[inner], atol=1e-12)
+    counts = torch.randint(0, 3, (1, 1, 16, 16))
+    np.testing.assert_allclose(masking.gaussian_smooth(counts, 1.0)[0, 0].numpy()[inner],
+                               ndimage.gaussian_filter(counts[0, 0].double().numpy(), 1.0)[inner], atol=1e-5)
+
+
+def test_soft_dilation_keeps_only_values_above_the_level():
+    impulse = torch.zeros(1, 1, 9, 9)
+    impulse[0, 0, 4, 4] = 1.0
+    corner = float(masking.gaussian_smooth(impulse, 1.2)[0, 0, 3, 3])  # the blur's value on the 3 x 3 corners
+    assert int(masking.dilate_mask(impulse, 1.2, corner).sum()) == 5
+
+
+def test_compose_takes_boolean_masks():
+    x, inpainted = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    mask = torch.tensor([[[[True, False], [False, True]]]])
+    torch.testing.assert_close(masking.compose(x, inpainted, mask), mask.float())

@@ -250,3 +250,28 @@ def test_percentile_scores_at_the_edges():
     mask = torch.zeros_like(values)
     mask[..., :2] = 1  # values 0, 1, 5, 6 inside
     torch.testing.assert_close(scoring.normalise_by_percentile(values, mask, q=100), values / 6.0 * mask)
+
+
+def test_median_smoothing_is_over_the_two_axes_of_a_slice_and_the_three_of_a_volume():
+    from scipy import ndimage
+
+    slices, volume = torch.rand(1, 1, 12, 12), torch.rand(1, 1, 9, 9, 9)
+    inner2, inner3 = (slice(2, -2),) * 2, (slice(2, -2),) * 3
+    np.testing.assert_allclose(scoring.smooth_map(slices, size=5)[0, 0].numpy()[inner2],
+                               ndimage.median_filter(slices[0, 0].numpy(), size=5)[inner2])
+    np.testing.assert_allclose(scoring.smooth_map(volume, size=3)[0, 0].numpy()[inner3],
+                               ndimage.median_filter(volume[0, 0].numpy(), size=3)[inner3])
+
+
+def test_a_zero_percentile_normalises_by_the_maximum_and_the_default_top_percentile_is_99():
+    m = torch.zeros(1, 1, 10, 10)
+    m[0, 0, 0, :3] = torch.tensor([0.5, 1.0, 2.0])  # the 95th percentile is 0
+    torch.testing.assert_close(scoring.normalise_by_percentile(m), m / 2.0)
+    values = torch.arange(1000.0).view(1, 1, 10, 100)
+    assert float(scoring.volume_score(values, reduction="top_percentile")) == 994.5  # 990 .. 999
+
+
+def test_the_random_backbone_warning_names_seed_0_by_default(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.scoring"):
+        scoring.use_random_backbone(tmp_path / "missing.pth", "VGG16_Weights", "a test", allow_random_backbone=True)
+    assert "(seed 0)" in caplog.text
