@@ -85,13 +85,11 @@ def poisson_blend(target: np.ndarray, source: np.ndarray, region: np.ndarray,
     return _blend_cg(target, source, inside, brain, mixed_gradients, tolerance)
 
 
-def _guidance(source_p, source_q, target_p, target_q, mixed_gradients: bool):
+def _guidance(source_gradient, target_gradient, mixed_gradients: bool):
     """v_pq: the source's gradient, or the target's where that is stronger (mixed)."""
-    guidance = source_p - source_q
-    if mixed_gradients:
-        target_gradient = target_p - target_q
-        guidance = np.where(np.abs(target_gradient) > np.abs(guidance), target_gradient, guidance)
-    return guidance
+    if not mixed_gradients:
+        return source_gradient
+    return np.where(np.abs(target_gradient) > np.abs(source_gradient), target_gradient, source_gradient)
 
 
 # --- direct solve on a Dirichlet rectangle ------------------------------------------------------
@@ -151,7 +149,7 @@ def _blend_box(target: np.ndarray, source: np.ndarray, inside: np.ndarray, brain
     for axis in (0, 1):
         first, second = _edge_ends(t.shape, axis)
         target_step, source_step = t[second] - t[first], s[second] - s[first]
-        guided = _guidance(source_step, 0.0, target_step, 0.0, mixed_gradients)
+        guided = _guidance(source_step, target_step, mixed_gradients)
         touches = (region[first] | region[second]) & in_brain[first] & in_brain[second]
         step = np.where(touches, guided, target_step)  # f_second - f_first along each edge
         # pixel p's sum_q v_pq: + the step into p from before it, - the step out of p after it
@@ -189,8 +187,8 @@ def _blend_cg(target: np.ndarray, source: np.ndarray, inside: np.ndarray, brain:
         on_image = (n_rows >= 0) & (n_rows < target.shape[0]) & (n_cols >= 0) & (n_cols < target.shape[1])
         n_rows, n_cols = np.clip(n_rows, 0, target.shape[0] - 1), np.clip(n_cols, 0, target.shape[1] - 1)
         linked = on_image & brain[n_rows, n_cols]
-        guidance = _guidance(source[rows, cols], source[n_rows, n_cols], target[rows, cols],
-                             target[n_rows, n_cols], mixed_gradients)
+        guidance = _guidance(source[rows, cols] - source[n_rows, n_cols],
+                             target[rows, cols] - target[n_rows, n_cols], mixed_gradients)
         diagonal += linked
         rhs += np.where(linked, guidance, 0.0)
         neighbour = index[n_rows, n_cols]
