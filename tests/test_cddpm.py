@@ -309,6 +309,26 @@ def test_ensemble_loads_every_fold_model(tmp_path):
         load_networks(tiny_unet(), tmp_path / "empty", ensemble=True)
 
 
+def test_training_starts_from_init_from_weights_and_records_them(tmp_path):
+    """`init_from` fine-tunes: the network and its EMA copy start from the folder's model.pt, and
+    model_info keeps that model's record (how the demo weights were trained further)."""
+    start = tiny_unet(3)
+    torch.save(start.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model_info.json").write_text(json.dumps({"iterations_done": 42}))
+    network_def = {"_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 2, "in_channels": 2,
+                   "out_channels": 1, **TINY_UNET}
+    parser = _config("train", device="cpu", init_from=str(tmp_path), network_def=network_def)
+    handlers = parser["train"]["handlers"]
+    info = next(i for i, h in enumerate(handlers) if h["_target_"].endswith("ModelInfoHandler"))
+    with bundle_scripts("cddpm"):
+        network, ema = parser.get_parsed_content("network"), parser.get_parsed_content("ema")
+        recorded = parser.get_parsed_content(f"train#handlers#{info}#fields#fine_tuned_from")
+    for name, value in start.state_dict().items():
+        torch.testing.assert_close(network.state_dict()[name], value)
+        torch.testing.assert_close(ema.module.state_dict()[name], value)
+    assert recorded == {"iterations_done": 42}
+
+
 # --- the committed demo model ----------------------------------------------------------------
 
 def _slices_with_labels(item: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
