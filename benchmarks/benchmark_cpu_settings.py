@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     print(f"cddpm demo UNet training step, batch {args.batch}, {args.size} px, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     baseline = None
     for bf16 in (False, True):
         for channels_last in (False, True):

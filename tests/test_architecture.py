@@ -3,7 +3,8 @@
 Layers of `medanomaly` (docs/ARCHITECTURE.md), from the top:
   apps      the command line, its console helpers, benchmark, demo, report: imported by nothing below
   launch    torch-free: find, describe and start bundles (the CLI and Slicer use it at start-up)
-  runtime   inside a bundle process: method base, inferer, predictions, writers, handlers, weights, inputs
+  runtime   inside a bundle process: method base, inferer, predictions, writers, handlers, weights, inputs,
+            precision
   library   io, data, anomalies, scoring, masking, latent, metrics, perceptual, visualize
 A module may import its own layer and those below it. Every import in a file counts, also those
 inside functions (a lazy import is still a dependency).
@@ -23,7 +24,8 @@ APPS = {"medanomaly.cli", "medanomaly.console", "medanomaly.benchmark", "medanom
 LAUNCH = {f"medanomaly.bundles{name}" for name in
           ("", ".registry", ".runner", ".progress", ".outputs", ".model_info", ".input_files", ".warm")}
 RUNTIME = {f"medanomaly.bundles.{name}" for name in
-           ("method", "predictions", "writing", "handlers", "weights", "inputs", "contrast", "distributed")}
+           ("method", "predictions", "writing", "handlers", "weights", "inputs", "contrast", "distributed",
+            "precision")}
 HEAVY = {"torch", "monai", "ignite", "numpy", "SimpleITK"}
 LEVEL = {"apps": 3, "launch": 2, "runtime": 2, "library": 1}
 # launch and runtime share a level: runtime modules use the launch helpers (registry, outputs), but the

@@ -12,7 +12,8 @@ slices; `Invertd` brings the maps back to the input grid (`predictions`), `writi
 writes them, and `handlers` report progress, the summary, metrics, thresholds and model_info.json.
 `weights` loads the network's weights and finds the checkpoint to resume from; `contrast` checks
 that inputs match the contrast the weights were trained on; `distributed` starts the process group
-of the multi-process overlays and merges what the ranks collected.
+of the multi-process overlays and merges what the ranks collected; `precision` says whether mixed
+precision pays on the device.
 """
 
 from medanomaly.bundles.progress import VolumeProgress, format_progress, parse_progress, report_progress
@@ -44,8 +45,8 @@ __all__ = [
 
 # submodules this package does not import itself; the runtime ones (torch) load only when a bundle
 # config asks for them, e.g. `$medanomaly.bundles.weights.load_weights(...)` after `$import medanomaly`
-_LAZY_SUBMODULES = ("contrast", "distributed", "handlers", "input_files", "inputs", "method", "predictions",
-                    "weights", "writing")
+_LAZY_SUBMODULES = ("contrast", "distributed", "handlers", "input_files", "inputs", "method", "precision",
+                    "predictions", "weights", "writing")
 
 
 def __getattr__(name: str):
