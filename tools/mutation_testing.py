@@ -115,7 +115,8 @@ def markdown(table: dict[str, dict], command: str) -> str:
         lines.append(f"| {module} | {tested} | {row['killed']} | {len(row['survived'])} | {score:.1f} % |")
     for module, row in table.items():
         if row["survived"]:
-            lines += ["", f"Surviving in `{module}` (`mutmut show NAME` in build/mutation prints each diff):", ""]
+            lines += ["", f"Surviving in `{module}` (`mutmut show NAME` in the run's `--workdir`, default "
+                      "build/mutation, prints each diff):", ""]
             lines += [f"- `{name}`" for name in row["survived"]]
     return "\n".join(lines) + "\n"
 
