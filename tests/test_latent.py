@@ -185,3 +185,30 @@ def test_repository_saves_into_new_folders_and_loads_onto_the_asked_device(tmp_p
                                                 r"\"\['configs/inference\.yaml','configs/build_repository\.yaml'\]\" "
                                                 r"--model_dir .*elsewhere\)\.$"):
         LatentRepository.load(tmp_path / "elsewhere" / "repository.pt")
+
+
+def test_default_settings_are_used_when_none_are_given():
+    """Calls without settings equal calls with l1 = 6, k1 = 100, k2 = 20, l2 = 9, coarse-to-fine; a code
+    whose coarse similarity ranks 101st but whose fine layers equal the query's tells k1 = 100 from 101."""
+    codes, queries = _codes(130, dim=4), _codes(2, dim=4, seed=1)
+    coarse = torch.nn.functional.cosine_similarity(codes[:, :6].flatten(1), queries[0, :6].flatten()[None], dim=1)
+    rank_101 = int(coarse.argsort(descending=True)[100])
+    codes[rank_101, 6:] = queries[0, 6:]
+    assert rank_101 in retrieve(queries, codes, 6, 101, 20)[0][0].tolist()  # the crafted case works
+    explicit = dict(l1=6, k1=100, k2=20, coarse_to_fine=True)
+    indices, sims = retrieve(queries, codes)
+    assert rank_101 not in indices[0].tolist()
+    expected_indices, expected_sims = retrieve(queries, codes, **explicit)
+    assert torch.equal(indices, expected_indices) and torch.equal(sims, expected_sims)
+    repository = LatentRepository(codes)
+    for got, want in zip(repository.retrieve(queries), (expected_indices, expected_sims)):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(repository.combined(queries), repository.combined(queries, **explicit))
+    assert not torch.allclose(repository.combined(queries), repository.combined(queries, coarse_to_fine=False))
+    torch.testing.assert_close(repository.restore(queries), repository.restore(queries, l2=9, **explicit))
+    assert not torch.allclose(repository.restore(queries), repository.restore(queries, l2=10, **explicit))
+
+
+def test_select_fraction_is_seeded_with_0_by_default():
+    np.testing.assert_array_equal(select_fraction(100, 0.1), select_fraction(100, 0.1, seed=0))
+    assert not np.array_equal(select_fraction(100, 0.1), select_fraction(100, 0.1, seed=1))

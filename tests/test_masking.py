@@ -241,3 +241,34 @@ def test_compose_takes_boolean_masks():
     x, inpainted = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
     mask = torch.tensor([[[[True, False], [False, True]]]])
     torch.testing.assert_close(masking.compose(x, inpainted, mask), mask.float())
+
+
+def test_clip_limit_reaches_both_clahe_calls_and_the_defaults_are_the_papers():
+    g = torch.Generator().manual_seed(0)
+    # low-contrast 32 x 32 slices: 4 x 4 windows, so clip limits 0.01 and 0.5 clip differently
+    x, y = 0.5 + 0.1 * torch.rand(2, 1, 1, 32, 32, generator=g)
+    assert not torch.allclose(masking.clahe(x, 0.5), masking.clahe(x, 0.01))
+    torch.testing.assert_close(masking.clahe(x), masking.clahe(x, clip_limit=0.01))
+    expected = masking.normalise_per_image((masking.clahe(x, 0.5) - masking.clahe(y, 0.5)).abs(), 95)
+    torch.testing.assert_close(masking.clahe_residual(x, y, clip_limit=0.5), expected)
+    torch.testing.assert_close(masking.mask_map(x, y, clip_limit=0.5), expected)
+    residual = torch.arange(100, dtype=torch.float32).view(1, 1, 10, 10)
+    torch.testing.assert_close(masking.normalise_per_image(residual), masking.normalise_per_image(residual, 95))
+
+
+def test_saliency_is_smoothed_with_sigma_2_by_default():
+    x, y = torch.rand(2, 1, 1, 16, 16).unbind(0)
+
+    def perceptual(a, b):
+        return (a - b).abs()
+
+    expected = masking.smoothed_saliency(perceptual, y, x, sigma=2.0)
+    assert not torch.allclose(expected, masking.smoothed_saliency(perceptual, y, x, sigma=3.0))
+    torch.testing.assert_close(masking.smoothed_saliency(perceptual, y, x), expected)
+    torch.testing.assert_close(masking.mask_map(x, y, perceptual), masking.clahe_residual(x, y) * expected)
+
+
+def test_random_ellipse_masks_draw_ten_ellipses_by_default():
+    default = masking.random_ellipse_masks(2, (32, 32), rng=3)
+    torch.testing.assert_close(default, masking.random_ellipse_masks(2, (32, 32), n_ellipses=10, rng=3))
+    assert not torch.equal(default, masking.random_ellipse_masks(2, (32, 32), n_ellipses=11, rng=3))

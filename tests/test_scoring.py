@@ -1,6 +1,7 @@
 """Tests for medanomaly.scoring (maps, post-processing, LPIPS without downloads)."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -275,3 +276,116 @@ def test_the_random_backbone_warning_names_seed_0_by_default(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="medanomaly.scoring"):
         scoring.use_random_backbone(tmp_path / "missing.pth", "VGG16_Weights", "a test", allow_random_backbone=True)
     assert "(seed 0)" in caplog.text
+
+
+# --------------------------------------------------------------------------- backbones and options (mutants left alive)
+def test_medanomaly_backbone_is_the_frozen_feature_distance_of_the_shipped_weights(hub_dir):
+    from medanomaly.perceptual import FeatureDistance, load_backbone
+
+    model = scoring.PerceptualDistance(backbone="medanomaly")  # no ImageNet file needed (hub_dir is empty)
+    assert model.backbone == "medanomaly" and model.random_backbone is False
+    assert isinstance(model.distance, FeatureDistance) and not any(p.requires_grad for p in model.parameters())
+    x, y = smooth_texture((2, 1, 32, 32), seed=4), smooth_texture((2, 1, 32, 32), seed=5)
+    torch.testing.assert_close(model(x, y), FeatureDistance(load_backbone())(x, y))
+
+
+def test_perceptual_distance_takes_single_channel_slices_only(hub_dir):
+    model = scoring.PerceptualDistance(backbone="medanomaly")
+    for shape in [(1, 3, 16, 16), (1, 1, 4, 16, 16)]:  # three channels; a volume (one channel)
+        x = torch.rand(shape)
+        message = rf"^PerceptualDistance expects \(B, 1, H, W\) slices, got {re.escape(str(shape))}\.$"
+        with pytest.raises(ValueError, match=message):
+            model(x, x)
+
+
+def test_random_lpips_backbone_is_chosen_explicitly_with_a_warning_naming_net_and_seed(hub_dir, caplog, capsys):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.scoring"):
+        model = scoring.PerceptualDistance("alex", backbone="random")
+        scoring.PerceptualDistance("alex", seed=5, backbone="random")
+    assert model.backbone == "random" and model.random_backbone is True and model.net == "alex"
+    assert caplog.messages == [
+        f"The LPIPS 'alex' backbone: backbone 'random' chosen: a RANDOMLY INITIALISED network (seed {seed}). Its "
+        "outputs are NOT perceptual; use it only as a control." for seed in (0, 5)]
+    assert capsys.readouterr().out == ""  # lpips is built quietly (verbose=False)
+
+
+def test_imagenet_lpips_fallback_names_net_seed_and_weights(hub_dir, caplog):
+    with pytest.raises(scoring.PerceptualWeightsMissing, match=r"vgg16-397923af\.pth"):
+        scoring.PerceptualDistance()  # default net: vgg
+    with pytest.raises(scoring.PerceptualWeightsMissing) as err:
+        scoring.PerceptualDistance("alex")
+    assert str(err.value).startswith("The LPIPS 'alex' backbone needs torchvision's ImageNet weights file "
+                                     "'alexnet-owt-7be5be79.pth'")
+    assert "(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url)" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="medanomaly.scoring"):
+        model = scoring.PerceptualDistance("alex", allow_random_backbone=True, seed=7)
+    assert model.backbone == "random" and model.random_backbone is True
+    assert caplog.messages == [f"The LPIPS 'alex' backbone: '{scoring.backbone_weights_path('alex')}' not found; using "
+                               "a RANDOMLY INITIALISED backbone (seed 7). Its outputs are NOT perceptual; do not use "
+                               "them for real results."]
+
+
+def test_cached_imagenet_lpips_backbone_is_reported_as_imagenet(hub_dir):
+    import torchvision
+
+    path = scoring.backbone_weights_path("squeeze")
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), path)
+    model = scoring.PerceptualDistance("squeeze")
+    assert model.backbone == "imagenet" and model.random_backbone is False
+
+
+def test_missing_or_unloaded_lpips_linear_layers_raise(hub_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import lpips
+
+    # lpips itself reads its files beside its code; only our check looks at lpips.__file__
+    shipped = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+    monkeypatch.setattr(lpips, "__file__", str(tmp_path / "lpips" / "__init__.py"))
+    linear_file = tmp_path / "lpips" / "weights" / "v0.1" / "alex.pth"
+    with pytest.raises(scoring.PerceptualWeightsMissing,
+                       match=rf"^The lpips package has no linear-layer weights at '{re.escape(str(linear_file))}'\. "
+                             r"Reinstall lpips \(pip install lpips\)\.$"):
+        scoring.PerceptualDistance("alex", backbone="random")
+    linear_file.parent.mkdir(parents=True)
+    other = {k: v + 1 for k, v in torch.load(shipped, map_location="cpu", weights_only=True).items()}
+    torch.save(other, linear_file)  # not what lpips loaded
+    with pytest.raises(RuntimeError,
+                       match=rf"^The LPIPS linear layers were not loaded from '{re.escape(str(linear_file))}'\.$"):
+        scoring.PerceptualDistance("alex", backbone="random")
+
+
+def test_empty_masks_normalise_to_zero_and_the_default_percentile_is_95():
+    m = torch.rand(1, 1, 6, 6) + 0.1
+    out = scoring.normalise_by_percentile(m, torch.zeros_like(m))
+    assert out.shape == m.shape and torch.all(out == 0)
+    values = torch.arange(101.0).view(1, 1, 1, 101)  # the 95th percentile is 95
+    torch.testing.assert_close(scoring.normalise_by_percentile(values), values / 95.0)
+
+
+def test_smoothing_defaults_and_channels_are_filtered_separately():
+    m = torch.rand(1, 2, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(scoring.smooth_map(m), scoring.smooth_map(m, "median", 5))
+    torch.testing.assert_close(scoring.smooth_map(m, "gaussian"), scoring.smooth_map(m, "gaussian", 5, 1.0))
+    assert not torch.allclose(scoring.smooth_map(m, "gaussian"), scoring.smooth_map(m, "gaussian", 5, 2.0))
+    for c in range(2):  # the median runs over H and W, never across channels
+        torch.testing.assert_close(scoring.smooth_map(m)[:, c:c + 1], scoring.smooth_map(m[:, c:c + 1]))
+
+
+def test_float64_maps_stay_float64_and_integer_maps_keep_their_dtype_when_masked():
+    x, y = torch.rand(1, 1, 12, 12, dtype=torch.float64), torch.rand(1, 1, 12, 12, dtype=torch.float64)
+    assert scoring.ssim_map(x, y).dtype == torch.float64
+    assert scoring.smooth_map(x, "gaussian", size=3).dtype == torch.float64
+    counts = torch.randint(1, 5, (1, 1, 4, 4))
+    mask = torch.rand(1, 1, 4, 4) > 0.5
+    out = scoring.zero_background(counts, mask)
+    assert out.dtype == counts.dtype and torch.equal(out, counts * mask)
+
+
+def test_unknown_kinds_and_reductions_raise_errors_that_name_them():
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"^kind must be 'median' or 'gaussian', got 'box'\.$"):
+        scoring.smooth_map(x, kind="box")
+    with pytest.raises(ValueError, match=r"^reduction must be 'mean' or 'top_percentile', got 'max'\.$"):
+        scoring.volume_score(x, reduction="max")
