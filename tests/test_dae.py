@@ -131,8 +131,12 @@ def test_bundle_trains_calibrates_infers_and_evaluates_from_any_directory(tiny, 
 
     run_bundle("dae", "calibrate", {**common, "model_dir": str(model_dir), "output_dir": str(run / "cal")},
                demo=True)
-    threshold = json.loads((model_dir / "model_info.json").read_text())["threshold"]
-    assert threshold > 0
+    info = json.loads((model_dir / "model_info.json").read_text())
+    threshold = info["threshold"]
+    # calibrated on every healthy validation volume at the configured FPR, inside the maps' range
+    assert info["target_fpr"] == 0.01
+    assert info["calibration_volumes"] == len(load_datalist(tiny, "validation_healthy"))
+    assert 0.0 < threshold < 1.0
 
     subject = load_datalist(tiny, "test_lesion")[0]
     scan = _copy_to_nrrd(subject["image"], tmp_path / "scan.nrrd")
