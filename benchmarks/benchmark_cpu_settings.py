@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from medanomaly.bundles.precision import cpu_has_native_bf16
+
 BUNDLE = Path(__file__).resolve().parents[1] / "monai_bundles" / "cddpm"
 
 
@@ -69,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"cddpm demo UNet training step, batch {args.batch}, {args.size} px, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"native bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+          f"native bf16: {cpu_has_native_bf16()}")
     baseline = None
     for bf16 in (False, True):
         for channels_last in (False, True):
