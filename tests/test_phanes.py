@@ -168,6 +168,29 @@ def test_encoder_loss_weighs_the_negative_elbos_as_the_reference():
     assert losses[0.5] > losses[0.25]
 
 
+def test_exponentiated_elbos_reach_the_encoder_through_the_frozen_decoder():
+    """As in the reference (decoder requires_grad False, nothing detached): with beta_neg 0 the
+    exponentiated ELBO of generated slices depends on the encoder only through the decoder's
+    reconstruction of them, and still gives the encoder a gradient; the decoder gets none from the
+    encoder loss, the encoder none from the decoder loss."""
+    x, _ = _healthy_batch(4)
+    torch.manual_seed(0)
+    vae = SoftIntroVAE(1, **TINY_VAE)
+    step = VAEStep(vae, beta_neg=0.0)
+    noise = torch.randn(4, vae.zdim)
+    encoder = step.encoder_loss(x, noise)
+    grads = torch.autograd.grad(encoder["exp_fake"], list(vae.encoder.parameters()), allow_unused=True,
+                                retain_graph=True)
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    encoder["loss_e"].backward()
+    assert all(p.grad is None for p in vae.decoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.encoder.parameters())
+    vae.zero_grad(set_to_none=True)
+    step.decoder_loss(x, encoder["z"], noise).backward()
+    assert all(p.grad is None for p in vae.encoder.parameters())
+    assert all(p.requires_grad for p in vae.parameters())  # unfrozen again
+
+
 # --------------------------------------------------------------------------- the losses, by hand
 LOSSES = _SCRIPTS["scripts.losses"]  # the module
 

@@ -76,61 +76,90 @@ class VAEStep:
         self.opt_e.load_state_dict(state["opt_e"])
         self.opt_d.load_state_dict(state["opt_d"])
 
-    def __call__(self, x: torch.Tensor) -> dict:
-        vae = self.vae
-        vae.train()
-        scale = self.scale if self.scale is not None else 1.0 / (x.shape[-1] * x.shape[-2])
-        noise = torch.randn(x.shape[0], vae.zdim, device=x.device)
-        # ---- encoder step
-        with _autocast(self.device, self.amp):
+    def _scale(self, x):
+        return self.scale if self.scale is not None else 1.0 / (x.shape[-1] * x.shape[-2])
+
+    def encoder_loss(self, x, noise) -> dict:
+        """The encoder's loss (`loss_e`) and its parts. As in the reference, the decoder is frozen
+        but not cut off: the exponentiated ELBOs of reconstructed and generated slices reach the
+        encoder through the decoder's reconstructions of them as well as through their KL."""
+        vae, scale = self.vae, self._scale(x)
+        with _frozen(vae.decoder):
             mu, logvar, feats = vae.encode(x, return_features=True)
             z = vae.reparameterize(mu, logvar)
             rec = vae.decode(z)
-            fake = vae.decode(noise)
-            loss_rec = reconstruction_error(x, rec.float()).mean()
-            loss_kl = kl_divergence(mu.float(), logvar.float()).mean()
-            fake_mu, fake_logvar = vae.encode(fake.detach())
+            fake = vae.decode(noise).detach()
+            fake_mu, fake_logvar = vae.encode(fake)
             rec_mu, rec_logvar, rec_feats = vae.encode(rec.detach(), return_features=True)
-            rec_fake = vae.decode(vae.reparameterize(fake_mu, fake_logvar)).detach()
-            rec_rec = vae.decode(vae.reparameterize(rec_mu, rec_logvar)).detach()
-            fake_kl = kl_divergence(fake_mu.float(), fake_logvar.float())
-            rec_kl = kl_divergence(rec_mu.float(), rec_logvar.float())
-            fake_rec_err = reconstruction_error(fake.detach().float(), rec_fake.float())
-            rec_rec_err = reconstruction_error(rec.detach().float(), rec_rec.float())
-            exp_fake = (-2 * scale * (self.beta_rec * fake_rec_err + self.beta_neg * fake_kl)).exp().mean()
-            exp_rec = (-2 * scale * (self.beta_rec * rec_rec_err + self.beta_neg * rec_kl)).exp().mean()
-            loss_embed = embedding_loss([f.float() for f in feats], [f.float() for f in rec_feats])
-            loss_e = (scale * (self.beta_rec * loss_rec + self.beta_kl * loss_kl)
-                      + self.negative_weight * (exp_fake + exp_rec) + self.embedding_weight * loss_embed)
-        self.opt_e.zero_grad(set_to_none=True)
-        loss_e.backward()
-        average_gradients(self.opt_e)
-        self.opt_e.step()
-        # ---- decoder step
-        with _autocast(self.device, self.amp):
-            z = z.detach()
+            rec_fake = vae.decode(vae.reparameterize(fake_mu, fake_logvar))
+            rec_rec = vae.decode(vae.reparameterize(rec_mu, rec_logvar))
+        loss_rec = reconstruction_error(x, rec.float()).mean()
+        loss_kl = kl_divergence(mu.float(), logvar.float()).mean()
+        exp_fake = self._exp_elbo(fake.float(), rec_fake.float(), fake_mu, fake_logvar, scale)
+        exp_rec = self._exp_elbo(rec.float(), rec_rec.float(), rec_mu, rec_logvar, scale)
+        loss_embed = embedding_loss([f.float() for f in feats], [f.float() for f in rec_feats])
+        loss_e = (scale * (self.beta_rec * loss_rec + self.beta_kl * loss_kl)
+                  + self.negative_weight * (exp_fake + exp_rec) + self.embedding_weight * loss_embed)
+        return {"loss_e": loss_e, "rec_mse": loss_rec / x[0].numel(), "kl": loss_kl, "embed": loss_embed,
+                "z": z.detach(), "exp_fake": exp_fake, "exp_rec": exp_rec}
+
+    def _exp_elbo(self, target, reconstruction, mu, logvar, scale):
+        """exp(-2 scale (beta_rec rec_err + beta_neg KL)), averaged over the batch."""
+        error = reconstruction_error(target, reconstruction)
+        kl = kl_divergence(mu.float(), logvar.float())
+        return (-2 * scale * (self.beta_rec * error + self.beta_neg * kl)).exp().mean()
+
+    def decoder_loss(self, x, z, noise):
+        """The decoder's loss (`loss_d`): reconstruction of x from the encoder step's codes `z`, KL of
+        the re-encoded reconstructions and samples, and their own reconstruction errors x gamma_r."""
+        vae, scale = self.vae, self._scale(x)
+        with _frozen(vae.encoder):
             fake = vae.decode(noise)
             rec = vae.decode(z)
-            loss_rec_d = reconstruction_error(x, rec.float()).mean()
             rec_mu, rec_logvar = vae.encode(rec)
             fake_mu, fake_logvar = vae.encode(fake)
             rec_rec = vae.decode(vae.reparameterize(rec_mu, rec_logvar).detach())
             rec_fake = vae.decode(vae.reparameterize(fake_mu, fake_logvar).detach())
-            loss_rr = reconstruction_error(rec.detach().float(), rec_rec.float()).mean()
-            loss_fr = reconstruction_error(fake.detach().float(), rec_fake.float()).mean()
-            kl_d = 0.5 * (kl_divergence(rec_mu.float(), rec_logvar.float()).mean()
-                          + kl_divergence(fake_mu.float(), fake_logvar.float()).mean())
-            loss_d = scale * (self.beta_rec * loss_rec_d + self.beta_kl * kl_d
-                              + self.gamma_r * 0.5 * self.beta_rec * (loss_rr + loss_fr))
-        self.opt_d.zero_grad(set_to_none=True)
+        loss_rec = reconstruction_error(x, rec.float()).mean()
+        loss_rr = reconstruction_error(rec.detach().float(), rec_rec.float()).mean()
+        loss_fr = reconstruction_error(fake.detach().float(), rec_fake.float()).mean()
+        kl = 0.5 * (kl_divergence(rec_mu.float(), rec_logvar.float()).mean()
+                    + kl_divergence(fake_mu.float(), fake_logvar.float()).mean())
+        return scale * (self.beta_rec * loss_rec + self.beta_kl * kl
+                        + self.gamma_r * 0.5 * self.beta_rec * (loss_rr + loss_fr))
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        self.vae.train()
+        noise = torch.randn(x.shape[0], self.vae.zdim, device=x.device)
+        with _autocast(self.device, self.amp):
+            encoder = self.encoder_loss(x, noise)
         self.opt_e.zero_grad(set_to_none=True)
+        encoder["loss_e"].backward()
+        average_gradients(self.opt_e)
+        self.opt_e.step()
+        with _autocast(self.device, self.amp):
+            loss_d = self.decoder_loss(x, encoder["z"], noise)  # the encoder step's draw of z
+        self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         average_gradients(self.opt_d)
         self.opt_d.step()
-        self.opt_e.zero_grad(set_to_none=True)  # the decoder step's encoder gradients are not used
-        losses = {"loss_e": loss_e, "loss_d": loss_d, "rec_mse": loss_rec_d / x[0].numel(), "kl": loss_kl,
-                  "embed": loss_embed}
+        losses = {"loss_e": encoder["loss_e"], "loss_d": loss_d, "rec_mse": encoder["rec_mse"],
+                  "kl": encoder["kl"], "embed": encoder["embed"]}
         return {k: float(v.detach()) for k, v in losses.items()}
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    """`module`'s parameters take no gradient inside (the reference's requires_grad = False): the
+    other half of the VAE trains through it."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 # --------------------------------------------------------------------------- stage 2
