@@ -423,12 +423,15 @@ def test_inference_builds_the_network_the_weights_recorded(tmp_path):
 
 
 def test_shipped_demo_weights_load_for_sagan_and_brainomaly():
-    for folder, name in ((SAGAN.model_dir, "sagan"), (SAGAN.model_dir / "brainomaly", "brainomaly")):
+    """Each shipped folder is the one its model and contrast pick (FLAIR: models/brainomaly/FLAIR/)."""
+    for folder, name, contrast in ((SAGAN.model_dir, "sagan", "T2w"), (SAGAN.model_dir / "brainomaly", "brainomaly", "T2w"),
+                                   (SAGAN.model_dir / "brainomaly" / "FLAIR", "brainomaly", "FLAIR")):
         info = json.loads((folder / "model_info.json").read_text())
         assert info["variant"] == "demo" and info["model_variant"] == name and info["threshold"] > 0
+        assert info["contrast"] == contrast
         parser = ConfigParser()
         parser.read_config([str(SAGAN.config_file(n)) for n in ("inference", "demo")])
-        parser.update({"device": "cpu", "model": info["model"]})
+        parser.update({"device": "cpu", "model": info["model"], "contrast": contrast})
         with bundle_scripts("sagan"):
             network = parser.get_parsed_content("network")
         assert network.variant == name and Path(parser.get_parsed_content("model_dir")) == folder
@@ -492,22 +495,23 @@ def test_bundle_trains_calibrates_infers_and_evaluates(tiny, tmp_path, switches)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["sagan", "brainomaly"])
-def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model):
-    from medanomaly.bundles.model_info import weights_contrasts
+@pytest.mark.parametrize("model, contrast", [("sagan", "T2w"), ("brainomaly", "T2w"), ("brainomaly", "FLAIR")])
+def test_demo_weights_beat_chance_on_the_demo_cohort(tmp_path, model, contrast):
     from medanomaly.data import ensure_cohort
 
-    weights = find_bundle("sagan").model_dir / ("brainomaly" if model == "brainomaly" else "")
-    contrast = weights_contrasts(weights)[0]  # the demo cohort in the contrast the weights were trained on
     run_bundle("sagan", "evaluate", {"datalist": str(ensure_cohort("demo", contrast=contrast)), "model": model,
                                      "contrast": contrast, "device": "cpu", "output_dir": str(tmp_path),
                                      "n_bootstrap": 10, "save_outputs": False})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model_info"]["contrast"] == contrast  # the contrast's own weights were picked
     pixel = metrics["pixel"]
     prevalence = pixel["n_pos"] / (pixel["n_pos"] + pixel["n_neg"])
     # subject level, the papers' metric (12 lesion x 4 healthy volumes: one swapped pair moves it 0.02);
-    # measured on the T2w demo weights (docs/README.md): volume AUROC sagan 0.771, brainomaly 0.875; pixel AUROC
-    # 0.771 / 0.615 and pixel AP 3.1 x / 1.6 x the lesion prevalence. Limits a few volume pairs below.
-    volume_auroc, pixel_auroc, ap_ratio = (0.7, 0.7, 2.0) if model == "sagan" else (0.8, 0.56, 1.3)
-    assert metrics["volume"]["auroc"] > volume_auroc
+    # measured (docs/README.md): volume AUROC sagan 0.771, brainomaly 0.875 on T2w; pixel AUROC 0.771 /
+    # 0.615 and pixel AP 3.1 x / 1.6 x the lesion prevalence. Brainomaly's FLAIR weights do not separate
+    # volumes (0.458) but find tumours (pixel AUROC 0.601, AP 2.4 x); the T2w weights on FLAIR scans gave
+    # AP 0.008 (0.7 x). Limits a few volume pairs / a margin below; no volume limit where none is reached.
+    volume_auroc, pixel_auroc, ap_ratio = {("sagan", "T2w"): (0.7, 0.7, 2.0), ("brainomaly", "T2w"): (0.8, 0.56, 1.3),
+                                           ("brainomaly", "FLAIR"): (None, 0.56, 1.8)}[model, contrast]
+    assert volume_auroc is None or metrics["volume"]["auroc"] > volume_auroc
     assert pixel["auroc"] > pixel_auroc and pixel["ap"] > ap_ratio * prevalence
