@@ -150,6 +150,33 @@ def test_demo_overlay_follows_the_model_info_of_a_given_model_dir(tmp_path):
     assert "demo.yaml" not in " ".join(bundle_command("dae", "evaluate", overrides={"model_dir": str(tmp_path)}))
 
 
+def _contrast_weight_folders():
+    """(bundle, folder) for each contrast's own shipped weights, models[/<variant>]/<contrast>/."""
+    from medanomaly.bundles.model_info import weights_contrasts
+    from medanomaly.data.contrast import CONTRASTS
+
+    return [pytest.param(bundle.name, info.parent, id=f"{bundle.name}-{info.parent.relative_to(bundle.model_dir)}")
+            for bundle in list_bundles() for info in sorted(bundle.model_dir.glob("**/model_info.json"))
+            if info.parent.name in CONTRASTS and weights_contrasts(info.parent) == (info.parent.name,)]
+
+
+@pytest.mark.parametrize("name, folder", _contrast_weight_folders())
+def test_each_contrasts_own_weights_are_picked_for_its_scans_and_load(name, folder):
+    """A scan of that contrast (and the variant the weights record) resolves to the folder, and the
+    bundle's method builds from it (weights, and what the bundle keeps beside them)."""
+    from monai.bundle import ConfigParser
+
+    from medanomaly.bundles import bundle_scripts
+
+    bundle, info = find_bundle(name), json.loads((folder / "model_info.json").read_text())
+    parser = ConfigParser()
+    parser.read_config([str(bundle.config_file(n)) for n in ("inference", "demo")])
+    parser.update({"device": "cpu", "contrast": folder.name, **({"model": info["model"]} if "model" in info else {})})
+    with bundle_scripts(name):
+        assert Path(parser.get_parsed_content("model_dir")) == folder
+        assert parser.get_parsed_content("method") is not None
+
+
 def test_mixed_precision_only_where_the_hardware_runs_it(monkeypatch, caplog):
     """cddpm's demo asks for autocast through `autocast_pays`: CUDA yes; a CPU only with native bf16
     (emulated bf16 made its training step 23 x slower than float32), said in the log."""
