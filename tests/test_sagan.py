@@ -424,9 +424,10 @@ def test_inference_builds_the_network_the_weights_recorded(tmp_path):
 
 def test_shipped_demo_weights_load_for_sagan_and_brainomaly():
     """Each shipped folder is the one its model and contrast pick (FLAIR: models/brainomaly/FLAIR/)."""
-    for folder, name, contrast in ((SAGAN.model_dir, "sagan", "T2w"), (SAGAN.model_dir / "brainomaly", "brainomaly", "T2w"),
-                                   (SAGAN.model_dir / "FLAIR", "sagan", "FLAIR"),
-                                   (SAGAN.model_dir / "brainomaly" / "FLAIR", "brainomaly", "FLAIR")):
+    brainomaly = SAGAN.model_dir / "brainomaly"
+    shipped = ((SAGAN.model_dir, "sagan", "T2w"), (brainomaly, "brainomaly", "T2w"),
+               (SAGAN.model_dir / "FLAIR", "sagan", "FLAIR"), (brainomaly / "FLAIR", "brainomaly", "FLAIR"))
+    for folder, name, contrast in shipped:
         info = json.loads((folder / "model_info.json").read_text())
         assert info["variant"] == "demo" and info["model_variant"] == name and info["threshold"] > 0
         assert info["contrast"] == contrast
