@@ -141,7 +141,7 @@ def main(argv=None):
         x_val, brain_val = validation_slices(config)
         constant = brain_mse(x_val.mean(0, keepdim=True), x_val, brain_val)
         print(f"healthy validation brain MSE of the mean slice (a constant prediction): {constant:.4f}")
-        batches = training_batches(config)
+        batches = training_batches(demo_config(args.contrast))  # its own loader: training's draws stay as they were
         if args.shipped:
             model_dir, trained, real = shipped_stage1(config, args.contrast, x_val, brain_val, batches)
             print(f"shipped stage 1 ({model_dir}): {trained:.4f} with its trained BatchNorm statistics, "
