@@ -257,6 +257,12 @@ def test_blending_reads_the_patch_only_on_the_region_and_its_ring(brain_slice, s
     edge = np.zeros(target.shape, dtype=bool)
     edge[0:3, 5:9] = True  # at the image border the window stops at the image
     assert ring_window(edge) == (slice(0, 4), slice(4, 10)) and ring_window(edge & False) is None
+    far_edge = np.zeros(target.shape, dtype=bool)
+    far_edge[-3:, -4:] = True  # at the last row and column too (a FLAIR cddpm training crashed there)
+    height, width = target.shape
+    far_window = ring_window(far_edge)
+    assert far_window == (slice(height - 4, height), slice(width - 5, width))
+    assert np.array_equal(warp_source(*warp, window=far_window)[far_window], full[far_window])
 
 
 def test_regions_that_are_no_dirichlet_rectangle_keep_conjugate_gradients(brain_slice):

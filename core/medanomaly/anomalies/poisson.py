@@ -255,4 +255,8 @@ def ring_window(region: np.ndarray) -> tuple[slice, slice] | None:
     rows, cols = np.nonzero(region)
     if rows.size == 0:
         return None
-    return (slice(max(rows.min() - 1, 0), rows.max() + 2), slice(max(cols.min() - 1, 0), cols.max() + 2))
+    # clipped to the image on both sides: a window past the edge would give warp_source more grid
+    # points than the target has pixels there
+    height, width = region.shape
+    return (slice(max(rows.min() - 1, 0), min(rows.max() + 2, height)),
+            slice(max(cols.min() - 1, 0), min(cols.max() + 2, width)))
