@@ -575,3 +575,44 @@ def test_make_benchmark_runs_what_the_readme_says():
     args = re.search(r"^BENCHMARK_ARGS \?= (.*)$", makefile, re.M)[1]
     assert "$(VENV)/bin/medanomaly benchmark $(BENCHMARK_ARGS)" in makefile
     assert f"`make benchmark` runs `medanomaly benchmark {args}`" in (root / "README.md").read_text()
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_volume_reductions_rescore_saved_heatmaps(tmp_path):
+    """benchmarks/volume_reductions.py: each reduction of a saved heatmap over the brain, by hand.
+    Lesion maps are low overall with a hot spot of 2 % of the brain, healthy maps higher overall
+    without one: the mean mixes them, the top 1 % and the maximum separate them."""
+    import nibabel as nib
+
+    script = _load_script("volume_reductions")
+    row, volumes, affine = tmp_path / "row", [], np.eye(4)
+    row.mkdir()
+    brain = np.zeros((10, 10, 12), np.uint8)
+    brain[:, :, 1:11] = 1  # 1,000 brain voxels; the two slices outside score 9 and must not count
+    for i, (level, lesion) in enumerate([(0.4, 1), (0.5, 1), (0.55, 1), (0.5, 0), (0.6, 0), (0.7, 0)]):
+        heatmap = np.full(brain.shape, level, np.float32)
+        heatmap[brain == 0] = 9.0
+        if lesion:
+            heatmap[:2, :, 1:2] = 5.0  # 20 voxels
+        nib.save(nib.Nifti1Image(heatmap, affine), row / f"s{i}_heatmap.nii.gz")
+        nib.save(nib.Nifti1Image(brain, affine), tmp_path / f"s{i}_mask.nii.gz")
+        volumes.append({"subject": f"s{i}", "mask": tmp_path / f"s{i}_mask.nii.gz", "lesion_voxels": 20 * lesion})
+    scores = script.row_scores(row, volumes)
+    assert list(scores) == ["mean", "top 1 %", "top 0.1 %", "max"]
+    np.testing.assert_allclose(scores["mean"], [0.492, 0.59, 0.639, 0.5, 0.6, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(scores["top 1 %"][:3], 5.0)
+    np.testing.assert_allclose(scores["max"], [5, 5, 5, 0.5, 0.6, 0.7])
+    labels = [v["lesion_voxels"] > 0 for v in volumes]
+    assert roc_auc_score(labels, scores["mean"]) == pytest.approx(3 / 9)
+    assert roc_auc_score(labels, scores["top 1 %"]) == 1.0
+    (row / "s5_heatmap.nii.gz").unlink()
+    assert script.row_scores(row, volumes) is None  # a row without every heatmap is skipped
