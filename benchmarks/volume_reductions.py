@@ -29,7 +29,7 @@ REDUCTIONS = {"mean": ("mean", 0.0), "top 1 %": ("top_percentile", 99.0),
 LARGE_ML = 10.0
 
 
-def test_volumes(datalist: Path) -> list[dict]:
+def held_out_volumes(datalist: Path) -> list[dict]:
     """The datalist's test entries with absolute mask paths."""
     data = json.loads(datalist.read_text())
     entries = data.get("test_lesion", []) + data.get("test_healthy", [])
@@ -60,7 +60,7 @@ def main() -> None:
         folder = args.output_dir / contrast
         if not folder.is_dir():
             continue
-        volumes = test_volumes(datalist)
+        volumes = held_out_volumes(datalist)
         lesion = np.array([v["lesion_voxels"] > 0 for v in volumes])
         in_large_test = ~lesion | np.array([v["lesion_ml"] >= LARGE_ML for v in volumes])
         print(f"\n{contrast}: {lesion.sum()} lesion volumes ({(lesion & in_large_test).sum()} of >= {LARGE_ML:g} ml), "

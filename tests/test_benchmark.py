@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -578,8 +580,6 @@ def test_make_benchmark_runs_what_the_readme_says():
 
 
 def _load_script(name: str):
-    import importlib.util
-
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -591,8 +591,6 @@ def test_volume_reductions_rescore_saved_heatmaps(tmp_path):
     """benchmarks/volume_reductions.py: each reduction of a saved heatmap over the brain, by hand.
     Lesion maps are low overall with a hot spot of 2 % of the brain, healthy maps higher overall
     without one: the mean mixes them, the top 1 % and the maximum separate them."""
-    import nibabel as nib
-
     script = _load_script("volume_reductions")
     row, volumes, affine = tmp_path / "row", [], np.eye(4)
     row.mkdir()
