@@ -8,32 +8,25 @@ SCRPS papers) or the mean of the top 1 % (the project's choice for dae, intensit
 This rescoring of the heatmaps `medanomaly benchmark` saved (no model is run) shows how much of
 a row's volume AUROC is the reduction rather than the map: for every row of every contrast found
 under the output folder it prints the volume AUROC with the mean, the top 1 %, the top 0.1 % and
-the maximum, over all test volumes and over the healthy ones against those with a lesion of at
-least 10 ml (the cohort's "large" group) only.
+the maximum, over all test volumes and over the healthy ones against those of the largest lesion
+size group (`medanomaly.metrics.SIZE_GROUPS_ML`: 10 ml or more) only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from medanomaly.benchmark import cohort_datalists
-from medanomaly.metrics import detection_metrics, volume_score
+from medanomaly.data import load_datalist
+from medanomaly.metrics import SIZE_GROUPS_ML, detection_metrics, size_group, volume_score
 
 REDUCTIONS = {"mean": ("mean", 0.0), "top 1 %": ("top_percentile", 99.0),
               "top 0.1 %": ("top_percentile", 99.9), "max": ("top_percentile", 100.0)}
-LARGE_ML = 10.0
-
-
-def held_out_volumes(datalist: Path) -> list[dict]:
-    """The datalist's test entries with absolute mask paths."""
-    data = json.loads(datalist.read_text())
-    entries = data.get("test_lesion", []) + data.get("test_healthy", [])
-    return [{**e, "mask": datalist.parent / e["mask"]} for e in entries]
+LARGE = SIZE_GROUPS_ML[-1][1]
 
 
 def row_scores(row_dir: Path, volumes: list[dict]) -> dict[str, np.ndarray] | None:
@@ -60,10 +53,10 @@ def main() -> None:
         folder = args.output_dir / contrast
         if not folder.is_dir():
             continue
-        volumes = held_out_volumes(datalist)
+        volumes = load_datalist(datalist, "test_lesion") + load_datalist(datalist, "test_healthy")
         lesion = np.array([v["lesion_voxels"] > 0 for v in volumes])
-        in_large_test = ~lesion | np.array([v["lesion_ml"] >= LARGE_ML for v in volumes])
-        print(f"\n{contrast}: {lesion.sum()} lesion volumes ({(lesion & in_large_test).sum()} of >= {LARGE_ML:g} ml), "
+        in_large_test = ~lesion | np.array([size_group(v["lesion_ml"]) == LARGE for v in volumes])
+        print(f"\n{contrast}: {lesion.sum()} lesion volumes ({(lesion & in_large_test).sum()} {LARGE}), "
               f"{(~lesion).sum()} healthy; volume AUROC\n| row | {header} |")
         for row_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
             scores = row_scores(row_dir, volumes)
